@@ -34,6 +34,16 @@ pub enum Error {
     /// A verifier was built from an empty list of secrets.
     #[error("no secrets given")]
     NoSecrets,
+    /// The body is not a Comapi event or a batch of them. Comapi does not retry a
+    /// `400`, so this is final for that delivery.
+    #[error("invalid event body at {path}: {message}")]
+    InvalidEvent {
+        /// Where the problem is, as a JSON path: `$` for the whole body,
+        /// `[3].payload.id` for the payload id of the fourth event of a batch.
+        path: String,
+        /// What is wrong there, for example `invalid type: integer, expected a string`.
+        message: String,
+    },
 }
 
 impl Error {
@@ -53,6 +63,7 @@ impl Error {
             | Error::DuplicateSignature
             | Error::MalformedSignature
             | Error::SignatureMismatch => StatusCode::UNAUTHORIZED,
+            Error::InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             Error::EmptySecret | Error::SecretTooShort { .. } | Error::NoSecrets => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

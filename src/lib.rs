@@ -3,7 +3,12 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
+mod event;
 mod signature;
 
 pub use error::Error;
+pub use event::{
+    ChannelStatus, ChatAction, ConversationAction, ConversationMessageStatus, Event, EventKind,
+    Family, MessageDetails, MessagePayload, MessageStatus, ProfileAction, parse_already_verified,
+};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
