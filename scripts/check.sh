@@ -6,6 +6,26 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A throwaway Redis for the shared-gate tests: loopback, a free port, no persistence,
+# stopped on exit. Skipped when COMAPI_TEST_REDIS_URL is already set; without a
+# redis-server binary the Redis tests say loudly that they were skipped (and fail
+# under CI=true).
+if [ -z "${COMAPI_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1; then
+  redis_dir=$(mktemp -d)
+  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+    --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log" --dir "$redis_dir"
+  trap 'kill "$(cat "$redis_dir/redis.pid" 2>/dev/null)" 2>/dev/null; rm -rf "$redis_dir"' EXIT
+  for _ in $(seq 50); do
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  export COMAPI_TEST_REDIS_URL="redis://127.0.0.1:$redis_port/"
+  echo "redis-server for the tests on 127.0.0.1:$redis_port"
+elif [ -z "${COMAPI_TEST_REDIS_URL:-}" ]; then
+  echo "!!! no redis-server on PATH: the Redis tests will be SKIPPED (apt-get install redis-server)"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

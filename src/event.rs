@@ -760,6 +760,23 @@ pub enum Family {
     Unknown,
 }
 
+impl Family {
+    /// A short stable name, used in store keys: `message`, `conversation`, ….
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Message => "message",
+            Family::Interaction => "interaction",
+            Family::ConversationMessage => "conversationMessage",
+            Family::Conversation => "conversation",
+            Family::Profile => "profile",
+            Family::Chat => "chat",
+            Family::ChatMessage => "chatMessage",
+            Family::Unknown => "unknown",
+        }
+    }
+}
+
 macro_rules! event_kinds {
     ($($name:literal => $kind:expr, $family:ident;)*) => {
         impl EventKind {

@@ -4,6 +4,7 @@
 
 mod error;
 mod event;
+mod gate;
 mod signature;
 
 pub use error::Error;
@@ -11,4 +12,7 @@ pub use event::{
     ChannelStatus, ChatAction, ConversationAction, ConversationMessageStatus, Event, EventKind,
     Family, MessageDetails, MessagePayload, MessageStatus, ProfileAction, parse_already_verified,
 };
+pub use gate::{Decision, DecisionStore, Gate, GateConfig};
+#[cfg(feature = "redis")]
+pub use gate::{RedisGate, RedisGateConfig};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};

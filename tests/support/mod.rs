@@ -1,0 +1,73 @@
+//! Helpers shared by the integration tests.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+use comapi_webhook::{Event, parse_already_verified};
+
+/// The Redis the tests may use, from `COMAPI_TEST_REDIS_URL` (scripts/check.sh starts
+/// a throwaway `redis-server` and sets it). Without it the Redis tests are skipped,
+/// loudly; under `CI=true` a missing Redis fails them instead.
+pub fn redis_url(test: &str) -> Option<String> {
+    match std::env::var("COMAPI_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!(
+                "{test}: CI=true but COMAPI_TEST_REDIS_URL is not set; the Redis tests must run in CI"
+            )
+        }
+        _ => {
+            eprintln!(
+                "\n!!! SKIPPED {test}: no Redis. Set COMAPI_TEST_REDIS_URL, or run scripts/check.sh \
+                 with redis-server installed (apt-get install redis-server).\n"
+            );
+            None
+        }
+    }
+}
+
+/// A unique key prefix, so tests sharing one Redis never see each other's keys.
+pub fn unique_prefix(test: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "test:{test}:{}:{nanos}:{}:",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An owned event with the given id, name, `payload.id` and revision.
+pub fn event(
+    event_id: &str,
+    name: &str,
+    entity: Option<&str>,
+    revision: Option<u64>,
+) -> Event<'static> {
+    let payload = match entity {
+        Some(id) => serde_json::json!({ "id": id }),
+        None => serde_json::json!({}),
+    };
+    let mut envelope = serde_json::json!({
+        "eventId": event_id, "accountId": 1, "apiSpaceId": "space", "name": name, "payload": payload,
+        "timestamp": "2017-08-31T09:26:14.604Z",
+    });
+    if let Some(revision) = revision {
+        envelope["revision"] = revision.into();
+    }
+    let body = serde_json::to_vec(&envelope).unwrap();
+    parse_already_verified(&body)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .into_owned()
+}
