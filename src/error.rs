@@ -44,6 +44,13 @@ pub enum Error {
         /// What is wrong there, for example `invalid type: integer, expected a string`.
         message: String,
     },
+    /// Storing events durably failed (disk full, I/O error). Nothing was
+    /// acknowledged, so Comapi retries later; a receiver answers 503.
+    #[error("storage failed: {message}")]
+    Storage {
+        /// What failed.
+        message: String,
+    },
     /// The shared decision store (Redis) could not be reached or answered badly.
     /// Never read as "fresh": the caller should retry later (a receiver answers 503).
     #[error("decision store unavailable: {message}")]
@@ -71,7 +78,9 @@ impl Error {
             | Error::MalformedSignature
             | Error::SignatureMismatch => StatusCode::UNAUTHORIZED,
             Error::InvalidEvent { .. } => StatusCode::BAD_REQUEST,
-            Error::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::StoreUnavailable { .. } | Error::Storage { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::EmptySecret | Error::SecretTooShort { .. } | Error::NoSecrets => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -3,7 +3,7 @@
 use core::fmt;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use sha1::Digest;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
@@ -163,14 +163,35 @@ impl Verifier {
     /// [`Signature::parse`]) and [`Error::SignatureMismatch`]. All map to `401`
     /// through [`Error::status`].
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, Error> {
+        self.verify_header_values(
+            headers
+                .get_all(SIGNATURE_HEADER)
+                .iter()
+                .map(HeaderValue::as_bytes),
+            body,
+        )
+    }
+
+    /// Verifies the `X-Comapi-Signature` values of a request whose headers are not an
+    /// `http` 1.x [`HeaderMap`] (actix-web 4, for one): pass every value the request
+    /// has for the header, in order. None is [`Error::MissingSignature`], more than
+    /// one is [`Error::DuplicateSignature`].
+    ///
+    /// # Errors
+    /// As [`Verifier::verify`].
+    pub fn verify_header_values<'v>(
+        &self,
+        values: impl IntoIterator<Item = &'v [u8]>,
+        body: &[u8],
+    ) -> Result<Verified, Error> {
         // Hash first (see `verify_header_value`): the lookup overlaps with SHA-1.
         let primary = self.keys.primary.tag_words(body);
-        let mut values = headers.get_all(SIGNATURE_HEADER).iter();
+        let mut values = values.into_iter();
         let value = values.next().ok_or(Error::MissingSignature)?;
         if values.next().is_some() {
             return Err(Error::DuplicateSignature);
         }
-        let signature = Signature::parse(value.as_bytes())?;
+        let signature = Signature::parse(value)?;
         self.check(primary, &signature, body)
     }
 

@@ -1,0 +1,76 @@
+//! The reference receiver on actix-web 4: `GET /` shows a status page, `POST /`
+//! runs the receive step (verify, parse, store durably, answer). It behaves exactly
+//! like `hyper_receiver`. See the README.
+//!
+//! ```sh
+//! COMAPI_WEBHOOK_SECRET=your-secret-from-the-portal cargo run --release --example actix_receiver
+//! ```
+
+#[path = "common/mod.rs"]
+mod common;
+
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use comapi_webhook::{Inbox, Reply};
+
+#[actix_web::main]
+async fn main() {
+    common::init_logging();
+    let config = common::config_from_env();
+    let (inbox, worker) = common::start(&config);
+    let app_inbox = web::Data::new(inbox.clone());
+    let max_body_bytes = inbox.max_body_bytes();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_inbox.clone())
+            // actix stops reading past the limit and answers 413 itself.
+            .app_data(web::PayloadConfig::new(max_body_bytes))
+            .route("/", web::get().to(status_page))
+            .route("/", web::post().to(receive))
+    })
+    .disable_signals()
+    .shutdown_timeout(30)
+    .bind(config.addr);
+    let server = match server {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("error: cannot listen on {}: {error}", config.addr);
+            std::process::exit(1);
+        }
+    };
+    let addr = server.addrs().first().copied().unwrap_or(config.addr);
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        common::shutdown_signal().await;
+        // Graceful: stop accepting, finish the requests in flight.
+        handle.stop(true).await;
+    });
+    common::announce(addr);
+    if let Err(error) = server.await {
+        tracing::error!(%error, "server failed");
+    }
+    common::finish(&inbox, worker).await;
+}
+
+async fn status_page(inbox: web::Data<Inbox>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(inbox.status_page())
+}
+
+async fn receive(inbox: web::Data<Inbox>, request: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let signatures = request
+        .headers()
+        .get_all("x-comapi-signature")
+        .map(|v| v.as_bytes());
+    from_reply(&inbox.receive_with_signatures(signatures, &body).await)
+}
+
+fn from_reply(reply: &Reply) -> HttpResponse {
+    let status =
+        StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .body(reply.body().to_owned())
+}

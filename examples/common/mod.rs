@@ -1,0 +1,183 @@
+//! What both reference receivers share: configuration from the environment,
+//! logging, and the worker, which is **the place to plug in your own processing**
+//! (see [`process`]).
+
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use comapi_webhook::{Decision, Event, Gate, Inbox, Spool, SpoolConfig, Verifier, run_worker};
+
+/// Your processing: called once per stored event, in order, with the gate's
+/// decision. Delivery here is at least once: after a crash, events since the last
+/// acknowledged batch come again (the gate then mostly says `duplicate`, but its
+/// memory starts empty after a restart).
+///
+/// ====================  PLUG IN YOUR OWN PROCESSING HERE  ====================
+fn process(event: &Event<'_>, decision: Decision) {
+    tracing::info!(
+        event_id = %event.event_id(),
+        name = %event.name(),
+        revision = ?event.revision(),
+        decision = %decision.as_str(),
+        "event processed"
+    );
+    if decision.is_fresh() {
+        // e.g. update the message's state in your database, notify a user, …
+    }
+}
+
+/// The receiver's settings, from the environment.
+pub(crate) struct Config {
+    pub(crate) verifier: Verifier,
+    pub(crate) addr: SocketAddr,
+    pub(crate) spool: SpoolConfig,
+    pub(crate) max_body_bytes: usize,
+}
+
+/// Reads `COMAPI_WEBHOOK_SECRET` (required; comma-separated for rotation, primary
+/// first), `PORT` (default 8080, 0 for any free port), `BIND` (default 127.0.0.1),
+/// `COMAPI_SPOOL_DIR` and `COMAPI_MAX_BODY_BYTES`. On a bad value it prints one line
+/// and exits with status 2.
+pub(crate) fn config_from_env() -> Config {
+    match try_config() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn try_config() -> Result<Config, String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let secrets = var("COMAPI_WEBHOOK_SECRET").ok_or(
+        "COMAPI_WEBHOOK_SECRET is required: the secret entered for this webhook in the Comapi portal \
+         (comma-separated for rotation, primary first)",
+    )?;
+    let verifier = Verifier::with_secrets(secrets.split(',').map(str::trim))
+        .map_err(|e| format!("COMAPI_WEBHOOK_SECRET: {e}"))?;
+    let port: u16 = match var("PORT") {
+        Some(port) => port
+            .trim()
+            .parse()
+            .map_err(|_| format!("PORT must be a port number, not {port:?}"))?,
+        None => 8080,
+    };
+    let ip: IpAddr = match var("BIND") {
+        Some(bind) => bind
+            .trim()
+            .parse()
+            .map_err(|_| format!("BIND must be an IP address, not {bind:?}"))?,
+        None => IpAddr::from([127, 0, 0, 1]),
+    };
+    let spool = match var("COMAPI_SPOOL_DIR") {
+        Some(dir) => SpoolConfig::new(PathBuf::from(dir)),
+        None => SpoolConfig::in_temp_dir(),
+    };
+    let max_body_bytes = match var("COMAPI_MAX_BODY_BYTES") {
+        Some(max) => max
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n: &usize| n > 0)
+            .ok_or_else(|| {
+                format!("COMAPI_MAX_BODY_BYTES must be a positive number of bytes, not {max:?}")
+            })?,
+        None => comapi_webhook::DEFAULT_MAX_BODY_BYTES,
+    };
+    Ok(Config {
+        verifier,
+        addr: SocketAddr::new(ip, port),
+        spool,
+        max_body_bytes,
+    })
+}
+
+/// Logs through `tracing` to standard error, filtered by `RUST_LOG` (default
+/// `info`). Secrets and signatures are never logged.
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
+/// Opens the spool (repairing a torn last line) and starts the worker on a thread
+/// of its own. Exits with status 1 if the spool cannot be opened.
+pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
+    let (spool, recovery) = match Spool::open(&config.spool) {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("error: spool {}: {error}", config.spool.dir.display());
+            std::process::exit(1);
+        }
+    };
+    tracing::info!(
+        dir = %config.spool.dir.display(),
+        events = recovery.events,
+        segments = recovery.segments,
+        torn_bytes = recovery.torn_bytes,
+        "spool opened"
+    );
+    let worker = spawn_worker(&spool);
+    let inbox =
+        Inbox::new(config.verifier.clone(), spool).with_max_body_bytes(config.max_body_bytes);
+    (inbox, worker)
+}
+
+fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
+    let reader = spool.reader();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let (Ok(runtime), Ok(reader)) = (runtime, reader) else {
+            tracing::error!("worker could not start");
+            return;
+        };
+        let gate = Gate::in_memory();
+        if let Err(error) = runtime.block_on(run_worker(reader, &gate, process)) {
+            tracing::error!(%error, "worker stopped");
+        }
+    })
+}
+
+/// Closes the spool (everything acknowledged is already synced) and waits for the
+/// worker to process what is stored.
+pub(crate) async fn finish(inbox: &Inbox, worker: JoinHandle<()>) {
+    inbox.spool().close().await;
+    let _ = worker.join();
+    tracing::info!(stored = inbox.spool().stored(), "stopped");
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub(crate) async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// Prints the line that says the receiver is ready.
+pub(crate) fn announce(addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening on http://{addr}");
+    let _ = out.flush();
+}

@@ -1,0 +1,159 @@
+//! Signs a Comapi event and POSTs it to a receiver, as Comapi would: test a receiver
+//! without the Comapi portal.
+//!
+//! ```sh
+//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --example send_event -- [--url URL] [--file EVENT.json] [--curl]
+//! ```
+//!
+//! Without `--file` it sends Comapi's documented `message.sent` example with a fresh
+//! `eventId`. `--curl` also prints the equivalent `curl` command (use that for
+//! `https://` URLs, which this small sender does not speak).
+
+use std::process::ExitCode;
+
+use comapi_webhook::{SIGNATURE_HEADER, Verifier};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const SAMPLE: &str = include_str!("../tests/fixtures/events/message_sent_sms.json");
+const USAGE: &str = "usage: send_event [--url URL] [--secret SECRET] [--file EVENT.json] [--curl]
+  --url     where to POST (default http://127.0.0.1:8080/)
+  --secret  the shared secret (default: $COMAPI_WEBHOOK_SECRET; the primary if comma-separated)
+  --file    a JSON event or batch to send (default: a sample message.sent event)
+  --curl    also print the equivalent curl command";
+
+struct Args {
+    url: String,
+    secret: String,
+    body: Vec<u8>,
+    curl: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut url = "http://127.0.0.1:8080/".to_owned();
+    let mut secret = std::env::var("COMAPI_WEBHOOK_SECRET").ok();
+    let mut file = None;
+    let mut curl = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--url" => url = value()?,
+            "--secret" => secret = Some(value()?),
+            "--file" => file = Some(value()?),
+            "--curl" => curl = true,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let secret = secret
+        .and_then(|s| s.split(',').next().map(|s| s.trim().to_owned()))
+        .filter(|s| !s.is_empty())
+        .ok_or("no secret: pass --secret or set COMAPI_WEBHOOK_SECRET")?;
+    let body = match file {
+        Some(path) => std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?,
+        None => sample_event().into_bytes(),
+    };
+    Ok(Args {
+        url,
+        secret,
+        body,
+        curl,
+    })
+}
+
+/// The documented sample with a fresh `eventId`, so a receiver's gate sees a new event.
+fn sample_event() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let unique = nanos ^ (u128::from(std::process::id()) << 64);
+    let hex = format!("{unique:032x}");
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    SAMPLE.replacen("0dceaf0d-93ea-4314-a6f8-b0cffe69799a", &id, 1)
+}
+
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("error: {message}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let verifier = match Verifier::new(&args.secret) {
+        Ok(verifier) => verifier,
+        Err(error) => {
+            eprintln!("error: secret: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let signature = verifier.sign(&args.body).to_string();
+    if args.curl {
+        println!(
+            "curl -sS -X POST {} -H 'Content-Type: application/json' -H 'X-Comapi-Signature: {signature}' --data-binary {}",
+            shell_quote(&args.url),
+            shell_quote(&String::from_utf8_lossy(&args.body))
+        );
+    }
+    if args.url.starts_with("https://") {
+        eprintln!(
+            "error: this sender speaks plain http only; run the curl command above (--curl) for https"
+        );
+        return ExitCode::from(2);
+    }
+    let request = http::Request::post(&args.url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(SIGNATURE_HEADER, &signature)
+        .body(Full::new(Bytes::from(args.body)));
+    let request = match request {
+        Ok(request) => request,
+        Err(error) => {
+            eprintln!("error: bad URL {:?}: {error}", args.url);
+            return ExitCode::from(2);
+        }
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    match client.request(request).await {
+        Ok(response) => {
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            println!(
+                "{} {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&body).trim_end()
+            );
+            if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: cannot POST to {}: {error}", args.url);
+            ExitCode::FAILURE
+        }
+    }
+}

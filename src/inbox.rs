@@ -1,0 +1,219 @@
+//! The framework-agnostic receive step: verify, parse, store durably, then answer.
+
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+use http::{HeaderMap, StatusCode};
+use serde_json::value::RawValue;
+
+use crate::spool::Spool;
+use crate::{Error, SIGNATURE_HEADER, Verifier, parse_already_verified};
+
+/// The body limit of an [`Inbox`] unless set otherwise: 4 MiB, far above a full
+/// batch of 500 Comapi events.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a receiver answers Comapi: a status and a short text body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    status: StatusCode,
+    body: Cow<'static, str>,
+    events: usize,
+}
+
+impl Reply {
+    fn new(status: StatusCode, body: impl Into<Cow<'static, str>>) -> Self {
+        Reply {
+            status,
+            body: body.into(),
+            events: 0,
+        }
+    }
+
+    fn from_error(error: &Error) -> Self {
+        let body = match error.status() {
+            StatusCode::UNAUTHORIZED => Cow::Borrowed("invalid or missing X-Comapi-Signature\n"),
+            StatusCode::BAD_REQUEST => Cow::Owned(format!("{error}\n")),
+            _ => Cow::Borrowed("cannot store events now, retry later\n"),
+        };
+        Reply::new(error.status(), body)
+    }
+
+    /// The HTTP status: 200, 400, 401, 413 or 503.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// A short `text/plain` body saying why.
+    #[must_use]
+    pub fn body(&self) -> &str {
+        &self.body
+    }
+
+    /// How many events were stored (0 unless the status is 200).
+    #[must_use]
+    pub fn events(&self) -> usize {
+        self.events
+    }
+}
+
+/// The receive step of a webhook endpoint, independent of the HTTP framework:
+/// given a request's headers and raw body, it verifies, parses, stores every event
+/// durably in a [`Spool`], and says what to answer.
+///
+/// | answer | when |
+/// |---|---|
+/// | 401 | the signature is missing, malformed or wrong; nothing is stored |
+/// | 400 | the body is not an envelope or a batch of them; nothing is stored (Comapi does not retry) |
+/// | 413 | the body is over the limit ([`DEFAULT_MAX_BODY_BYTES`] unless set) |
+/// | 503 | storing failed; Comapi retries later |
+/// | 200 | every event of the body is durably stored |
+///
+/// Cap the body while you read it: check [`Inbox::check_content_length`] first, stop
+/// reading past [`Inbox::max_body_bytes`], and answer [`Inbox::too_large`] then.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    verifier: Verifier,
+    spool: Spool,
+    max_body_bytes: usize,
+}
+
+impl Inbox {
+    /// An inbox that verifies with `verifier` and stores into `spool`.
+    #[must_use]
+    pub fn new(verifier: Verifier, spool: Spool) -> Self {
+        Inbox {
+            verifier,
+            spool,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+
+    /// The same inbox with another body limit.
+    #[must_use]
+    pub fn with_max_body_bytes(mut self, max_body_bytes: usize) -> Self {
+        self.max_body_bytes = max_body_bytes;
+        self
+    }
+
+    /// The largest body accepted, in bytes.
+    #[must_use]
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    /// The spool events are stored in.
+    #[must_use]
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// A 413 before reading the body, when its `Content-Length` is over the limit.
+    #[must_use]
+    pub fn check_content_length(&self, headers: &HeaderMap) -> Option<Reply> {
+        let length = headers
+            .get(http::header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        (length > self.max_body_bytes as u64).then(|| self.too_large())
+    }
+
+    /// The 413 to answer when the body turned out to be over the limit.
+    #[must_use]
+    pub fn too_large(&self) -> Reply {
+        Reply::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body over the limit of {} bytes\n", self.max_body_bytes),
+        )
+    }
+
+    /// Runs the receive step on a request with `http` 1.x headers.
+    pub async fn receive(&self, headers: &HeaderMap, body: &[u8]) -> Reply {
+        let signatures = headers
+            .get_all(SIGNATURE_HEADER)
+            .iter()
+            .map(http::HeaderValue::as_bytes);
+        self.receive_with_signatures(signatures, body).await
+    }
+
+    /// Runs the receive step given every `X-Comapi-Signature` value of the request,
+    /// for frameworks whose headers are not `http` 1.x (actix-web 4).
+    pub async fn receive_with_signatures<'v>(
+        &self,
+        signatures: impl IntoIterator<Item = &'v [u8]>,
+        body: &[u8],
+    ) -> Reply {
+        if body.len() > self.max_body_bytes {
+            return self.too_large();
+        }
+        let verified = match self.verifier.verify_header_values(signatures, body) {
+            Ok(verified) => verified,
+            Err(error) => return Reply::from_error(&error),
+        };
+        let count = match parse_already_verified(body) {
+            Ok(events) => events.len(),
+            Err(error) => return Reply::from_error(&error),
+        };
+        if count == 0 {
+            return Reply::new(StatusCode::OK, "ok: no events\n");
+        }
+        let lines = match spool_lines(body, verified.secret_index()) {
+            Ok(lines) => lines,
+            Err(error) => return Reply::from_error(&error),
+        };
+        match self.spool.append(lines, count as u64).await {
+            Ok(()) => Reply {
+                events: count,
+                ..Reply::new(StatusCode::OK, "ok\n")
+            },
+            Err(error) => Reply::from_error(&error),
+        }
+    }
+
+    /// A small HTML page for `GET`: the receiver is up, and how many events it
+    /// has stored.
+    #[must_use]
+    pub fn status_page(&self) -> String {
+        format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>Comapi webhook receiver</title></head>\n<body><h1>Comapi webhook receiver is up</h1>\n\
+             <p>Events stored: <strong>{}</strong></p>\n\
+             <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
+            self.spool.stored()
+        )
+    }
+}
+
+/// One spool line per event of an already parsed `body`: the envelope's raw bytes
+/// with line breaks (insignificant whitespace in valid JSON) turned into spaces.
+fn spool_lines(body: &[u8], secret_index: usize) -> Result<Vec<u8>, Error> {
+    let invalid = |e: serde_json::Error| Error::InvalidEvent {
+        path: "$".to_owned(),
+        message: e.to_string(),
+    };
+    let raw: Vec<&RawValue> = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        serde_json::from_slice(body).map_err(invalid)?
+    } else {
+        vec![serde_json::from_slice(body).map_err(invalid)?]
+    };
+    let received_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let mut lines = Vec::with_capacity(body.len() + raw.len() * 64);
+    for event in raw {
+        lines.extend_from_slice(b"{\"receivedAt\":\"");
+        lines.extend_from_slice(received_at.as_bytes());
+        lines.extend_from_slice(b"\",\"secretIndex\":");
+        lines.extend_from_slice(secret_index.to_string().as_bytes());
+        lines.extend_from_slice(b",\"event\":");
+        lines.extend(
+            event
+                .get()
+                .bytes()
+                .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+        );
+        lines.extend_from_slice(b"}\n");
+    }
+    Ok(lines)
+}

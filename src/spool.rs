@@ -1,0 +1,689 @@
+//! The durable spool: append-only JSON Lines segments with group commit, crash
+//! recovery, and a reader that resumes from a persisted offset.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{Decision, DecisionStore, Error, Event, parse_already_verified};
+
+/// Where and how a [`Spool`] stores events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SpoolConfig {
+    /// The folder holding the segments (`segment-0000000001.jsonl`, …) and the
+    /// reader's `offset` file. Created if missing.
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+}
+
+impl SpoolConfig {
+    /// Segments in `dir`, rolling over at 64 MiB.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SpoolConfig {
+            dir: dir.into(),
+            segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+
+    /// `comapi-webhook-spool` in the OS temp folder, as Comapi's tutorial does. Fine
+    /// for trying things out; in production pick a folder that survives reboots.
+    #[must_use]
+    pub fn in_temp_dir() -> Self {
+        Self::new(std::env::temp_dir().join("comapi-webhook-spool"))
+    }
+
+    /// The same folder with another roll-over size (at least 1 byte).
+    #[must_use]
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(1);
+        self
+    }
+}
+
+/// A place in the spool: a segment number and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// The segment number (the `N` in `segment-N.jsonl`).
+    pub segment: u64,
+    /// The byte offset in that segment.
+    pub offset: u64,
+}
+
+/// What [`Spool::open`] found and repaired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Events already in the spool.
+    pub events: u64,
+    /// Segments found.
+    pub segments: u64,
+    /// Bytes cut from the end of the last segment: a line torn by a crash (never
+    /// acknowledged, so Comapi retries it) is removed, never served as an event.
+    pub torn_bytes: u64,
+}
+
+/// The durable, append-only event spool (JSON Lines segments in a folder).
+///
+/// [`Spool::append`] resolves only after the lines are written and `fdatasync`ed.
+/// Concurrent appends share one sync (group commit): a dedicated writer thread takes
+/// every append waiting, writes them all, syncs once and answers them all, so the
+/// sync cost is paid per group, not per request.
+///
+/// Each line is one event: `{"receivedAt":"…","secretIndex":0,"event":{…}}`, where
+/// `event` is the envelope as received (line breaks between JSON tokens, which can
+/// only be insignificant whitespace, become spaces) and `secretIndex` says which of
+/// the verifier's secrets matched (never the secret).
+///
+/// Cloning is cheap; clones share the writer.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    requests: mpsc::Sender<Request>,
+    committed: watch::Receiver<Position>,
+    stored: Arc<AtomicU64>,
+}
+
+enum Request {
+    Append {
+        lines: Vec<u8>,
+        events: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `config.dir`, repairs a torn last line, and
+    /// starts the writer thread.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the folder or a segment cannot be created or read.
+    pub fn open(config: &SpoolConfig) -> Result<(Spool, Recovery), Error> {
+        fs::create_dir_all(&config.dir).map_err(|e| storage("create the spool folder", &e))?;
+        let (writer, recovery) =
+            Writer::recover(config).map_err(|e| storage("open the spool", &e))?;
+        let stored = Arc::new(AtomicU64::new(recovery.events));
+        let (committed_tx, committed) = watch::channel(writer.position());
+        let (requests, rx) = mpsc::channel(4096);
+        let counter = Arc::clone(&stored);
+        // Detached: it stops when asked to close, or when every `Spool` is dropped.
+        std::thread::Builder::new()
+            .name("comapi-spool-writer".to_owned())
+            .spawn(move || writer.run(rx, &committed_tx, &counter))
+            .map_err(|e| storage("start the spool writer", &e))?;
+        let shared = Shared {
+            dir: config.dir.clone(),
+            requests,
+            committed,
+            stored,
+        };
+        Ok((
+            Spool {
+                shared: Arc::new(shared),
+            },
+            recovery,
+        ))
+    }
+
+    /// Appends JSON lines (each ending in `\n`) holding `events` events, and
+    /// resolves once they are on disk.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when writing or syncing failed (the partial write is cut
+    /// off again) or the spool is closed. Nothing was acknowledged then.
+    pub async fn append(&self, lines: Vec<u8>, events: u64) -> Result<(), Error> {
+        let (done, answer) = oneshot::channel();
+        let request = Request::Append {
+            lines,
+            events,
+            done,
+        };
+        if self.shared.requests.send(request).await.is_err() {
+            return Err(closed());
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(Error::Storage { message }),
+            Err(_) => Err(closed()),
+        }
+    }
+
+    /// How many events the spool holds (found at open plus appended since).
+    #[must_use]
+    pub fn stored(&self) -> u64 {
+        self.shared.stored.load(Ordering::Acquire)
+    }
+
+    /// The end of the data that is durably written.
+    #[must_use]
+    pub fn committed(&self) -> Position {
+        *self.shared.committed.borrow()
+    }
+
+    /// A reader that starts where the last reader acknowledged (the `offset` file),
+    /// or at the beginning.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the offset file exists but cannot be read.
+    pub fn reader(&self) -> Result<SpoolReader, Error> {
+        SpoolReader::open(&self.shared.dir, self.shared.committed.clone())
+    }
+
+    /// Stops the writer after the appends already queued, and waits for it. Later
+    /// appends fail. Everything acknowledged was already synced; readers see the
+    /// end of the spool and finish.
+    pub async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self
+            .shared
+            .requests
+            .send(Request::Close(done))
+            .await
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
+    }
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.shared.dir)
+            .field("stored", &self.stored())
+            .field("committed", &self.committed())
+            .finish()
+    }
+}
+
+fn storage(what: &str, error: &io::Error) -> Error {
+    Error::Storage {
+        message: format!("cannot {what}: {error}"),
+    }
+}
+
+fn closed() -> Error {
+    Error::Storage {
+        message: "the spool is closed".to_owned(),
+    }
+}
+
+fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("segment-{segment:010}.jsonl"))
+}
+
+fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name();
+            let name = name.to_str()?;
+            name.strip_prefix("segment-")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Makes a directory entry (a new segment, a renamed offset file) durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// One spool line as stored.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Line<'a> {
+    #[serde(borrow)]
+    received_at: Cow<'a, str>,
+    secret_index: usize,
+    #[serde(borrow)]
+    event: &'a RawValue,
+}
+
+/// The length of the longest prefix of `data` made of whole, valid spool lines, and
+/// how many lines that is.
+fn valid_prefix(data: &[u8]) -> (usize, u64) {
+    let mut end = 0;
+    let mut lines = 0;
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line.last() != Some(&b'\n') || serde_json::from_slice::<Line<'_>>(line).is_err() {
+            break;
+        }
+        end += line.len();
+        lines += 1;
+    }
+    (end, lines)
+}
+
+/// The writer thread's state: the open last segment and its committed length.
+struct Writer {
+    dir: PathBuf,
+    segment_bytes: u64,
+    segment: u64,
+    file: File,
+    len: u64,
+}
+
+impl Writer {
+    fn recover(config: &SpoolConfig) -> io::Result<(Writer, Recovery)> {
+        let dir = &config.dir;
+        let numbers = segment_numbers(dir)?;
+        let mut events = 0;
+        for &n in numbers.iter().rev().skip(1) {
+            let data = fs::read(segment_path(dir, n))?;
+            events += data.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        let segment = numbers.last().copied().unwrap_or(1);
+        let path = segment_path(dir, segment);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)?;
+        let (valid, lines) = valid_prefix(&data);
+        let torn_bytes = (data.len() - valid) as u64;
+        if torn_bytes > 0 {
+            file.set_len(valid as u64)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::Start(valid as u64))?;
+        if numbers.is_empty() {
+            sync_dir(dir)?;
+        }
+        let recovery = Recovery {
+            events: events + lines,
+            segments: numbers.len().max(1) as u64,
+            torn_bytes,
+        };
+        let writer = Writer {
+            dir: dir.clone(),
+            segment_bytes: config.segment_bytes,
+            segment,
+            file,
+            len: valid as u64,
+        };
+        Ok((writer, recovery))
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            segment: self.segment,
+            offset: self.len,
+        }
+    }
+
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        committed: &watch::Sender<Position>,
+        stored: &AtomicU64,
+    ) {
+        let mut group = Vec::new();
+        let mut closing = None;
+        while closing.is_none() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            group.push(first);
+            while let Ok(next) = rx.try_recv() {
+                group.push(next);
+            }
+            let mut answers = Vec::with_capacity(group.len());
+            let mut buffers = Vec::with_capacity(group.len());
+            let mut events = 0;
+            for request in group.drain(..) {
+                match request {
+                    Request::Append {
+                        lines,
+                        events: n,
+                        done,
+                    } => {
+                        events += n;
+                        buffers.push(lines);
+                        answers.push(done);
+                    }
+                    Request::Close(done) => closing = Some(done),
+                }
+            }
+            let result = if buffers.is_empty() {
+                Ok(())
+            } else {
+                self.write_group(&buffers)
+                    .map_err(|e| format!("cannot write the spool: {e}"))
+            };
+            if result.is_ok() {
+                stored.fetch_add(events, Ordering::AcqRel);
+                committed.send_replace(self.position());
+                if self.len >= self.segment_bytes {
+                    if let Err(error) = self.roll_over() {
+                        // The next append retries on the same segment.
+                        let _ = error;
+                    } else {
+                        committed.send_replace(self.position());
+                    }
+                }
+            }
+            for done in answers {
+                let _ = done.send(result.clone());
+            }
+        }
+        // Appends still queued behind the close are refused: dropping the receiver
+        // drops their answer channels.
+        drop(rx);
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    /// Writes every buffer and syncs once. On failure the segment is cut back to
+    /// its committed length, so no partial line is ever left behind.
+    fn write_group(&mut self, buffers: &[Vec<u8>]) -> io::Result<()> {
+        let written = buffers
+            .iter()
+            .try_for_each(|b| self.file.write_all(b))
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.len += buffers.iter().map(|b| b.len() as u64).sum::<u64>();
+                Ok(())
+            }
+            Err(error) => {
+                let _ = self.file.set_len(self.len);
+                let _ = self.file.seek(SeekFrom::Start(self.len));
+                Err(error)
+            }
+        }
+    }
+
+    fn roll_over(&mut self) -> io::Result<()> {
+        let next = self.segment + 1;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(segment_path(&self.dir, next))?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.segment = next;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// One event read back from the spool.
+#[derive(Debug, Clone)]
+pub struct SpooledEvent {
+    line: Vec<u8>,
+    end: Position,
+}
+
+impl SpooledEvent {
+    fn line(&self) -> Result<Line<'_>, Error> {
+        serde_json::from_slice(&self.line).map_err(|e| Error::Storage {
+            message: format!("corrupt spool line before {:?}: {e}", self.end),
+        })
+    }
+
+    /// The event, parsed from the envelope as it was received (it was verified
+    /// before it was stored).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the line is corrupt.
+    pub fn event(&self) -> Result<Event<'_>, Error> {
+        let raw = self.line()?.event;
+        let mut events =
+            parse_already_verified(raw.get().as_bytes()).map_err(|e| Error::Storage {
+                message: format!("corrupt event in the spool before {:?}: {e}", self.end),
+            })?;
+        events.pop().ok_or_else(|| Error::Storage {
+            message: "empty spool line".to_owned(),
+        })
+    }
+
+    /// When the receiver stored it (RFC 3339, UTC).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the line is corrupt.
+    pub fn received_at(&self) -> Result<String, Error> {
+        Ok(self.line()?.received_at.into_owned())
+    }
+
+    /// Which of the verifier's secrets matched when it arrived (0 is the primary).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the line is corrupt.
+    pub fn secret_index(&self) -> Result<usize, Error> {
+        Ok(self.line()?.secret_index)
+    }
+
+    /// The spool position just after this event; acknowledge it once processed.
+    #[must_use]
+    pub fn end(&self) -> Position {
+        self.end
+    }
+}
+
+/// Reads committed events from a [`Spool`], in order, and remembers how far it got
+/// in the spool's `offset` file. Delivery to the reader is at least once: after a
+/// crash it resumes from the last acknowledged position.
+#[derive(Debug)]
+pub struct SpoolReader {
+    dir: PathBuf,
+    position: Position,
+    committed: watch::Receiver<Position>,
+    file: Option<(u64, File)>,
+}
+
+const OFFSET_FILE: &str = "offset";
+
+impl SpoolReader {
+    fn open(dir: &Path, committed: watch::Receiver<Position>) -> Result<Self, Error> {
+        let position = match fs::read_to_string(dir.join(OFFSET_FILE)) {
+            Ok(text) => parse_offset(&text).ok_or_else(|| Error::Storage {
+                message: format!("corrupt offset file: {text:?}"),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Position {
+                segment: segment_numbers(dir)
+                    .ok()
+                    .and_then(|n| n.first().copied())
+                    .unwrap_or(1),
+                offset: 0,
+            },
+            Err(e) => return Err(storage("read the offset file", &e)),
+        };
+        Ok(SpoolReader {
+            dir: dir.to_owned(),
+            position,
+            committed,
+            file: None,
+        })
+    }
+
+    /// Where the reader is: everything before it was handed out.
+    #[must_use]
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Waits for committed events past the reader's position and returns up to
+    /// about `max_bytes` of them (at least one). `None` once the spool is closed
+    /// and everything was read.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when a segment cannot be read.
+    pub async fn next_batch(
+        &mut self,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<SpooledEvent>>, Error> {
+        loop {
+            let committed = *self.committed.borrow_and_update();
+            if self.position < committed {
+                let batch = self.read(committed, max_bytes.max(1))?;
+                if !batch.is_empty() {
+                    return Ok(Some(batch));
+                }
+                continue;
+            }
+            if self.committed.changed().await.is_err() {
+                // The writer is gone; read what it committed last, then stop.
+                let committed = *self.committed.borrow();
+                if self.position < committed {
+                    continue;
+                }
+                return Ok(None);
+            }
+        }
+    }
+
+    fn read(&mut self, committed: Position, max_bytes: usize) -> Result<Vec<SpooledEvent>, Error> {
+        let segment = self.position.segment;
+        if self.file.as_ref().is_none_or(|(n, _)| *n != segment) {
+            let file = File::open(segment_path(&self.dir, segment))
+                .map_err(|e| storage("open a segment", &e))?;
+            self.file = Some((segment, file));
+        }
+        let Some((_, file)) = self.file.as_mut() else {
+            return Ok(Vec::new());
+        };
+        // A later segment exists: this one is complete, read it to its end.
+        let limit = if committed.segment > segment {
+            file.metadata()
+                .map_err(|e| storage("read a segment", &e))?
+                .len()
+        } else {
+            committed.offset
+        };
+        let remaining = limit.saturating_sub(self.position.offset);
+        if remaining == 0 {
+            if committed.segment > segment {
+                self.position = Position {
+                    segment: segment + 1,
+                    offset: 0,
+                };
+            }
+            return Ok(Vec::new());
+        }
+        let mut data = read_at(file, self.position.offset, remaining.min(max_bytes as u64))?;
+        let mut whole = data
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |last| last + 1);
+        let mut budget = remaining.min(max_bytes as u64);
+        while whole == 0 && budget < remaining {
+            // The next line is longer than the budget: read it whole, and only it.
+            budget = budget.saturating_mul(2).min(remaining);
+            data = read_at(file, self.position.offset, budget)?;
+            whole = data
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(0, |first| first + 1);
+        }
+        if whole == 0 {
+            return Err(Error::Storage {
+                message: format!("corrupt spool: no line end after {:?}", self.position),
+            });
+        }
+        let mut events = Vec::new();
+        let mut offset = self.position.offset;
+        for line in data[..whole].split_inclusive(|&b| b == b'\n') {
+            offset += line.len() as u64;
+            events.push(SpooledEvent {
+                line: line.to_vec(),
+                end: Position { segment, offset },
+            });
+        }
+        self.position.offset = offset;
+        Ok(events)
+    }
+
+    /// Persists `upto` as the point to resume from (written to a temporary file,
+    /// synced and renamed into place, so a crash leaves the old or the new offset).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the offset cannot be written.
+    pub fn acknowledge(&mut self, upto: Position) -> Result<(), Error> {
+        let tmp = self.dir.join(format!("{OFFSET_FILE}.tmp"));
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            writeln!(file, "{} {}", upto.segment, upto.offset)?;
+            file.sync_all()?;
+            fs::rename(&tmp, self.dir.join(OFFSET_FILE))?;
+            sync_dir(&self.dir)
+        };
+        write().map_err(|e| storage("write the offset file", &e))
+    }
+}
+
+fn read_at(file: &mut File, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+    let mut data = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.read_exact(&mut data))
+        .map_err(|e| storage("read a segment", &e))?;
+    Ok(data)
+}
+
+fn parse_offset(text: &str) -> Option<Position> {
+    let (segment, offset) = text.trim().split_once(' ')?;
+    Some(Position {
+        segment: segment.parse().ok()?,
+        offset: offset.parse().ok()?,
+    })
+}
+
+/// Runs the processing loop: reads each stored event from `reader` in order, asks
+/// `store` for a [`Decision`], and calls `handle(event, decision)`; after each batch
+/// it acknowledges the position, so after a crash processing resumes there (at
+/// least once). Returns when the spool is closed and everything was processed.
+///
+/// While the decision store is unavailable (Redis down), it waits a second and asks
+/// again: no event is skipped.
+///
+/// # Errors
+/// [`Error::Storage`] when the spool cannot be read or the offset not written.
+pub async fn run_worker<S, H>(
+    mut reader: SpoolReader,
+    store: &S,
+    mut handle: H,
+) -> Result<(), Error>
+where
+    S: DecisionStore,
+    H: FnMut(&Event<'_>, Decision),
+{
+    while let Some(batch) = reader.next_batch(1 << 20).await? {
+        for spooled in &batch {
+            let event = spooled.event()?;
+            let decision = loop {
+                match store.decide(&event).await {
+                    Ok(decision) => break decision,
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                }
+            };
+            handle(&event, decision);
+        }
+        if let Some(last) = batch.last() {
+            reader.acknowledge(last.end())?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! The reference receivers, as built by `cargo test`, over real sockets: the status
+//! page, every answer of the receive step, rotation, 1,000 concurrent posts, a
+//! SIGTERM under load and a `kill -9` under load followed by a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use comapi_webhook::{SIGNATURE_HEADER, Verifier};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+const SECRET: &str = "the-current-secret-0123456789";
+const PREVIOUS: &str = "the-previous-secret-0123456789";
+const MAX_BODY: usize = 64 * 1024;
+
+fn example_binary(name: &str) -> PathBuf {
+    // target/<profile>/deps/receivers-<hash> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds the examples",
+        path.display()
+    );
+    path
+}
+
+fn temp_dir(label: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "comapi-webhook-test-{label}-{}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running receiver binary; killed on drop.
+struct Receiver {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start(name: &str, spool: &Path, secrets: &str) -> Receiver {
+        let mut child = Command::new(example_binary(name))
+            .env("COMAPI_WEBHOOK_SECRET", secrets)
+            .env("PORT", "0")
+            .env("COMAPI_SPOOL_DIR", spool)
+            .env("COMAPI_MAX_BODY_BYTES", MAX_BODY.to_string())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        let log_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "{name} printed no address; its log:\n{}",
+                    log.lock().unwrap()
+                )
+            });
+        let url = line
+            .split_once("listening on ")
+            .map(|(_, url)| url.trim().to_owned())
+            .unwrap();
+        assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+        Receiver {
+            child,
+            url,
+            log,
+            log_reader: Some(log_reader),
+        }
+    }
+
+    /// Event ids the worker reported having processed.
+    fn processed(&self) -> HashSet<String> {
+        processed_ids(&self.log.lock().unwrap())
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Read the log to its end before anyone looks at it.
+                if let Some(reader) = self.log_reader.take() {
+                    reader.join().unwrap();
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the receiver did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn processed_ids(log: &str) -> HashSet<String> {
+    log.lines()
+        .filter(|l| l.contains("event processed"))
+        .filter_map(|l| {
+            l.split("event_id=")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Every event id in the spool's segments, with how often it appears.
+fn spooled(dir: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            for line in std::fs::read_to_string(&path).unwrap().lines() {
+                let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert!(
+                    line["receivedAt"].is_string() && line["secretIndex"].is_u64(),
+                    "{line}"
+                );
+                *counts
+                    .entry(line["event"]["eventId"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+fn event_json(id: &str) -> String {
+    format!(
+        r#"{{"eventId":"{id}","accountId":1234,"apiSpaceId":"c924cf6e-4352-4b26-a71a-c2032bea7a01","name":"message.sent","payload":{{"id":"msg-{id}","metadata":{{"note":"café"}}}},"revision":1,"timestamp":"2017-08-31T09:26:14.604Z"}}"#
+    )
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn post(
+    client: &HttpClient,
+    url: &str,
+    signature: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(u16, String), String> {
+    let mut request = http::Request::post(url).header("content-type", "application/json");
+    if let Some(signature) = signature {
+        request = request.header(SIGNATURE_HEADER, signature);
+    }
+    let response = client
+        .request(request.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn post_signed(
+    client: &HttpClient,
+    url: &str,
+    secret: &str,
+    body: String,
+) -> Result<u16, String> {
+    let signature = Verifier::new(secret)
+        .unwrap()
+        .sign(body.as_bytes())
+        .to_string();
+    post(client, url, Some(&signature), body.into_bytes())
+        .await
+        .map(|(status, _)| status)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn answers(name: &str) {
+    let dir = temp_dir(&format!("{name}-answers"));
+    let receiver = Receiver::start(name, &dir, &format!("{SECRET}, {PREVIOUS}"));
+    let url = format!("{}/", receiver.url);
+    runtime().block_on(async {
+        let client = client();
+
+        // 1. The status page.
+        let response = client.get(url.parse().unwrap()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        let page = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&page).contains("Events stored: <strong>0</strong>"));
+
+        // 2. A single event and a batch.
+        assert_eq!(
+            post_signed(&client, &url, SECRET, event_json("single-1")).await,
+            Ok(200)
+        );
+        let batch = format!(
+            "[\n{},\n{}\n]",
+            event_json("batch-1"),
+            event_json("batch-2")
+        );
+        assert_eq!(post_signed(&client, &url, SECRET, batch).await, Ok(200));
+        assert_eq!(
+            post_signed(&client, &url, SECRET, "[]".to_owned()).await,
+            Ok(200)
+        );
+
+        // 3. Tampered body, wrong secret, missing header: 401.
+        let body = event_json("bad-1");
+        let good = Verifier::new(SECRET)
+            .unwrap()
+            .sign(body.as_bytes())
+            .to_string();
+        let tampered = body.replace("café", "cafe");
+        assert_eq!(
+            post(&client, &url, Some(&good), tampered.into_bytes())
+                .await
+                .unwrap()
+                .0,
+            401
+        );
+        assert_eq!(
+            post_signed(
+                &client,
+                &url,
+                "a-wrong-secret-0123456789",
+                event_json("bad-2")
+            )
+            .await,
+            Ok(401)
+        );
+        assert_eq!(
+            post(&client, &url, None, event_json("bad-3").into_bytes())
+                .await
+                .unwrap()
+                .0,
+            401
+        );
+
+        // 4. A valid signature over something that is not an event: 400.
+        assert_eq!(
+            post_signed(&client, &url, SECRET, "not json".to_owned()).await,
+            Ok(400)
+        );
+        let (status, text) = {
+            let body = format!("[{}, {{\"eventId\":7}}]", event_json("bad-4"));
+            let signature = Verifier::new(SECRET)
+                .unwrap()
+                .sign(body.as_bytes())
+                .to_string();
+            post(&client, &url, Some(&signature), body.into_bytes())
+                .await
+                .unwrap()
+        };
+        assert_eq!(status, 400);
+        assert!(text.contains("[1].eventId"), "{text}");
+
+        // 5. Over the limit: 413, signed or not.
+        let huge = format!(
+            r#"{{"eventId":"big","name":"x","payload":{{"pad":"{}"}}}}"#,
+            "x".repeat(MAX_BODY)
+        );
+        assert_eq!(post_signed(&client, &url, SECRET, huge).await, Ok(413));
+
+        // 6. The previous secret during a rotation.
+        assert_eq!(
+            post_signed(&client, &url, PREVIOUS, event_json("rotated-1")).await,
+            Ok(200)
+        );
+
+        let response = client.get(url.parse().unwrap()).await.unwrap();
+        let page = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&page).contains("Events stored: <strong>4</strong>"));
+    });
+    let stored = spooled(&dir);
+    let want: HashMap<String, usize> = ["single-1", "batch-1", "batch-2", "rotated-1"]
+        .iter()
+        .map(|id| ((*id).to_owned(), 1))
+        .collect();
+    assert_eq!(stored, want, "every good event exactly once, nothing else");
+    let lines = std::fs::read_to_string(dir.join("segment-0000000001.jsonl")).unwrap();
+    let rotated = lines.lines().find(|l| l.contains("rotated-1")).unwrap();
+    assert!(rotated.contains("\"secretIndex\":1"), "{rotated}");
+    assert!(!lines.contains(SECRET) && !lines.contains(PREVIOUS));
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn thousand_concurrent_posts(name: &str) {
+    let dir = temp_dir(&format!("{name}-thousand"));
+    let receiver = Receiver::start(name, &dir, SECRET);
+    let url = format!("{}/", receiver.url);
+    let statuses = runtime().block_on(async {
+        let client = client();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..1000 {
+            let (client, url) = (client.clone(), url.clone());
+            tasks.spawn(async move {
+                post_signed(&client, &url, SECRET, event_json(&format!("c-{i}"))).await
+            });
+        }
+        let mut statuses = Vec::new();
+        while let Some(result) = tasks.join_next().await {
+            statuses.push(result.unwrap());
+        }
+        statuses
+    });
+    assert_eq!(statuses.len(), 1000);
+    assert!(
+        statuses.iter().all(|s| *s == Ok(200)),
+        "{:?}",
+        statuses.iter().find(|s| **s != Ok(200))
+    );
+    let stored = spooled(&dir);
+    assert_eq!(stored.len(), 1000);
+    assert!(stored.values().all(|&n| n == 1));
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Posts unique events from 16 tasks until `stop` is set or the receiver goes away;
+/// returns the ids answered 200.
+async fn load(url: String, prefix: &str, stop: Arc<AtomicBool>) -> Vec<String> {
+    let client = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..16 {
+        let (client, url, stop, prefix) = (
+            client.clone(),
+            url.clone(),
+            Arc::clone(&stop),
+            prefix.to_owned(),
+        );
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("{prefix}-{t}-{n}");
+                match post_signed(&client, &url, SECRET, event_json(&id)).await {
+                    Ok(200) => acked.push(id),
+                    Ok(status) => panic!("unexpected status {status}"),
+                    Err(_) => break, // the receiver is gone
+                }
+            }
+            acked
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        acked.extend(result.unwrap());
+    }
+    acked
+}
+
+fn sigterm_under_load(name: &str) {
+    let dir = temp_dir(&format!("{name}-sigterm"));
+    let mut receiver = Receiver::start(name, &dir, SECRET);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = runtime();
+    let load = rt.spawn(load(
+        format!("{}/", receiver.url),
+        "term",
+        Arc::clone(&stop),
+    ));
+    std::thread::sleep(Duration::from_millis(700));
+    receiver.signal("-TERM");
+    let status = receiver.wait(Duration::from_secs(40));
+    stop.store(true, Ordering::Relaxed);
+    let acked = rt.block_on(load).unwrap();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        receiver.log.lock().unwrap()
+    );
+    assert!(
+        acked.len() > 50,
+        "the load ran: {} acknowledged",
+        acked.len()
+    );
+    let stored = spooled(&dir);
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events are not in the spool: {missing:?}",
+        missing.len()
+    );
+    // The worker drained the spool before the exit.
+    let processed = receiver.processed();
+    assert!(
+        stored.keys().all(|id| processed.contains(id)),
+        "the worker missed events before exiting"
+    );
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn kill_9_under_load_then_restart(name: &str) {
+    let dir = temp_dir(&format!("{name}-kill9"));
+    let mut first = Receiver::start(name, &dir, SECRET);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = runtime();
+    let load = rt.spawn(load(format!("{}/", first.url), "kill", Arc::clone(&stop)));
+    std::thread::sleep(Duration::from_millis(700));
+    first.signal("-KILL");
+    first.wait(Duration::from_secs(10));
+    stop.store(true, Ordering::Relaxed);
+    let acked = rt.block_on(load).unwrap();
+    assert!(
+        acked.len() > 50,
+        "the load ran: {} acknowledged",
+        acked.len()
+    );
+    let processed_before = first.processed();
+
+    let second = Receiver::start(name, &dir, SECRET);
+    let stored = spooled(&dir);
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events lost by kill -9: {missing:?}",
+        missing.len()
+    );
+    assert!(stored.values().all(|&n| n == 1));
+
+    // The worker resumes from its offset: between the two runs every stored event
+    // is processed, none skipped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let processed: HashSet<String> = processed_before
+            .union(&second.processed())
+            .cloned()
+            .collect();
+        let unprocessed = stored.keys().filter(|id| !processed.contains(*id)).count();
+        if unprocessed == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unprocessed} stored events never reached the worker"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And it did resume rather than start over: the restart reprocessed at most the
+    // batch that was in flight, not everything.
+    let again = processed_before.intersection(&second.processed()).count();
+    assert!(
+        again < stored.len(),
+        "the worker started from the beginning again"
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn refuses_bad_configuration(name: &str) {
+    let dir = temp_dir(&format!("{name}-config"));
+    for (secret, message) in [
+        (None, "COMAPI_WEBHOOK_SECRET is required"),
+        (Some("short"), "secret too short"),
+    ] {
+        let mut command = Command::new(example_binary(name));
+        command
+            .env_remove("COMAPI_WEBHOOK_SECRET")
+            .env("PORT", "0")
+            .env("COMAPI_SPOOL_DIR", &dir);
+        if let Some(secret) = secret {
+            command.env("COMAPI_WEBHOOK_SECRET", secret);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{name} started without a valid secret"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(message), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_sender_signs_and_posts() {
+    let dir = temp_dir("sender");
+    let receiver = Receiver::start("hyper_receiver", &dir, SECRET);
+    let send = |secret: &str, extra: &[&str]| {
+        Command::new(example_binary("send_event"))
+            .args(["--url", &format!("{}/", receiver.url), "--secret", secret])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = send(SECRET, &["--curl"]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("curl -sS -X POST"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().nth(1).unwrap().starts_with("200"),
+        "{stdout}"
+    );
+    let file = dir.join("batch.json");
+    std::fs::write(
+        &file,
+        format!("[{},{}]", event_json("file-1"), event_json("file-2")),
+    )
+    .unwrap();
+    assert!(
+        send(SECRET, &["--file", file.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let wrong = send("a-wrong-secret-0123456789", &[]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stdout).starts_with("401"));
+    let stored = spooled(&dir);
+    assert_eq!(
+        stored.len(),
+        3,
+        "the sample and the two from the file: {stored:?}"
+    );
+    assert!(stored.contains_key("file-1") && stored.contains_key("file-2"));
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+macro_rules! receiver_tests {
+    ($($module:ident => $binary:literal),*) => {$(
+        mod $module {
+            #[test]
+            fn answers() { super::answers($binary) }
+            #[test]
+            fn thousand_concurrent_posts() { super::thousand_concurrent_posts($binary) }
+            #[test]
+            fn sigterm_under_load() { super::sigterm_under_load($binary) }
+            #[test]
+            fn kill_9_under_load_then_restart() { super::kill_9_under_load_then_restart($binary) }
+            #[test]
+            fn refuses_bad_configuration() { super::refuses_bad_configuration($binary) }
+        }
+    )*};
+}
+
+receiver_tests!(hyper_receiver => "hyper_receiver", actix_receiver => "actix_receiver");

@@ -1,0 +1,230 @@
+//! The durable spool on real files: group commit, roll-over, torn-line repair,
+//! resuming readers, and the receive step's answers around it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use comapi_webhook::{Inbox, Position, SIGNATURE_HEADER, Spool, SpoolConfig, Verifier};
+
+fn temp_dir(label: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "comapi-spool-test-{label}-{}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn line(id: &str) -> Vec<u8> {
+    format!(
+        "{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{{\"eventId\":\"{id}\",\"name\":\"message.sent\",\"payload\":{{\"id\":\"m-{id}\"}},\"revision\":1}}}}\n"
+    )
+    .into_bytes()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn read_all(spool: &Spool) -> Vec<String> {
+    let mut reader = spool.reader().unwrap();
+    let mut ids = Vec::new();
+    while reader.position() < spool.committed() {
+        for spooled in reader.next_batch(300).await.unwrap().unwrap() {
+            ids.push(spooled.event().unwrap().event_id().to_owned());
+        }
+    }
+    ids
+}
+
+#[test]
+fn concurrent_appends_share_syncs_and_all_land() {
+    let dir = temp_dir("group");
+    runtime().block_on(async {
+        let (spool, recovery) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        assert_eq!((recovery.events, recovery.torn_bytes), (0, 0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..500 {
+            let spool = spool.clone();
+            tasks.spawn(async move { spool.append(line(&format!("g-{i}")), 1).await });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+        assert_eq!(spool.stored(), 500);
+        let mut ids = read_all(&spool).await;
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 500);
+        spool.close().await;
+        assert!(
+            spool.append(line("late"), 1).await.is_err(),
+            "appends after close fail"
+        );
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn segments_roll_over_and_readers_cross_them_in_order() {
+    let dir = temp_dir("roll");
+    runtime().block_on(async {
+        let config = SpoolConfig::new(&dir).with_segment_bytes(1000);
+        let (spool, _) = Spool::open(&config).unwrap();
+        for i in 0..40 {
+            spool.append(line(&format!("r-{i:02}")), 1).await.unwrap();
+        }
+        let segments = std::fs::read_dir(&dir).unwrap().filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".jsonl")
+        });
+        assert!(segments.count() > 5, "rolled over");
+        let ids = read_all(&spool).await;
+        let want: Vec<String> = (0..40).map(|i| format!("r-{i:02}")).collect();
+        assert_eq!(ids, want);
+        spool.close().await;
+        // Reopened, it counts what is there.
+        let (reopened, recovery) = Spool::open(&config).unwrap();
+        assert_eq!((recovery.events, reopened.stored()), (40, 40));
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_torn_last_line_is_cut_and_never_served() {
+    let dir = temp_dir("torn");
+    let config = SpoolConfig::new(&dir);
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&config).unwrap();
+        spool
+            .append([line("t-1"), line("t-2")].concat(), 2)
+            .await
+            .unwrap();
+        spool.close().await;
+    });
+    // A crash in the middle of writing the next line.
+    let segment = dir.join("segment-0000000001.jsonl");
+    let torn = &line("t-3")[..40];
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .unwrap()
+        .write_all(torn)
+        .unwrap();
+    runtime().block_on(async {
+        let (spool, recovery) = Spool::open(&config).unwrap();
+        assert_eq!((recovery.events, recovery.torn_bytes), (2, 40));
+        assert_eq!(read_all(&spool).await, ["t-1", "t-2"]);
+        spool.append(line("t-4"), 1).await.unwrap();
+        assert_eq!(read_all(&spool).await, ["t-1", "t-2", "t-4"]);
+    });
+    let text = std::fs::read_to_string(&segment).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    assert!(text.ends_with('\n'));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn readers_resume_from_the_acknowledged_offset() {
+    let dir = temp_dir("resume");
+    let config = SpoolConfig::new(&dir);
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&config).unwrap();
+        for i in 0..10 {
+            spool.append(line(&format!("o-{i}")), 1).await.unwrap();
+        }
+        let mut reader = spool.reader().unwrap();
+        let batch = reader.next_batch(1).await.unwrap().unwrap();
+        assert_eq!(
+            batch.len(),
+            1,
+            "a line longer than the budget is still read whole"
+        );
+        reader.acknowledge(batch[0].end()).unwrap();
+        let second = reader.next_batch(usize::MAX).await.unwrap().unwrap();
+        assert_eq!(second.len(), 9);
+        // Not acknowledged: a new reader starts after the first event only.
+        let mut again = spool.reader().unwrap();
+        assert_eq!(again.position(), batch[0].end());
+        let rest = again.next_batch(usize::MAX).await.unwrap().unwrap();
+        assert_eq!(rest[0].event().unwrap().event_id(), "o-1");
+        assert_eq!(rest[0].secret_index().unwrap(), 0);
+        assert_eq!(rest[0].received_at().unwrap(), "2026-01-01T00:00:00.000Z");
+        again.acknowledge(rest[8].end()).unwrap();
+        assert_eq!(
+            spool.reader().unwrap().position(),
+            Position {
+                segment: 1,
+                offset: spool.committed().offset
+            }
+        );
+        // Closing ends every reader once it has read everything.
+        spool.close().await;
+        assert!(
+            spool
+                .reader()
+                .unwrap()
+                .next_batch(100)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_receive_step_answers_503_when_storing_fails() {
+    let dir = temp_dir("closed");
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let verifier = Verifier::new("a-comapi-webhook-secret-of-36-chars!").unwrap();
+        let inbox = Inbox::new(verifier.clone(), spool.clone()).with_max_body_bytes(10_000);
+        let body = br#"{"eventId":"s-1","name":"message.sent","payload":{"id":"m"}}"#;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            SIGNATURE_HEADER,
+            verifier.sign(body).to_string().parse().unwrap(),
+        );
+        let reply = inbox.receive(&headers, body).await;
+        assert_eq!((reply.status().as_u16(), reply.events()), (200, 1));
+        assert!(
+            inbox
+                .status_page()
+                .contains("Events stored: <strong>1</strong>")
+        );
+
+        let mut long = http::HeaderMap::new();
+        long.insert(http::header::CONTENT_LENGTH, "10001".parse().unwrap());
+        assert_eq!(
+            inbox.check_content_length(&long).unwrap().status().as_u16(),
+            413
+        );
+        assert_eq!(
+            inbox
+                .receive(&headers, &[b' '; 10_001])
+                .await
+                .status()
+                .as_u16(),
+            413
+        );
+
+        spool.close().await;
+        let reply = inbox.receive(&headers, body).await;
+        assert_eq!((reply.status().as_u16(), reply.events()), (503, 0));
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
