@@ -675,6 +675,29 @@ pub fn parse_already_verified(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
     parsed.map_err(|error| locate_error(body, batch, &error))
 }
 
+/// Validates an already verified body like [`parse_already_verified`] and returns
+/// each event's envelope as its raw JSON, in order: what a receiver stores.
+#[cfg(feature = "spool")]
+pub(crate) fn split_already_verified(body: &[u8]) -> Result<Vec<&RawValue>, Error> {
+    let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => true,
+        Some(b'{') => false,
+        _ => return parse_already_verified(body).map(|_| Vec::new()),
+    };
+    let split = if batch {
+        serde_json::from_slice::<Vec<&RawValue>>(body)
+    } else {
+        serde_json::from_slice::<&RawValue>(body).map(|raw| vec![raw])
+    };
+    let checked = split.and_then(|raw| {
+        for element in &raw {
+            serde_json::from_str::<Event<'_>>(element.get())?;
+        }
+        Ok(raw)
+    });
+    checked.map_err(|error| locate_error(body, batch, &error))
+}
+
 /// Only on the error path: parses again with path tracking, and joins the path of
 /// the envelope to the path inside the payload.
 fn locate_error(body: &[u8], batch: bool, error: &serde_json::Error) -> Error {

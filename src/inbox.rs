@@ -6,8 +6,9 @@ use std::time::SystemTime;
 use http::{HeaderMap, StatusCode};
 use serde_json::value::RawValue;
 
+use crate::event::split_already_verified;
 use crate::spool::Spool;
-use crate::{Error, SIGNATURE_HEADER, Verifier, parse_already_verified};
+use crate::{Error, SIGNATURE_HEADER, Verifier};
 
 /// The body limit of an [`Inbox`] unless set otherwise: 4 MiB, far above a full
 /// batch of 500 Comapi events.
@@ -153,17 +154,15 @@ impl Inbox {
             Ok(verified) => verified,
             Err(error) => return Reply::from_error(&error),
         };
-        let count = match parse_already_verified(body) {
-            Ok(events) => events.len(),
+        let events = match split_already_verified(body) {
+            Ok(events) => events,
             Err(error) => return Reply::from_error(&error),
         };
+        let count = events.len();
         if count == 0 {
             return Reply::new(StatusCode::OK, "ok: no events\n");
         }
-        let lines = match spool_lines(body, verified.secret_index()) {
-            Ok(lines) => lines,
-            Err(error) => return Reply::from_error(&error),
-        };
+        let lines = spool_lines(&events, verified.secret_index());
         match self.spool.append(lines, count as u64).await {
             Ok(()) => Reply {
                 events: count,
@@ -187,33 +186,27 @@ impl Inbox {
     }
 }
 
-/// One spool line per event of an already parsed `body`: the envelope's raw bytes
-/// with line breaks (insignificant whitespace in valid JSON) turned into spaces.
-fn spool_lines(body: &[u8], secret_index: usize) -> Result<Vec<u8>, Error> {
-    let invalid = |e: serde_json::Error| Error::InvalidEvent {
-        path: "$".to_owned(),
-        message: e.to_string(),
-    };
-    let raw: Vec<&RawValue> = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        serde_json::from_slice(body).map_err(invalid)?
-    } else {
-        vec![serde_json::from_slice(body).map_err(invalid)?]
-    };
-    let received_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    let mut lines = Vec::with_capacity(body.len() + raw.len() * 64);
-    for event in raw {
-        lines.extend_from_slice(b"{\"receivedAt\":\"");
-        lines.extend_from_slice(received_at.as_bytes());
-        lines.extend_from_slice(b"\",\"secretIndex\":");
-        lines.extend_from_slice(secret_index.to_string().as_bytes());
-        lines.extend_from_slice(b",\"event\":");
-        lines.extend(
-            event
-                .get()
-                .bytes()
-                .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
-        );
+/// One spool line per event: the envelope's raw bytes with line breaks (which in
+/// valid JSON can only be insignificant whitespace) turned into spaces.
+fn spool_lines(events: &[&RawValue], secret_index: usize) -> Vec<u8> {
+    let received_at = humantime::format_rfc3339_millis(SystemTime::now());
+    let prefix =
+        format!("{{\"receivedAt\":\"{received_at}\",\"secretIndex\":{secret_index},\"event\":");
+    let size = events
+        .iter()
+        .map(|e| prefix.len() + e.get().len() + 2)
+        .sum();
+    let mut lines = Vec::with_capacity(size);
+    for event in events {
+        lines.extend_from_slice(prefix.as_bytes());
+        let start = lines.len();
+        lines.extend_from_slice(event.get().as_bytes());
+        if let Some(raw) = lines.get_mut(start..) {
+            raw.iter_mut()
+                .filter(|b| matches!(**b, b'\n' | b'\r'))
+                .for_each(|b| *b = b' ');
+        }
         lines.extend_from_slice(b"}\n");
     }
-    Ok(lines)
+    lines
 }

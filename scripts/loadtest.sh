@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Load benchmark (not a test): wrk with 64 connections POSTs the signed ~760-byte
+# documented message.sent event to a bare hyper server (the HTTP ceiling), then to
+# hyper_receiver and actix_receiver with their durable spool on, all in one run.
+# Prints requests per second, p50/p99 latency, the ratio to the ceiling, non-2xx
+# answers, and the spool's event count beside the answered requests.
+#
+#   scripts/loadtest.sh            # DURATION=10s CONNECTIONS=64 THREADS=2 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+SECRET=load-test-secret-0123456789abcdef
+BODY=tests/fixtures/events/message_sent_sms.json
+
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+cargo build --release --examples --quiet
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+signature=$(python3 -c 'import hashlib, hmac, sys
+print(hmac.new(sys.argv[1].encode(), open(sys.argv[2], "rb").read(), hashlib.sha1).hexdigest())' "$SECRET" "$BODY")
+cat > "$work/post.lua" <<LUA
+wrk.method = "POST"
+local f = io.open("$BODY", "rb"); wrk.body = f:read("*a"); f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Comapi-Signature"] = "$signature"
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT %d %d %d %.1f %.3f %.3f\n", summary.requests, summary.errors.status, errors,
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+LUA
+
+# start NAME: runs target/release/examples/NAME on a free port; sets $url.
+start() {
+  local name=$1 out="$work/$1.out"
+  COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" RUST_LOG=warn \
+    "target/release/examples/$name" >"$out" 2>"$work/$name.err" &
+  pids+=($!)
+  pid=$!
+  for _ in $(seq 100); do
+    url=$(grep -o 'http://[0-9.:]*' "$out" 2>/dev/null || true)
+    [ -n "$url" ] && return 0
+    sleep 0.1
+  done
+  echo "$name did not start" >&2; cat "$work/$name.err" >&2; exit 1
+}
+
+declare -A rps
+printf '%-16s %10s %9s %9s %8s %8s %10s %10s\n' target req/s p50_ms p99_ms non2xx errors answered spooled
+for name in http_ceiling hyper_receiver actix_receiver; do
+  start "$name"
+  read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
+    -s "$work/post.lua" "$url/" | grep '^RESULT')
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  spooled=-
+  if [ -d "$work/spool-$name" ]; then
+    spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
+  fi
+  rps[$name]=$rate
+  printf '%-16s %10.0f %9.2f %9.2f %8d %8d %10d %10s\n' "$name" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled"
+done
+echo
+for name in hyper_receiver actix_receiver; do
+  python3 -c 'import sys; print(f"{sys.argv[1]:<16} {float(sys.argv[2]) / float(sys.argv[3]):.2f}x the HTTP ceiling")' \
+    "$name" "${rps[$name]}" "${rps[http_ceiling]}"
+done
+echo "(answered = responses wrk counted; spooled may exceed it by the requests in flight when wrk stopped, at most $CONNECTIONS)"
