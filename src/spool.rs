@@ -436,14 +436,38 @@ impl Writer {
 /// One event read back from the spool.
 #[derive(Debug, Clone)]
 pub struct SpooledEvent {
-    line: Vec<u8>,
+    /// The batch this line was read in, shared by its events: one read, no copies.
+    chunk: Arc<[u8]>,
+    line: std::ops::Range<usize>,
     end: Position,
 }
 
+/// A spool line's parts: `receivedAt`, `secretIndex` and the raw event.
+struct Parts<'a> {
+    received_at: Cow<'a, str>,
+    secret_index: usize,
+    event: &'a str,
+}
+
 impl SpooledEvent {
-    fn line(&self) -> Result<Line<'_>, Error> {
-        serde_json::from_slice(&self.line).map_err(|e| Error::Storage {
+    fn bytes(&self) -> &[u8] {
+        self.chunk.get(self.line.clone()).unwrap_or_default()
+    }
+
+    fn parts(&self) -> Result<Parts<'_>, Error> {
+        let line = self.bytes();
+        // The layout this crate writes, taken apart without a second JSON scan; any
+        // other valid line goes through serde.
+        if let Some(parts) = split_line(line) {
+            return Ok(parts);
+        }
+        let parsed: Line<'_> = serde_json::from_slice(line).map_err(|e| Error::Storage {
             message: format!("corrupt spool line before {:?}: {e}", self.end),
+        })?;
+        Ok(Parts {
+            received_at: parsed.received_at,
+            secret_index: parsed.secret_index,
+            event: parsed.event.get(),
         })
     }
 
@@ -453,14 +477,16 @@ impl SpooledEvent {
     /// # Errors
     /// [`Error::Storage`] if the line is corrupt.
     pub fn event(&self) -> Result<Event<'_>, Error> {
-        let raw = self.line()?.event;
-        let mut events =
-            parse_already_verified(raw.get().as_bytes()).map_err(|e| Error::Storage {
-                message: format!("corrupt event in the spool before {:?}: {e}", self.end),
-            })?;
-        events.pop().ok_or_else(|| Error::Storage {
-            message: "empty spool line".to_owned(),
-        })
+        let raw = self.parts()?.event;
+        let mut events = parse_already_verified(raw.as_bytes()).map_err(|e| Error::Storage {
+            message: format!("corrupt event in the spool before {:?}: {e}", self.end),
+        })?;
+        match (events.pop(), events.is_empty()) {
+            (Some(event), true) => Ok(event),
+            _ => Err(Error::Storage {
+                message: format!("spool line before {:?} is not one event", self.end),
+            }),
+        }
     }
 
     /// When the receiver stored it (RFC 3339, UTC).
@@ -468,7 +494,7 @@ impl SpooledEvent {
     /// # Errors
     /// [`Error::Storage`] if the line is corrupt.
     pub fn received_at(&self) -> Result<String, Error> {
-        Ok(self.line()?.received_at.into_owned())
+        Ok(self.parts()?.received_at.into_owned())
     }
 
     /// Which of the verifier's secrets matched when it arrived (0 is the primary).
@@ -476,7 +502,7 @@ impl SpooledEvent {
     /// # Errors
     /// [`Error::Storage`] if the line is corrupt.
     pub fn secret_index(&self) -> Result<usize, Error> {
-        Ok(self.line()?.secret_index)
+        Ok(self.parts()?.secret_index)
     }
 
     /// The spool position just after this event; acknowledge it once processed.
@@ -484,6 +510,22 @@ impl SpooledEvent {
     pub fn end(&self) -> Position {
         self.end
     }
+}
+
+/// `{"receivedAt":"…","secretIndex":N,"event":…}\n`, exactly as the inbox writes it.
+fn split_line(line: &[u8]) -> Option<Parts<'_>> {
+    let rest = line.strip_prefix(b"{\"receivedAt\":\"")?;
+    let quote = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    let (received_at, rest) = rest.split_at(quote);
+    let rest = rest.strip_prefix(b"\",\"secretIndex\":")?;
+    let comma = rest.iter().position(|&b| b == b',')?;
+    let (index, rest) = rest.split_at(comma);
+    let event = rest.strip_prefix(b",\"event\":")?.strip_suffix(b"}\n")?;
+    Some(Parts {
+        received_at: Cow::Borrowed(std::str::from_utf8(received_at).ok()?),
+        secret_index: std::str::from_utf8(index).ok()?.parse().ok()?,
+        event: std::str::from_utf8(event).ok()?,
+    })
 }
 
 /// Reads committed events from a [`Spool`], in order, and remembers how far it got
@@ -606,16 +648,23 @@ impl SpoolReader {
                 message: format!("corrupt spool: no line end after {:?}", self.position),
             });
         }
+        data.truncate(whole);
+        let chunk: Arc<[u8]> = data.into();
         let mut events = Vec::new();
-        let mut offset = self.position.offset;
-        for line in data[..whole].split_inclusive(|&b| b == b'\n') {
-            offset += line.len() as u64;
+        let mut start = 0;
+        for line in chunk.split_inclusive(|&b| b == b'\n') {
+            let end = start + line.len();
             events.push(SpooledEvent {
-                line: line.to_vec(),
-                end: Position { segment, offset },
+                chunk: Arc::clone(&chunk),
+                line: start..end,
+                end: Position {
+                    segment,
+                    offset: self.position.offset + end as u64,
+                },
             });
+            start = end;
         }
-        self.position.offset = offset;
+        self.position.offset += whole as u64;
         Ok(events)
     }
 

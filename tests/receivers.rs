@@ -475,7 +475,16 @@ fn kill_9_under_load_then_restart(name: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let rt = runtime();
     let load = rt.spawn(load(format!("{}/", first.url), "kill", Arc::clone(&stop)));
-    std::thread::sleep(Duration::from_millis(700));
+    // Long enough for the worker to acknowledge a position (it does once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("offset").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never acknowledged a position"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     first.signal("-KILL");
     first.wait(Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);
@@ -519,7 +528,7 @@ fn kill_9_under_load_then_restart(name: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     // And it did resume rather than start over: the restart reprocessed at most the
-    // batch that was in flight, not everything.
+    // events since the last acknowledged position, not everything.
     let again = processed_before.intersection(&second.processed()).count();
     assert!(
         again < stored.len(),

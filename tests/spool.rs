@@ -228,3 +228,19 @@ fn the_receive_step_answers_503_when_storing_fails() {
     });
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn lines_in_another_key_order_still_read() {
+    let dir = temp_dir("order");
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let other = "{\"event\":{\"eventId\":\"k-1\",\"name\":\"x.y\",\"payload\":{}},\"secretIndex\":2,\"receivedAt\":\"then\"}\n";
+        spool.append([other.as_bytes().to_vec(), line("k-2")].concat(), 2).await.unwrap();
+        let mut reader = spool.reader().unwrap();
+        let batch = reader.next_batch(usize::MAX).await.unwrap().unwrap();
+        assert_eq!(batch[0].event().unwrap().event_id(), "k-1");
+        assert_eq!((batch[0].secret_index().unwrap(), batch[0].received_at().unwrap()), (2, "then".to_owned()));
+        assert_eq!(batch[1].event().unwrap().event_id(), "k-2");
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
