@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
+use support::runtime;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -16,14 +17,6 @@ use proptest::prelude::*;
 use support::event;
 #[cfg(feature = "redis")]
 use support::{redis_url, unique_prefix};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[cfg(feature = "redis")]
 async fn redis_gate(url: &str, test: &str) -> RedisGate {

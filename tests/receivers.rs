@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+use support::{runtime, temp_dir};
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -34,19 +37,6 @@ fn example_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn temp_dir(label: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "comapi-webhook-test-{label}-{}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A running receiver binary; killed on drop.
@@ -233,14 +223,6 @@ async fn post_signed(
         .map(|(status, _)| status)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn answers(name: &str) {
     let dir = temp_dir(&format!("{name}-answers"));
     let receiver = Receiver::start(name, &dir, &format!("{SECRET}, {PREVIOUS}"));
@@ -424,6 +406,24 @@ async fn load(url: String, prefix: &str, stop: Arc<AtomicBool>) -> Vec<String> {
     acked
 }
 
+/// Every acknowledged event is in the spool.
+fn assert_all_stored(acked: &[String], stored: &HashMap<String, usize>, when: &str) {
+    assert!(
+        acked.len() > 50,
+        "the load ran: {} acknowledged",
+        acked.len()
+    );
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events lost {when}: {missing:?}",
+        missing.len()
+    );
+}
+
 fn sigterm_under_load(name: &str) {
     let dir = temp_dir(&format!("{name}-sigterm"));
     let mut receiver = Receiver::start(name, &dir, SECRET);
@@ -444,21 +444,8 @@ fn sigterm_under_load(name: &str) {
         "exit status {status:?}; log:\n{}",
         receiver.log.lock().unwrap()
     );
-    assert!(
-        acked.len() > 50,
-        "the load ran: {} acknowledged",
-        acked.len()
-    );
     let stored = spooled(&dir);
-    let missing: Vec<&String> = acked
-        .iter()
-        .filter(|id| !stored.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events are not in the spool: {missing:?}",
-        missing.len()
-    );
+    assert_all_stored(&acked, &stored, "by SIGTERM");
     // The worker drained the spool before the exit.
     let processed = receiver.processed();
     assert!(
@@ -489,24 +476,11 @@ fn kill_9_under_load_then_restart(name: &str) {
     first.wait(Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);
     let acked = rt.block_on(load).unwrap();
-    assert!(
-        acked.len() > 50,
-        "the load ran: {} acknowledged",
-        acked.len()
-    );
     let processed_before = first.processed();
 
     let second = Receiver::start(name, &dir, SECRET);
     let stored = spooled(&dir);
-    let missing: Vec<&String> = acked
-        .iter()
-        .filter(|id| !stored.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events lost by kill -9: {missing:?}",
-        missing.len()
-    );
+    assert_all_stored(&acked, &stored, "by kill -9");
     assert!(stored.values().all(|&n| n == 1));
 
     // The worker resumes from its offset: between the two runs every stored event

@@ -3,37 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+use support::{runtime, temp_dir};
+
 use std::io::Write;
-use std::path::PathBuf;
 
 use comapi_webhook::{Inbox, Position, SIGNATURE_HEADER, Spool, SpoolConfig, Verifier};
-
-fn temp_dir(label: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "comapi-spool-test-{label}-{}-{nanos}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn line(id: &str) -> Vec<u8> {
     format!(
         "{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{{\"eventId\":\"{id}\",\"name\":\"message.sent\",\"payload\":{{\"id\":\"m-{id}\"}},\"revision\":1}}}}\n"
     )
     .into_bytes()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 async fn read_all(spool: &Spool) -> Vec<String> {
