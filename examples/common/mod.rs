@@ -134,19 +134,28 @@ pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
 
 fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
     let reader = spool.reader();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-        let (Ok(runtime), Ok(reader)) = (runtime, reader) else {
-            tracing::error!("worker could not start");
-            return;
-        };
-        let gate = Gate::in_memory();
-        if let Err(error) = runtime.block_on(run_worker(reader, &gate, process)) {
-            tracing::error!(%error, "worker stopped");
+    let worker = std::thread::Builder::new()
+        .name("comapi-worker".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let (Ok(runtime), Ok(reader)) = (runtime, reader) else {
+                tracing::error!("worker could not start");
+                return;
+            };
+            let gate = Gate::in_memory();
+            if let Err(error) = runtime.block_on(run_worker(reader, &gate, process)) {
+                tracing::error!(%error, "worker stopped");
+            }
+        });
+    match worker {
+        Ok(worker) => worker,
+        Err(error) => {
+            eprintln!("error: cannot start the worker thread: {error}");
+            std::process::exit(1);
         }
-    })
+    }
 }
 
 /// Closes the spool (everything acknowledged is already synced) and waits for the
