@@ -1,0 +1,22 @@
+//! Event and batch parsing on any bytes: never panics; whatever parses serializes
+//! and parses back to equal events.
+#![no_main]
+
+use comapi_webhook::parse_already_verified;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(events) = parse_already_verified(data) {
+        let json = serde_json::to_vec(&events).expect("events serialize");
+        let again = parse_already_verified(&json).expect("serialized events parse");
+        assert_eq!(events, again);
+        for event in &events {
+            let _ = (
+                event.kind(),
+                event.entity_id(),
+                event.message_id(),
+                event.message(),
+            );
+        }
+    }
+});
