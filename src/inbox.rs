@@ -8,11 +8,7 @@ use serde_json::value::RawValue;
 
 use crate::event::split_already_verified;
 use crate::spool::Spool;
-use crate::{Error, SIGNATURE_HEADER, Verifier};
-
-/// The body limit of an [`Inbox`] unless set otherwise: 4 MiB, far above a full
-/// batch of 500 Comapi events.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+use crate::{DEFAULT_MAX_BODY_BYTES, Error, SIGNATURE_HEADER, Verifier};
 
 /// What a receiver answers Comapi: a status and a short text body.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,8 @@
 
 mod error;
 mod event;
+#[cfg(any(feature = "actix", feature = "axum"))]
+mod extract;
 mod gate;
 #[cfg(feature = "spool")]
 mod inbox;
@@ -12,6 +14,12 @@ mod signature;
 mod spool;
 
 pub use error::Error;
+#[cfg(any(feature = "actix", feature = "axum"))]
+pub use extract::{Rejection, VerifiedEvents, WebhookConfig};
+
+/// The default body limit of the receive step and the extractors: 4 MiB, far above
+/// a full batch of 500 Comapi events.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub use event::{
     ChannelStatus, ChatAction, ConversationAction, ConversationMessageStatus, Event, EventKind,
     Family, MessageDetails, MessagePayload, MessageStatus, ProfileAction, parse_already_verified,
@@ -20,7 +28,7 @@ pub use gate::{Decision, DecisionStore, Gate, GateConfig};
 #[cfg(feature = "redis")]
 pub use gate::{RedisGate, RedisGateConfig};
 #[cfg(feature = "spool")]
-pub use inbox::{DEFAULT_MAX_BODY_BYTES, Inbox, Reply};
+pub use inbox::{Inbox, Reply};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
 #[cfg(feature = "spool")]
 pub use spool::{Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent, run_worker};
