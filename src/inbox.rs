@@ -1,13 +1,11 @@
 //! The framework-agnostic receive step: verify, parse, store durably, then answer.
 
 use std::borrow::Cow;
-use std::time::SystemTime;
 
 use http::{HeaderMap, StatusCode};
-use serde_json::value::RawValue;
 
 use crate::event::split_already_verified;
-use crate::spool::Spool;
+use crate::spool::{Spool, encode_lines};
 use crate::{DEFAULT_MAX_BODY_BYTES, Error, SIGNATURE_HEADER, Verifier};
 
 /// What a receiver answers Comapi: a status and a short text body.
@@ -158,7 +156,7 @@ impl Inbox {
         if count == 0 {
             return Reply::new(StatusCode::OK, "ok: no events\n");
         }
-        let lines = spool_lines(&events, verified.secret_index());
+        let lines = encode_lines(&events, verified.secret_index());
         match self.spool.append(lines, count as u64).await {
             Ok(()) => Reply {
                 events: count,
@@ -180,29 +178,4 @@ impl Inbox {
             self.spool.stored()
         )
     }
-}
-
-/// One spool line per event: the envelope's raw bytes with line breaks (which in
-/// valid JSON can only be insignificant whitespace) turned into spaces.
-fn spool_lines(events: &[&RawValue], secret_index: usize) -> Vec<u8> {
-    let received_at = humantime::format_rfc3339_millis(SystemTime::now());
-    let prefix =
-        format!("{{\"receivedAt\":\"{received_at}\",\"secretIndex\":{secret_index},\"event\":");
-    let size = events
-        .iter()
-        .map(|e| prefix.len() + e.get().len() + 2)
-        .sum();
-    let mut lines = Vec::with_capacity(size);
-    for event in events {
-        lines.extend_from_slice(prefix.as_bytes());
-        let start = lines.len();
-        lines.extend_from_slice(event.get().as_bytes());
-        if let Some(raw) = lines.get_mut(start..) {
-            raw.iter_mut()
-                .filter(|b| matches!(**b, b'\n' | b'\r'))
-                .for_each(|b| *b = b' ');
-        }
-        lines.extend_from_slice(b"}\n");
-    }
-    lines
 }

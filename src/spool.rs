@@ -512,7 +512,32 @@ impl SpooledEvent {
     }
 }
 
-/// `{"receivedAt":"…","secretIndex":N,"event":…}\n`, exactly as the inbox writes it.
+/// One spool line per event, in the layout [`split_line`] reads back: the envelope's raw bytes with line breaks (which in
+/// valid JSON can only be insignificant whitespace) turned into spaces.
+pub(crate) fn encode_lines(events: &[&RawValue], secret_index: usize) -> Vec<u8> {
+    let received_at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+    let prefix =
+        format!("{{\"receivedAt\":\"{received_at}\",\"secretIndex\":{secret_index},\"event\":");
+    let size = events
+        .iter()
+        .map(|e| prefix.len() + e.get().len() + 2)
+        .sum();
+    let mut lines = Vec::with_capacity(size);
+    for event in events {
+        lines.extend_from_slice(prefix.as_bytes());
+        let start = lines.len();
+        lines.extend_from_slice(event.get().as_bytes());
+        if let Some(raw) = lines.get_mut(start..) {
+            raw.iter_mut()
+                .filter(|b| matches!(**b, b'\n' | b'\r'))
+                .for_each(|b| *b = b' ');
+        }
+        lines.extend_from_slice(b"}\n");
+    }
+    lines
+}
+
+/// `{"receivedAt":"…","secretIndex":N,"event":…}\n`, exactly as [`encode_lines`] writes it.
 fn split_line(line: &[u8]) -> Option<Parts<'_>> {
     let rest = line.strip_prefix(b"{\"receivedAt\":\"")?;
     let quote = rest.iter().position(|&b| b == b'"' || b == b'\\')?;

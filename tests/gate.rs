@@ -132,6 +132,31 @@ where
 }
 
 #[test]
+fn memory_stays_within_the_bound() {
+    let gate = Gate::with_config(GateConfig::new(1_000, 1_000));
+    assert_eq!(gate.tracked(), (0, 0));
+    for i in 0..10_000 {
+        gate.check(&event(
+            &format!("e-{i}"),
+            "message.read",
+            Some(&format!("m-{i}")),
+            Some(1),
+        ));
+    }
+    let (ids, entities) = gate.tracked();
+    assert!((500..=1_000).contains(&ids), "{ids} event ids remembered");
+    assert!(
+        (500..=1_000).contains(&entities),
+        "{entities} entities remembered"
+    );
+    // The most recent ones are still known.
+    assert_eq!(
+        gate.check(&event("e-9999", "message.read", Some("m-9999"), Some(1))),
+        Decision::Duplicate
+    );
+}
+
+#[test]
 fn suite_in_memory() {
     runtime().block_on(shared_suite(|| async { Gate::in_memory() }));
 }

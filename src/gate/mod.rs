@@ -153,9 +153,10 @@ impl GateConfig {
 /// # Bounds
 ///
 /// Memory is bounded by [`GateConfig`]: the gate remembers the most recently used
-/// event ids and entities, between half of each limit and the whole of it (ids and
-/// entities live in two generations per shard; when the newer one fills, the older
-/// one is dropped). Past the bound, an old entity forgotten means a very late stale
+/// event ids and entities, never more than each limit (for limits of at least 128)
+/// and, once full, about half of it or more (ids and entities live in two
+/// generations in each of 64 shards; when a shard's newer generation fills, its
+/// older one is dropped). Past the bound, an old entity forgotten means a very late stale
 /// event for it passes as fresh, and an event id forgotten means a very late retry of
 /// it passes as fresh. Size the limits to cover Comapi's retry horizon (about 24 h)
 /// at your event rate, or share a [`RedisGate`] with a TTL.
@@ -212,16 +213,11 @@ impl Gate {
         decide(true, accepted, Some(revision))
     }
 
-    /// How many event ids and entities the gate remembers now.
+    /// How many event ids and entities the gate remembers now: `(event ids,
+    /// entities)`.
     #[must_use]
-    pub fn len(&self) -> (usize, usize) {
+    pub fn tracked(&self) -> (usize, usize) {
         (self.inner.event_ids.len(), self.inner.entities.len())
-    }
-
-    /// Whether the gate remembers nothing yet.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == (0, 0)
     }
 }
 
@@ -284,8 +280,9 @@ const SHARDS: usize = 64;
 
 impl<K: Hash + Eq, V: Copy> Sharded<K, V> {
     fn new(capacity: usize) -> Self {
-        // Two generations per shard share the shard's part of the capacity.
-        let per_generation = capacity.div_ceil(SHARDS * 2).max(1);
+        // Two generations per shard share the shard's part of the capacity, rounded
+        // down so the total never exceeds it.
+        let per_generation = (capacity / (SHARDS * 2)).max(1);
         Sharded {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Generations::new(per_generation)))
