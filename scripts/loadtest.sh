@@ -5,11 +5,16 @@
 # Prints requests per second, p50/p99 latency, the ratio to the ceiling, non-2xx
 # answers, and the spool's event count beside the answered requests.
 #
-#   scripts/loadtest.sh            # DURATION=10s CONNECTIONS=64 THREADS=2 by default
+# The targets take turns for ROUNDS rounds, each with a fresh process and spool, so
+# a noisy neighbour on a shared machine hits them all alike; the ratios use each
+# target's median rate.
+#
+#   scripts/loadtest.sh    # ROUNDS=3 DURATION=5s CONNECTIONS=64 THREADS=2 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 SECRET=load-test-secret-0123456789abcdef
@@ -55,23 +60,32 @@ start() {
   echo "$name did not start" >&2; cat "$work/$name.err" >&2; exit 1
 }
 
-declare -A rps
-printf '%-16s %10s %9s %9s %8s %8s %10s %10s\n' target req/s p50_ms p99_ms non2xx errors answered spooled
-for name in http_ceiling hyper_receiver actix_receiver; do
-  start "$name"
-  read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
-    -s "$work/post.lua" "$url/" | grep '^RESULT')
-  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
-  spooled=-
-  if [ -d "$work/spool-$name" ]; then
-    spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
-  fi
-  rps[$name]=$rate
-  printf '%-16s %10.0f %9.2f %9.2f %8d %8d %10d %10s\n' "$name" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled"
+declare -A rates
+printf '%-16s %5s %10s %9s %9s %8s %8s %10s %10s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled
+for round in $(seq "$ROUNDS"); do
+  for name in http_ceiling hyper_receiver actix_receiver; do
+    rm -rf "$work/spool-$name"
+    start "$name"
+    read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
+      -s "$work/post.lua" "$url/" | grep '^RESULT')
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    spooled=-
+    if [ -d "$work/spool-$name" ]; then
+      spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
+    fi
+    rates[$name]="${rates[$name]:-} $rate"
+    printf '%-16s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled"
+  done
 done
 echo
-for name in hyper_receiver actix_receiver; do
-  python3 -c 'import sys; print(f"{sys.argv[1]:<16} {float(sys.argv[2]) / float(sys.argv[3]):.2f}x the HTTP ceiling")' \
-    "$name" "${rps[$name]}" "${rps[http_ceiling]}"
-done
+python3 - "${rates[http_ceiling]}" "${rates[hyper_receiver]}" "${rates[actix_receiver]}" <<'PY'
+import statistics, sys
+ceiling, *receivers = [[float(r) for r in arg.split()] for arg in sys.argv[1:]]
+base = statistics.median(ceiling)
+print(f"{'http_ceiling':<16} median {base:10.0f} req/s")
+for name, rates in zip(["hyper_receiver", "actix_receiver"], receivers):
+    median = statistics.median(rates)
+    rounds = " ".join(f"{r / c:.2f}" for r, c in zip(rates, ceiling))
+    print(f"{name:<16} median {median:10.0f} req/s  {median / base:.2f}x the HTTP ceiling (per round: {rounds})")
+PY
 echo "(answered = responses wrk counted; spooled may exceed it by the requests in flight when wrk stopped, at most $CONNECTIONS)"

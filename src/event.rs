@@ -676,26 +676,37 @@ pub fn parse_already_verified(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
 }
 
 /// Validates an already verified body like [`parse_already_verified`] and returns
-/// each event's envelope as its raw JSON, in order: what a receiver stores.
+/// each event's envelope as its raw JSON text, in order: what a receiver stores.
 #[cfg(feature = "spool")]
-pub(crate) fn split_already_verified(body: &[u8]) -> Result<Vec<&RawValue>, Error> {
+pub(crate) fn split_already_verified(body: &[u8]) -> Result<Vec<&str>, Error> {
     let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => true,
         Some(b'{') => false,
         _ => return parse_already_verified(body).map(|_| Vec::new()),
     };
     let split = if batch {
-        serde_json::from_slice::<Vec<&RawValue>>(body)
+        serde_json::from_slice::<Vec<&RawValue>>(body).and_then(|raw| {
+            raw.into_iter()
+                .map(|element| {
+                    serde_json::from_str::<Event<'_>>(element.get())?;
+                    Ok(element.get())
+                })
+                .collect()
+        })
     } else {
-        serde_json::from_slice::<&RawValue>(body).map(|raw| vec![raw])
-    };
-    let checked = split.and_then(|raw| {
-        for element in &raw {
-            serde_json::from_str::<Event<'_>>(element.get())?;
+        // One envelope: the body itself is the raw event, so one pass checks it.
+        match std::str::from_utf8(body) {
+            Ok(text) => serde_json::from_str::<Event<'_>>(text)
+                .map(|_| vec![text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r'))]),
+            Err(error) => {
+                return Err(Error::InvalidEvent {
+                    path: "$".to_owned(),
+                    message: format!("the body is not UTF-8: {error}"),
+                });
+            }
         }
-        Ok(raw)
-    });
-    checked.map_err(|error| locate_error(body, batch, &error))
+    };
+    split.map_err(|error| locate_error(body, batch, &error))
 }
 
 /// Only on the error path: parses again with path tracking, and joins the path of

@@ -24,14 +24,22 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
     pub segment_bytes: u64,
+    /// How far ahead of its data the segment being written is filled with zero
+    /// bytes (0 turns this off). Appends then land inside the file instead of
+    /// growing it, so each sync only flushes data and skips the file system's
+    /// journal: on ext4 that halves the cost of a sync. The zero tail is cut off
+    /// when the segment rolls over and when the spool closes; after a crash,
+    /// [`Spool::open`] cuts it. Readers never read past committed data.
+    pub preallocate_bytes: u64,
 }
 
 impl SpoolConfig {
-    /// Segments in `dir`, rolling over at 64 MiB.
+    /// Segments in `dir`, rolling over at 64 MiB, preallocated 4 MiB at a time.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         SpoolConfig {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
+            preallocate_bytes: 4 * 1024 * 1024,
         }
     }
 
@@ -46,6 +54,14 @@ impl SpoolConfig {
     #[must_use]
     pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes.max(1);
+        self
+    }
+
+    /// The same folder with another preallocation step (0 turns it off, so the
+    /// segment being written never has a zero tail, e.g. for `tail -f`).
+    #[must_use]
+    pub fn with_preallocate_bytes(mut self, bytes: u64) -> Self {
+        self.preallocate_bytes = bytes;
         self
     }
 }
@@ -276,10 +292,32 @@ fn valid_prefix(data: &[u8]) -> (usize, u64) {
 struct Writer {
     dir: PathBuf,
     segment_bytes: u64,
+    preallocate_bytes: u64,
     segment: u64,
     file: File,
+    /// The committed data: everything before it is whole, synced lines.
     len: u64,
+    /// The file's size: `len` plus a zero-filled tail, when preallocating.
+    allocated: u64,
 }
+
+/// Writes every buffer, in order, in as few `writev` calls as the OS allows.
+fn write_all_vectored(file: &mut File, buffers: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = buffers.iter().map(|b| io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The source of the zero bytes a segment is preallocated with.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl Writer {
     fn recover(config: &SpoolConfig) -> io::Result<(Writer, Recovery)> {
@@ -301,8 +339,10 @@ impl Writer {
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let (valid, lines) = valid_prefix(&data);
-        let torn_bytes = (data.len() - valid) as u64;
-        if torn_bytes > 0 {
+        let tail = data.get(valid..).unwrap_or_default();
+        // A preallocated zero tail is not data; what comes before it is a torn line.
+        let torn_bytes = tail.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1) as u64;
+        if !tail.is_empty() {
             file.set_len(valid as u64)?;
             file.sync_all()?;
         }
@@ -318,9 +358,11 @@ impl Writer {
         let writer = Writer {
             dir: dir.clone(),
             segment_bytes: config.segment_bytes,
+            preallocate_bytes: config.preallocate_bytes,
             segment,
             file,
             len: valid as u64,
+            allocated: valid as u64,
         };
         Ok((writer, recovery))
     }
@@ -390,6 +432,8 @@ impl Writer {
         // Appends still queued behind the close are refused: dropping the receiver
         // drops their answer channels.
         drop(rx);
+        // A clean segment for other readers; after a crash `recover` does this.
+        let _ = self.cut_zero_tail();
         if let Some(done) = closing {
             let _ = done.send(());
         }
@@ -398,26 +442,64 @@ impl Writer {
     /// Writes every buffer and syncs once. On failure the segment is cut back to
     /// its committed length, so no partial line is ever left behind.
     fn write_group(&mut self, buffers: &[Vec<u8>]) -> io::Result<()> {
-        // One write for the whole group: the syscall count stays flat as load grows.
-        let written = match buffers {
-            [one] => self.file.write_all(one),
-            many => self.file.write_all(&many.concat()),
-        }
-        .and_then(|()| self.file.sync_data());
+        let end = self.len + buffers.iter().map(|b| b.len() as u64).sum::<u64>();
+        let written = self
+            .preallocate(end)
+            // One write for the whole group: the syscall count stays flat as load grows.
+            .and_then(|()| write_all_vectored(&mut self.file, buffers))
+            .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
-                self.len += buffers.iter().map(|b| b.len() as u64).sum::<u64>();
+                self.len = end;
+                self.allocated = self.allocated.max(end);
                 Ok(())
             }
             Err(error) => {
                 let _ = self.file.set_len(self.len);
                 let _ = self.file.seek(SeekFrom::Start(self.len));
+                self.allocated = self.len;
                 Err(error)
             }
         }
     }
 
+    /// Makes sure the file reaches `end`, filling it with zeros a step ahead, and
+    /// leaves the cursor at the committed length. The sync that follows makes the
+    /// new size durable; the syncs after it, within the zeros, are data-only.
+    fn preallocate(&mut self, end: u64) -> io::Result<()> {
+        if self.preallocate_bytes == 0 || end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.max(
+            end.saturating_add(self.preallocate_bytes)
+                .min(self.segment_bytes),
+        );
+        self.file.seek(SeekFrom::Start(self.allocated))?;
+        let mut at = self.allocated;
+        while at < target {
+            let n = usize::try_from(target - at).map_or(ZEROS.len(), |n| n.min(ZEROS.len()));
+            self.file.write_all(ZEROS.get(..n).unwrap_or_default())?;
+            at += n as u64;
+        }
+        self.allocated = target;
+        self.file.seek(SeekFrom::Start(self.len))?;
+        Ok(())
+    }
+
+    /// Cuts the preallocated zeros off the end of the segment, durably.
+    fn cut_zero_tail(&mut self) -> io::Result<()> {
+        if self.allocated > self.len {
+            self.file.set_len(self.len)?;
+            self.file.sync_data()?;
+            self.allocated = self.len;
+        }
+        Ok(())
+    }
+
     fn roll_over(&mut self) -> io::Result<()> {
+        // Before the next segment exists: readers take a segment with a successor
+        // to be complete up to its size.
+        self.cut_zero_tail()?;
         let next = self.segment + 1;
         let file = OpenOptions::new()
             .read(true)
@@ -429,6 +511,7 @@ impl Writer {
         self.file = file;
         self.segment = next;
         self.len = 0;
+        self.allocated = 0;
         Ok(())
     }
 }
@@ -437,7 +520,7 @@ impl Writer {
 #[derive(Debug, Clone)]
 pub struct SpooledEvent {
     /// The batch this line was read in, shared by its events: one read, no copies.
-    chunk: Arc<[u8]>,
+    chunk: Arc<Vec<u8>>,
     line: std::ops::Range<usize>,
     end: Position,
 }
@@ -514,19 +597,25 @@ impl SpooledEvent {
 
 /// One spool line per event, in the layout [`split_line`] reads back: the envelope's raw bytes with line breaks (which in
 /// valid JSON can only be insignificant whitespace) turned into spaces.
-pub(crate) fn encode_lines(events: &[&RawValue], secret_index: usize) -> Vec<u8> {
+pub(crate) fn encode_lines(events: &[&str], secret_index: usize) -> Vec<u8> {
+    // `{"receivedAt":"<24 bytes>","secretIndex":<up to 20 digits>,"event":` and `}\n`.
+    const FRAME: usize = 84 + 2;
     let received_at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-    let prefix =
-        format!("{{\"receivedAt\":\"{received_at}\",\"secretIndex\":{secret_index},\"event\":");
-    let size = events
-        .iter()
-        .map(|e| prefix.len() + e.get().len() + 2)
-        .sum();
-    let mut lines = Vec::with_capacity(size);
-    for event in events {
-        lines.extend_from_slice(prefix.as_bytes());
+    let mut lines = Vec::with_capacity(events.iter().map(|e| FRAME + e.len()).sum());
+    let mut prefix = 0..0;
+    for (i, event) in events.iter().enumerate() {
+        if i == 0 {
+            // Writing to a Vec cannot fail.
+            let _ = write!(
+                lines,
+                "{{\"receivedAt\":\"{received_at}\",\"secretIndex\":{secret_index},\"event\":"
+            );
+            prefix = 0..lines.len();
+        } else {
+            lines.extend_from_within(prefix.clone());
+        }
         let start = lines.len();
-        lines.extend_from_slice(event.get().as_bytes());
+        lines.extend_from_slice(event.as_bytes());
         if let Some(raw) = lines.get_mut(start..) {
             raw.iter_mut()
                 .filter(|b| matches!(**b, b'\n' | b'\r'))
@@ -562,6 +651,8 @@ pub struct SpoolReader {
     position: Position,
     committed: watch::Receiver<Position>,
     file: Option<(u64, File)>,
+    /// The last chunk read, reused once every event handed out from it is dropped.
+    chunk: Arc<Vec<u8>>,
 }
 
 const OFFSET_FILE: &str = "offset";
@@ -586,6 +677,7 @@ impl SpoolReader {
             position,
             committed,
             file: None,
+            chunk: Arc::default(),
         })
     }
 
@@ -653,20 +745,19 @@ impl SpoolReader {
             }
             return Ok(Vec::new());
         }
-        let mut data = read_at(file, self.position.offset, remaining.min(max_bytes as u64))?;
-        let mut whole = data
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |last| last + 1);
+        // The events of the last batch are usually gone by now: reuse their buffer.
+        let mut data = match Arc::get_mut(&mut self.chunk) {
+            Some(data) => std::mem::take(data),
+            None => Vec::new(),
+        };
         let mut budget = remaining.min(max_bytes as u64);
+        read_at(file, self.position.offset, budget, &mut data)?;
+        let mut whole = memchr::memrchr(b'\n', &data).map_or(0, |last| last + 1);
         while whole == 0 && budget < remaining {
             // The next line is longer than the budget: read it whole, and only it.
             budget = budget.saturating_mul(2).min(remaining);
-            data = read_at(file, self.position.offset, budget)?;
-            whole = data
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(0, |first| first + 1);
+            read_at(file, self.position.offset, budget, &mut data)?;
+            whole = memchr::memchr(b'\n', &data).map_or(0, |first| first + 1);
         }
         if whole == 0 {
             return Err(Error::Storage {
@@ -674,13 +765,13 @@ impl SpoolReader {
             });
         }
         data.truncate(whole);
-        let chunk: Arc<[u8]> = data.into();
+        self.chunk = Arc::new(data);
         let mut events = Vec::new();
         let mut start = 0;
-        for line in chunk.split_inclusive(|&b| b == b'\n') {
-            let end = start + line.len();
+        for newline in memchr::memchr_iter(b'\n', &self.chunk) {
+            let end = newline + 1;
             events.push(SpooledEvent {
-                chunk: Arc::clone(&chunk),
+                chunk: Arc::clone(&self.chunk),
                 line: start..end,
                 end: Position {
                     segment,
@@ -711,12 +802,13 @@ impl SpoolReader {
     }
 }
 
-fn read_at(file: &mut File, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
-    let mut data = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
+/// Reads `len` bytes at `offset` into `data`, replacing what it held.
+fn read_at(file: &mut File, offset: u64, len: u64, data: &mut Vec<u8>) -> Result<(), Error> {
+    data.clear();
+    data.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
     file.seek(SeekFrom::Start(offset))
-        .and_then(|_| file.read_exact(&mut data))
-        .map_err(|e| storage("read a segment", &e))?;
-    Ok(data)
+        .and_then(|_| file.read_exact(data))
+        .map_err(|e| storage("read a segment", &e))
 }
 
 fn parse_offset(text: &str) -> Option<Position> {

@@ -84,3 +84,26 @@ proptest! {
         }
     }
 }
+
+/// Valid JSON whose ignored payload string is not UTF-8: a 400, never a 200 that
+/// stores a mangled or empty event.
+#[test]
+fn a_body_that_is_not_utf8_is_refused_single_or_batch() {
+    let event = b"{\"eventId\":\"e-1\",\"name\":\"message.sent\",\"payload\":{\"id\":\"m\",\"note\":\"\xff\"},\"revision\":1}";
+    let batch = [&b"["[..], event, b"]"].concat();
+    let (spool, _) = Spool::open(&SpoolConfig::new(temp_dir("not-utf8"))).unwrap();
+    let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), spool);
+    for body in [event.to_vec(), batch] {
+        let mut headers = HeaderMap::new();
+        let signature = Verifier::new(SECRET).unwrap().sign(&body).to_string();
+        headers.insert(SIGNATURE_HEADER, HeaderValue::from_str(&signature).unwrap());
+        let reply = RUNTIME.block_on(inbox.receive(&headers, &body));
+        assert_eq!(reply.status().as_u16(), 400, "{}", reply.body());
+        assert!(
+            reply.body().contains("UTF-8") || reply.body().contains("unicode"),
+            "{}",
+            reply.body()
+        );
+    }
+    assert_eq!(inbox.spool().stored(), 0, "nothing stored");
+}

@@ -157,7 +157,10 @@ fn spooled(dir: &Path) -> HashMap<String, usize> {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "jsonl") {
-            for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // A live segment is preallocated: its data ends at the first zero byte.
+            let data = text.split('\0').next().unwrap();
+            for line in data.lines() {
                 let line: serde_json::Value = serde_json::from_str(line).unwrap();
                 assert!(
                     line["receivedAt"].is_string() && line["secretIndex"].is_u64(),

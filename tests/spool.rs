@@ -73,6 +73,13 @@ fn segments_roll_over_and_readers_cross_them_in_order() {
                 .ends_with(".jsonl")
         });
         assert!(segments.count() > 5, "rolled over");
+        for n in 1..=5 {
+            let closed = std::fs::read(dir.join(format!("segment-{n:010}.jsonl"))).unwrap();
+            assert!(
+                closed.ends_with(b"\n") && !closed.contains(&0),
+                "segment {n} cut clean"
+            );
+        }
         let ids = read_all(&spool).await;
         let want: Vec<String> = (0..40).map(|i| format!("r-{i:02}")).collect();
         assert_eq!(ids, want);
@@ -111,6 +118,7 @@ fn a_torn_last_line_is_cut_and_never_served() {
         assert_eq!(read_all(&spool).await, ["t-1", "t-2"]);
         spool.append(line("t-4"), 1).await.unwrap();
         assert_eq!(read_all(&spool).await, ["t-1", "t-2", "t-4"]);
+        spool.close().await;
     });
     let text = std::fs::read_to_string(&segment).unwrap();
     assert_eq!(text.lines().count(), 3);
@@ -222,6 +230,73 @@ fn lines_in_another_key_order_still_read() {
         assert_eq!(batch[0].event().unwrap().event_id(), "k-1");
         assert_eq!((batch[0].secret_index().unwrap(), batch[0].received_at().unwrap()), (2, "then".to_owned()));
         assert_eq!(batch[1].event().unwrap().event_id(), "k-2");
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_live_segment_is_preallocated_and_cut_clean_on_close_or_after_a_crash() {
+    let dir = temp_dir("prealloc");
+    let copy = temp_dir("prealloc-crash");
+    let segment = |dir: &std::path::Path| dir.join("segment-0000000001.jsonl");
+    let data = [line("p-1"), line("p-2"), line("p-3")].concat();
+    runtime().block_on(async {
+        let config = SpoolConfig::new(&dir).with_preallocate_bytes(4096);
+        let (spool, _) = Spool::open(&config).unwrap();
+        spool.append(line("p-1"), 1).await.unwrap();
+        spool
+            .append([line("p-2"), line("p-3")].concat(), 2)
+            .await
+            .unwrap();
+        let live = std::fs::read(segment(&dir)).unwrap();
+        assert_eq!(
+            live.len(),
+            line("p-1").len() + 4096,
+            "filled ahead of the first write"
+        );
+        assert_eq!(&live[..data.len()], &data[..]);
+        assert!(live[data.len()..].iter().all(|&b| b == 0));
+
+        // What a crash leaves behind: the data and the zero tail, nothing torn.
+        std::fs::write(segment(&copy), &live).unwrap();
+        let (recovered, recovery) = Spool::open(&SpoolConfig::new(&copy)).unwrap();
+        assert_eq!((recovery.events, recovery.torn_bytes), (3, 0));
+        assert_eq!(std::fs::read(segment(&copy)).unwrap(), data, "zeros cut");
+        assert_eq!(read_all(&recovered).await, ["p-1", "p-2", "p-3"]);
+        recovered.close().await;
+
+        spool.close().await;
+        assert_eq!(
+            std::fs::read(segment(&dir)).unwrap(),
+            data,
+            "zeros cut on close"
+        );
+    });
+    // A line torn inside the zero tail: only the torn bytes count as torn.
+    let torn = &line("p-4")[..50];
+    let mut crashed = [&data[..], torn].concat();
+    crashed.resize(crashed.len() + 1000, 0);
+    std::fs::write(segment(&copy), &crashed).unwrap();
+    runtime().block_on(async {
+        let (recovered, recovery) = Spool::open(&SpoolConfig::new(&copy)).unwrap();
+        assert_eq!((recovery.events, recovery.torn_bytes), (3, 50));
+        assert_eq!(read_all(&recovered).await, ["p-1", "p-2", "p-3"]);
+        recovered.append(line("p-5"), 1).await.unwrap();
+        assert_eq!(read_all(&recovered).await, ["p-1", "p-2", "p-3", "p-5"]);
+    });
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(copy);
+}
+
+#[test]
+fn without_preallocation_a_live_segment_holds_only_data() {
+    let dir = temp_dir("no-prealloc");
+    runtime().block_on(async {
+        let config = SpoolConfig::new(&dir).with_preallocate_bytes(0);
+        let (spool, _) = Spool::open(&config).unwrap();
+        spool.append(line("n-1"), 1).await.unwrap();
+        let live = std::fs::read(dir.join("segment-0000000001.jsonl")).unwrap();
+        assert_eq!(live, line("n-1"));
     });
     let _ = std::fs::remove_dir_all(dir);
 }
