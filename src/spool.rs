@@ -829,6 +829,11 @@ fn parse_offset(text: &str) -> Option<Position> {
 /// While the decision store is unavailable (Redis down), it waits a second and asks
 /// again: no event is skipped.
 ///
+/// An event that arrives when the worker is idle is read at once. Under load the
+/// worker reads at most every 10 ms and takes everything stored meanwhile, instead
+/// of waking for every group commit: fewer, larger reads leave more CPU to the
+/// requests, at the cost of at most 10 ms before processing.
+///
 /// # Errors
 /// [`Error::Storage`] when the spool cannot be read or the offset not written.
 pub async fn run_worker<S, H>(
@@ -841,9 +846,14 @@ where
     H: FnMut(&Event<'_>, Decision),
 {
     const ACK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
     let mut last_ack = std::time::Instant::now();
+    let mut last_read: Option<std::time::Instant> = None;
     let mut pending: Option<Position> = None;
     loop {
+        if let Some(wait) = last_read.and_then(|at| READ_EVERY.checked_sub(at.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
         let next = match pending {
             // Something to acknowledge: wait for more only until it is due.
             Some(upto) => {
@@ -861,6 +871,7 @@ where
             None => reader.next_batch(1 << 20).await?,
         };
         let Some(batch) = next else { break };
+        last_read = Some(std::time::Instant::now());
         for spooled in &batch {
             let event = spooled.event()?;
             let decision = loop {
