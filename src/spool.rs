@@ -84,7 +84,8 @@ pub struct Recovery {
     /// Segments found.
     pub segments: u64,
     /// Bytes cut from the end of the last segment: a line torn by a crash (never
-    /// acknowledged, so Comapi retries it) is removed, never served as an event.
+    /// acknowledged, so Comapi retries it) is removed, never served as an event. The
+    /// preallocated zero tail is cut as well, but not counted here.
     pub torn_bytes: u64,
 }
 
