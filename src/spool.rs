@@ -29,17 +29,18 @@ pub struct SpoolConfig {
     /// growing it, so each sync only flushes data and skips the file system's
     /// journal: on ext4 that halves the cost of a sync. The zero tail is cut off
     /// when the segment rolls over and when the spool closes; after a crash,
-    /// [`Spool::open`] cuts it. Readers never read past committed data.
+    /// [`Spool::open`] cuts it. Readers never read past committed data. Each step
+    /// is one longer sync (about 1 ms per MiB here), so larger steps raise tail latency.
     pub preallocate_bytes: u64,
 }
 
 impl SpoolConfig {
-    /// Segments in `dir`, rolling over at 64 MiB, preallocated 4 MiB at a time.
+    /// Segments in `dir`, rolling over at 64 MiB, preallocated 1 MiB at a time.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         SpoolConfig {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
-            preallocate_bytes: 4 * 1024 * 1024,
+            preallocate_bytes: 1024 * 1024,
         }
     }
 
