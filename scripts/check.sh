@@ -15,7 +15,17 @@ if [ -z "${COMAPI_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&
   redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
     --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log" --dir "$redis_dir"
-  trap 'kill "$(cat "$redis_dir/redis.pid" 2>/dev/null)" 2>/dev/null; rm -rf "$redis_dir"' EXIT
+  # Waits for redis-server to exit before removing its folder (it writes its log on
+  # the way out), and never fails: under `set -e` a failing trap would fail the run.
+  stop_redis() {
+    local pid
+    pid=$(cat "$redis_dir/redis.pid" 2>/dev/null) || pid=
+    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rm -rf "$redis_dir" 2>/dev/null || true
+  }
+  trap stop_redis EXIT
   for _ in $(seq 50); do
     redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
     sleep 0.1
