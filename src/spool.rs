@@ -32,6 +32,10 @@ pub struct SpoolConfig {
     /// [`Spool::open`] cuts it. Readers never read past committed data. Each step
     /// is one longer sync (about 1 ms per MiB here), so larger steps raise tail latency.
     pub preallocate_bytes: u64,
+    /// Whether [`SpoolReader::acknowledge`] deletes the segments wholly before the
+    /// acknowledged position (off by default: the spool then keeps every event, as
+    /// a log would). Turn it on when the spool is only a queue, or it grows forever.
+    pub remove_processed: bool,
 }
 
 impl SpoolConfig {
@@ -41,6 +45,7 @@ impl SpoolConfig {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
             preallocate_bytes: 1024 * 1024,
+            remove_processed: false,
         }
     }
 
@@ -63,6 +68,14 @@ impl SpoolConfig {
     #[must_use]
     pub fn with_preallocate_bytes(mut self, bytes: u64) -> Self {
         self.preallocate_bytes = bytes;
+        self
+    }
+
+    /// The same folder, deleting processed segments or not (see
+    /// [`SpoolConfig::remove_processed`]).
+    #[must_use]
+    pub fn with_remove_processed(mut self, remove: bool) -> Self {
+        self.remove_processed = remove;
         self
     }
 }
@@ -110,6 +123,7 @@ pub struct Spool {
 
 struct Shared {
     dir: PathBuf,
+    remove_processed: bool,
     requests: mpsc::Sender<Request>,
     committed: watch::Receiver<Position>,
     stored: Arc<AtomicU64>,
@@ -145,6 +159,7 @@ impl Spool {
             .map_err(|e| storage("start the spool writer", &e))?;
         let shared = Shared {
             dir: config.dir.clone(),
+            remove_processed: config.remove_processed,
             requests,
             committed,
             stored,
@@ -198,7 +213,11 @@ impl Spool {
     /// # Errors
     /// [`Error::Storage`] when the offset file exists but cannot be read.
     pub fn reader(&self) -> Result<SpoolReader, Error> {
-        SpoolReader::open(&self.shared.dir, self.shared.committed.clone())
+        SpoolReader::open(
+            &self.shared.dir,
+            self.shared.remove_processed,
+            self.shared.committed.clone(),
+        )
     }
 
     /// Stops the writer after the appends already queued, and waits for it. Later
@@ -650,6 +669,7 @@ fn split_line(line: &[u8]) -> Option<Parts<'_>> {
 #[derive(Debug)]
 pub struct SpoolReader {
     dir: PathBuf,
+    remove_processed: bool,
     position: Position,
     committed: watch::Receiver<Position>,
     file: Option<(u64, File)>,
@@ -660,7 +680,11 @@ pub struct SpoolReader {
 const OFFSET_FILE: &str = "offset";
 
 impl SpoolReader {
-    fn open(dir: &Path, committed: watch::Receiver<Position>) -> Result<Self, Error> {
+    fn open(
+        dir: &Path,
+        remove_processed: bool,
+        committed: watch::Receiver<Position>,
+    ) -> Result<Self, Error> {
         let position = match fs::read_to_string(dir.join(OFFSET_FILE)) {
             Ok(text) => parse_offset(&text).ok_or_else(|| Error::Storage {
                 message: format!("corrupt offset file: {text:?}"),
@@ -676,6 +700,7 @@ impl SpoolReader {
         };
         Ok(SpoolReader {
             dir: dir.to_owned(),
+            remove_processed,
             position,
             committed,
             file: None,
@@ -788,6 +813,8 @@ impl SpoolReader {
 
     /// Persists `upto` as the point to resume from (written to a temporary file,
     /// synced and renamed into place, so a crash leaves the old or the new offset).
+    /// With [`SpoolConfig::remove_processed`], then deletes the segments before
+    /// `upto`'s; one that cannot be deleted now is tried again at the next call.
     ///
     /// # Errors
     /// [`Error::Storage`] when the offset cannot be written.
@@ -800,7 +827,16 @@ impl SpoolReader {
             fs::rename(&tmp, self.dir.join(OFFSET_FILE))?;
             sync_dir(&self.dir)
         };
-        write().map_err(|e| storage("write the offset file", &e))
+        write().map_err(|e| storage("write the offset file", &e))?;
+        if self.remove_processed {
+            // Only after the offset is durable: a restart never looks for them.
+            for n in segment_numbers(&self.dir).unwrap_or_default() {
+                if n < upto.segment {
+                    let _ = fs::remove_file(segment_path(&self.dir, n));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

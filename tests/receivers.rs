@@ -515,21 +515,47 @@ fn kill_9_under_load_then_restart(name: &str) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Runs `command` to its end; a receiver that starts instead of refusing is killed,
+/// and the test fails rather than hangs.
+fn output_within(mut command: Command, timeout: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {timeout:?}: a bad configuration was accepted");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn refuses_bad_configuration(name: &str) {
     let dir = temp_dir(&format!("{name}-config"));
-    for (secret, message) in [
-        (None, "COMAPI_WEBHOOK_SECRET is required"),
-        (Some("short"), "secret too short"),
+    for (secret, keep, message) in [
+        (None, "false", "COMAPI_WEBHOOK_SECRET is required"),
+        (Some("short"), "false", "secret too short"),
+        (
+            Some(SECRET),
+            "sometimes",
+            "COMAPI_SPOOL_KEEP must be true or false",
+        ),
     ] {
         let mut command = Command::new(example_binary(name));
         command
             .env_remove("COMAPI_WEBHOOK_SECRET")
             .env("PORT", "0")
-            .env("COMAPI_SPOOL_DIR", &dir);
+            .env("COMAPI_SPOOL_DIR", &dir)
+            .env("COMAPI_SPOOL_KEEP", keep);
         if let Some(secret) = secret {
             command.env("COMAPI_WEBHOOK_SECRET", secret);
         }
-        let output = command.output().unwrap();
+        let output = output_within(command, Duration::from_secs(30));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             !output.status.success(),

@@ -300,3 +300,65 @@ fn without_preallocation_a_live_segment_holds_only_data() {
     });
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn processed_segments_are_removed_only_when_asked_and_only_after_the_offset_is_saved() {
+    for remove in [false, true] {
+        let dir = temp_dir(&format!("remove-{remove}"));
+        runtime().block_on(async {
+            let config = SpoolConfig::new(&dir)
+                .with_segment_bytes(400)
+                .with_remove_processed(remove);
+            let (spool, _) = Spool::open(&config).unwrap();
+            for i in 0..20 {
+                spool.append(line(&format!("x-{i:02}")), 1).await.unwrap();
+            }
+            let segments = || {
+                let mut names: Vec<String> = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".jsonl"))
+                    .collect();
+                names.sort();
+                names
+            };
+            let before = segments();
+            assert!(before.len() > 3, "rolled over: {before:?}");
+            // Read all but the last few events, then acknowledge there.
+            let mut reader = spool.reader().unwrap();
+            let mut seen = Vec::new();
+            while seen.len() < 15 {
+                seen.extend(reader.next_batch(1).await.unwrap().unwrap());
+            }
+            let upto = seen[14].end();
+            reader.acknowledge(upto).unwrap();
+            let after = segments();
+            if remove {
+                let first_kept = format!("segment-{:010}.jsonl", upto.segment);
+                assert_eq!(after.first(), Some(&first_kept), "{after:?}");
+                assert!(after.len() < before.len());
+            } else {
+                assert_eq!(after, before);
+            }
+            spool.close().await;
+            // A restart resumes at the offset and reads every event after it.
+            let (reopened, _) = Spool::open(&config).unwrap();
+            let mut rest = Vec::new();
+            let mut reader = reopened.reader().unwrap();
+            while let Some(batch) = reader.next_batch(1 << 20).await.unwrap() {
+                if batch.is_empty() {
+                    break;
+                }
+                for spooled in batch {
+                    rest.push(spooled.event().unwrap().event_id().to_owned());
+                }
+                if reader.position() >= reopened.committed() {
+                    break;
+                }
+            }
+            let want: Vec<String> = (15..20).map(|i| format!("x-{i:02}")).collect();
+            assert_eq!(rest, want);
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -39,7 +39,7 @@ pub(crate) struct Config {
 
 /// Reads `COMAPI_WEBHOOK_SECRET` (required; comma-separated for rotation, primary
 /// first), `PORT` (default 8080, 0 for any free port), `BIND` (default 127.0.0.1),
-/// `COMAPI_SPOOL_DIR` and `COMAPI_MAX_BODY_BYTES`. On a bad value it prints one line
+/// `COMAPI_SPOOL_DIR`, `COMAPI_SPOOL_KEEP` and `COMAPI_MAX_BODY_BYTES`. On a bad value it prints one line
 /// and exits with status 2.
 pub(crate) fn config_from_env() -> Config {
     match try_config() {
@@ -77,6 +77,17 @@ fn try_config() -> Result<Config, String> {
         Some(dir) => SpoolConfig::new(PathBuf::from(dir)),
         None => SpoolConfig::in_temp_dir(),
     };
+    // The spool is the worker's queue: processed segments go, unless asked to keep them.
+    let keep = match var("COMAPI_SPOOL_KEEP").as_deref().map(str::trim) {
+        None | Some("0" | "false" | "no") => false,
+        Some("1" | "true" | "yes") => true,
+        Some(other) => {
+            return Err(format!(
+                "COMAPI_SPOOL_KEEP must be true or false, not {other:?}"
+            ));
+        }
+    };
+    let spool = spool.with_remove_processed(!keep);
     let max_body_bytes = match var("COMAPI_MAX_BODY_BYTES") {
         Some(max) => max
             .trim()
