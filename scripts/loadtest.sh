@@ -3,7 +3,8 @@
 # documented message.sent event to a bare hyper server (the HTTP ceiling), then to
 # hyper_receiver and actix_receiver with their durable spool on, all in one run.
 # Prints requests per second, p50/p99 latency, the ratio to the ceiling, non-2xx
-# answers, and the spool's event count beside the answered requests.
+# answers, and the spool's event count beside the answered requests (the spool keeps
+# every segment here, COMAPI_SPOOL_KEEP=true, so that it can be counted).
 #
 # The targets take turns for ROUNDS rounds, each with a fresh process and spool, so
 # a noisy neighbour on a shared machine hits them all alike; the ratios use each
@@ -48,7 +49,7 @@ LUA
 # start NAME: runs target/release/examples/NAME on a free port; sets $url.
 start() {
   local name=$1 out="$work/$1.out"
-  COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" RUST_LOG=warn \
+  COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
     "target/release/examples/$name" >"$out" 2>"$work/$name.err" &
   pids+=($!)
   pid=$!
