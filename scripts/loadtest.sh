@@ -61,6 +61,21 @@ start() {
   echo "$name did not start" >&2; cat "$work/$name.err" >&2; exit 1
 }
 
+# The spool's receivers depend on the disk, the ceiling does not: say what a sync
+# costs right now (1,000 data-only syncs of 16 KiB, as the spool's group commits do).
+python3 - "$work" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "sync-probe")
+fd = os.open(path, os.O_RDWR | os.O_CREAT)
+os.write(fd, bytes(1000 * 16384)); os.fsync(fd); os.lseek(fd, 0, 0)
+cpu = time.process_time(); start = time.perf_counter()
+for _ in range(1000):
+    os.write(fd, b"x" * 16384); os.fdatasync(fd)
+wall = (time.perf_counter() - start) * 1000
+print(f"disk: fdatasync of 16 KiB takes {wall:.0f} us of wall time, {(time.process_time() - cpu) * 1000:.0f} us of this process's CPU")
+os.close(fd); os.unlink(path)
+PY
+echo
 declare -A rates
 printf '%-16s %5s %10s %9s %9s %8s %8s %10s %10s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled
 for round in $(seq "$ROUNDS"); do
