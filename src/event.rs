@@ -667,14 +667,21 @@ pub fn parse_already_verified(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
             });
         }
     };
-    // Text that is UTF-8 as a whole parses faster: its strings need no checking.
-    let parsed = match (batch, std::str::from_utf8(body)) {
-        (true, Ok(text)) => serde_json::from_str::<Vec<Event<'_>>>(text),
-        (false, Ok(text)) => serde_json::from_str::<Event<'_>>(text).map(|event| vec![event]),
-        (true, Err(_)) => serde_json::from_slice::<Vec<Event<'_>>>(body),
-        (false, Err(_)) => serde_json::from_slice::<Event<'_>>(body).map(|event| vec![event]),
+    let parsed = if batch {
+        from_body::<Vec<Event<'_>>>(body)
+    } else {
+        from_body::<Event<'_>>(body).map(|event| vec![event])
     };
     parsed.map_err(|error| locate_error(body, batch, &error))
+}
+
+/// Parses a body that is UTF-8 as text, which is faster (serde_json then checks no
+/// string again), and any other through `from_slice`, which says where it breaks.
+fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
 }
 
 /// Validates an already verified body like [`parse_already_verified`] and returns

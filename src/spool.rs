@@ -498,9 +498,10 @@ impl Writer {
         self.file.seek(SeekFrom::Start(self.allocated))?;
         let mut at = self.allocated;
         while at < target {
-            let n = usize::try_from(target - at).map_or(ZEROS.len(), |n| n.min(ZEROS.len()));
-            self.file.write_all(ZEROS.get(..n).unwrap_or_default())?;
-            at += n as u64;
+            let n = (target - at).min(ZEROS.len() as u64);
+            self.file
+                .write_all(ZEROS.get(..n as usize).unwrap_or_default())?;
+            at += n;
         }
         self.allocated = target;
         self.file.seek(SeekFrom::Start(self.len))?;

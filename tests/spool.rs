@@ -17,6 +17,17 @@ fn line(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The segment files in `dir`, in order.
+fn segment_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl"))
+        .collect();
+    names.sort();
+    names
+}
+
 async fn read_all(spool: &Spool) -> Vec<String> {
     let mut reader = spool.reader().unwrap();
     let mut ids = Vec::new();
@@ -65,14 +76,7 @@ fn segments_roll_over_and_readers_cross_them_in_order() {
         for i in 0..40 {
             spool.append(line(&format!("r-{i:02}")), 1).await.unwrap();
         }
-        let segments = std::fs::read_dir(&dir).unwrap().filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".jsonl")
-        });
-        assert!(segments.count() > 5, "rolled over");
+        assert!(segment_names(&dir).len() > 5, "rolled over");
         for n in 1..=5 {
             let closed = std::fs::read(dir.join(format!("segment-{n:010}.jsonl"))).unwrap();
             assert!(
@@ -313,16 +317,7 @@ fn processed_segments_are_removed_only_when_asked_and_only_after_the_offset_is_s
             for i in 0..20 {
                 spool.append(line(&format!("x-{i:02}")), 1).await.unwrap();
             }
-            let segments = || {
-                let mut names: Vec<String> = std::fs::read_dir(&dir)
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".jsonl"))
-                    .collect();
-                names.sort();
-                names
-            };
-            let before = segments();
+            let before = segment_names(&dir);
             assert!(before.len() > 3, "rolled over: {before:?}");
             // Read all but the last few events, then acknowledge there.
             let mut reader = spool.reader().unwrap();
@@ -332,7 +327,7 @@ fn processed_segments_are_removed_only_when_asked_and_only_after_the_offset_is_s
             }
             let upto = seen[14].end();
             reader.acknowledge(upto).unwrap();
-            let after = segments();
+            let after = segment_names(&dir);
             if remove {
                 let first_kept = format!("segment-{:010}.jsonl", upto.segment);
                 assert_eq!(after.first(), Some(&first_kept), "{after:?}");
@@ -343,21 +338,8 @@ fn processed_segments_are_removed_only_when_asked_and_only_after_the_offset_is_s
             spool.close().await;
             // A restart resumes at the offset and reads every event after it.
             let (reopened, _) = Spool::open(&config).unwrap();
-            let mut rest = Vec::new();
-            let mut reader = reopened.reader().unwrap();
-            while let Some(batch) = reader.next_batch(1 << 20).await.unwrap() {
-                if batch.is_empty() {
-                    break;
-                }
-                for spooled in batch {
-                    rest.push(spooled.event().unwrap().event_id().to_owned());
-                }
-                if reader.position() >= reopened.committed() {
-                    break;
-                }
-            }
             let want: Vec<String> = (15..20).map(|i| format!("x-{i:02}")).collect();
-            assert_eq!(rest, want);
+            assert_eq!(read_all(&reopened).await, want);
         });
         let _ = std::fs::remove_dir_all(dir);
     }
