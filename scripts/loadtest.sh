@@ -49,6 +49,8 @@ LUA
 # start NAME: runs target/release/examples/NAME on a free port; sets $url.
 start() {
   local name=$1 out="$work/$1.out"
+  # The previous round's address must not be read before this process rewrites the file.
+  rm -f "$out"
   COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
     "target/release/examples/$name" >"$out" 2>"$work/$name.err" &
   pids+=($!)
