@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{Decision, DecisionStore, Error, Event, parse_already_verified};
+use crate::{Decision, DecisionStore, Error, Event};
 
 /// Where and how a [`Spool`] stores events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -583,15 +583,10 @@ impl SpooledEvent {
     /// [`Error::Storage`] if the line is corrupt.
     pub fn event(&self) -> Result<Event<'_>, Error> {
         let raw = self.parts()?.event;
-        let mut events = parse_already_verified(raw.as_bytes()).map_err(|e| Error::Storage {
+        // One envelope, already valid UTF-8: parsed straight, without the batch check.
+        serde_json::from_str(raw).map_err(|e| Error::Storage {
             message: format!("corrupt event in the spool before {:?}: {e}", self.end),
-        })?;
-        match (events.pop(), events.is_empty()) {
-            (Some(event), true) => Ok(event),
-            _ => Err(Error::Storage {
-                message: format!("spool line before {:?} is not one event", self.end),
-            }),
-        }
+        })
     }
 
     /// When the receiver stored it (RFC 3339, UTC).

@@ -239,6 +239,36 @@ fn lines_in_another_key_order_still_read() {
 }
 
 #[test]
+fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only() {
+    let dir = temp_dir("not-one");
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let frame = |event: &str| {
+            format!("{{\"receivedAt\":\"then\",\"secretIndex\":0,\"event\":{event}}}\n")
+        };
+        let batch = frame(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
+        let typed = frame(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
+        let lines = [batch.into_bytes(), typed.into_bytes(), line("ok-1")].concat();
+        spool.append(lines, 3).await.unwrap();
+        let mut reader = spool.reader().unwrap();
+        let read = reader.next_batch(usize::MAX).await.unwrap().unwrap();
+        for bad in &read[..2] {
+            let error = bad.event().unwrap_err();
+            assert!(
+                matches!(error, comapi_webhook::Error::Storage { .. }),
+                "{error:?}"
+            );
+            assert!(
+                error.to_string().contains("corrupt event in the spool"),
+                "{error}"
+            );
+        }
+        assert_eq!(read[2].event().unwrap().event_id(), "ok-1");
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_live_segment_is_preallocated_and_cut_clean_on_close_or_after_a_crash() {
     let dir = temp_dir("prealloc");
     let copy = temp_dir("prealloc-crash");
