@@ -10,11 +10,16 @@ use std::io::Write;
 
 use comapi_webhook::{Inbox, Position, SIGNATURE_HEADER, Spool, SpoolConfig, Verifier};
 
+/// One spool line holding `event` (raw JSON) as the receiver writes it.
+fn frame(event: &str) -> Vec<u8> {
+    format!("{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n")
+        .into_bytes()
+}
+
 fn line(id: &str) -> Vec<u8> {
-    format!(
-        "{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{{\"eventId\":\"{id}\",\"name\":\"message.sent\",\"payload\":{{\"id\":\"m-{id}\"}},\"revision\":1}}}}\n"
-    )
-    .into_bytes()
+    frame(&format!(
+        "{{\"eventId\":\"{id}\",\"name\":\"message.sent\",\"payload\":{{\"id\":\"m-{id}\"}},\"revision\":1}}"
+    ))
 }
 
 /// The segment files in `dir`, in order.
@@ -243,12 +248,9 @@ fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only
     let dir = temp_dir("not-one");
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        let frame = |event: &str| {
-            format!("{{\"receivedAt\":\"then\",\"secretIndex\":0,\"event\":{event}}}\n")
-        };
         let batch = frame(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
         let typed = frame(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
-        let lines = [batch.into_bytes(), typed.into_bytes(), line("ok-1")].concat();
+        let lines = [batch, typed, line("ok-1")].concat();
         spool.append(lines, 3).await.unwrap();
         let mut reader = spool.reader().unwrap();
         let read = reader.next_batch(usize::MAX).await.unwrap().unwrap();
