@@ -618,6 +618,45 @@ fn the_sender_signs_and_posts() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The worker thread runs at idle CPU priority, so it only takes CPU time that
+/// requests leave unused; the threads that answer requests keep the normal policy.
+#[cfg(target_os = "linux")]
+fn worker_yields_to_requests(name: &str) {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_IDLE: u32 = 5;
+    let dir = temp_dir(&format!("{name}-priority"));
+    let receiver = Receiver::start(name, &dir, SECRET);
+    let tasks = Path::new("/proc")
+        .join(receiver.child.id().to_string())
+        .join("task");
+    let policies = |wanted: &str| -> Vec<u32> {
+        std::fs::read_dir(&tasks)
+            .unwrap()
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+                // `pid (comm) state ...`: the fields after the name, policy is field 41.
+                let (head, fields) = stat.rsplit_once(") ")?;
+                let comm = head.split_once(" (")?.1;
+                (comm == wanted).then(|| fields.split(' ').nth(41 - 3)?.parse().ok())?
+            })
+            .collect()
+    };
+    // The worker sets its policy as it starts, before the address line is printed
+    // at the latest, but it is a thread of its own: allow it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while policies("comapi-worker") != [SCHED_IDLE] {
+        assert!(
+            Instant::now() < deadline,
+            "worker policies {:?}, not SCHED_IDLE",
+            policies("comapi-worker")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(policies("comapi-spool-wr"), [SCHED_OTHER]);
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 macro_rules! receiver_tests {
     ($($module:ident => $binary:literal),*) => {$(
         mod $module {
@@ -631,6 +670,9 @@ macro_rules! receiver_tests {
             fn kill_9_under_load_then_restart() { super::kill_9_under_load_then_restart($binary) }
             #[test]
             fn refuses_bad_configuration() { super::refuses_bad_configuration($binary) }
+            #[cfg(target_os = "linux")]
+            #[test]
+            fn worker_yields_to_requests() { super::worker_yields_to_requests($binary) }
         }
     )*};
 }

@@ -13,7 +13,8 @@ use comapi_webhook::{Decision, Event, Gate, Inbox, Spool, SpoolConfig, Verifier,
 /// Your processing: called once per stored event, in order, with the gate's
 /// decision. Delivery here is at least once: after a crash, events since the last
 /// acknowledged batch come again (the gate then mostly says `duplicate`, but its
-/// memory starts empty after a restart).
+/// memory starts empty after a restart). It runs on the worker thread at idle CPU
+/// priority (see [`yield_to_requests`]).
 ///
 /// ====================  PLUG IN YOUR OWN PROCESSING HERE  ====================
 fn process(event: &Event<'_>, decision: Decision) {
@@ -148,6 +149,7 @@ fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
     let worker = std::thread::Builder::new()
         .name("comapi-worker".to_owned())
         .spawn(move || {
+            yield_to_requests();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
@@ -165,6 +167,28 @@ fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
         Err(error) => {
             eprintln!("error: cannot start the worker thread: {error}");
             std::process::exit(1);
+        }
+    }
+}
+
+/// Puts the calling thread (the worker) at idle CPU priority, Linux's `SCHED_IDLE`:
+/// it runs on the CPU time that requests leave unused, so processing never delays
+/// an acknowledgement. Under sustained full load it falls behind, and the spool
+/// holds the backlog until the load drops. Remove the call in [`spawn_worker`] if
+/// your processing must keep pace at any cost.
+fn yield_to_requests() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+            set_thread_priority_and_policy, thread_native_id,
+        };
+        if let Err(error) = set_thread_priority_and_policy(
+            thread_native_id(),
+            ThreadPriority::Min,
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+        ) {
+            tracing::warn!(?error, "the worker keeps its normal CPU priority");
         }
     }
 }
