@@ -79,20 +79,22 @@ os.close(fd); os.unlink(path)
 PY
 echo
 declare -A rates
-printf '%-16s %5s %10s %9s %9s %8s %8s %10s %10s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled
+printf '%-16s %5s %10s %9s %9s %8s %8s %10s %10s %8s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms
 for round in $(seq "$ROUNDS"); do
   for name in http_ceiling hyper_receiver actix_receiver; do
     rm -rf "$work/spool-$name"
     start "$name"
     read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
       -s "$work/post.lua" "$url/" | grep '^RESULT')
+    stopping=$(date +%s%N)
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    exit_ms=$(( ($(date +%s%N) - stopping) / 1000000 ))
     spooled=-
     if [ -d "$work/spool-$name" ]; then
       spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
     fi
     rates[$name]="${rates[$name]:-} $rate"
-    printf '%-16s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled"
+    printf '%-16s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms"
   done
 done
 echo
@@ -106,4 +108,5 @@ for name, rates in zip(["hyper_receiver", "actix_receiver"], receivers):
     rounds = " ".join(f"{r / c:.2f}" for r, c in zip(rates, ceiling))
     print(f"{name:<16} median {median:10.0f} req/s  {median / base:.2f}x the HTTP ceiling (per round: {rounds})")
 PY
-echo "(answered = responses wrk counted; spooled may exceed it by the requests in flight when wrk stopped, at most $CONNECTIONS)"
+echo "(answered = responses wrk counted; spooled may exceed it by the requests in flight when wrk stopped, at most $CONNECTIONS;"
+echo " exit_ms = SIGTERM to exit, which includes the worker processing what it had not yet when the load stopped)"
