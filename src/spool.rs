@@ -8,6 +8,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -36,16 +37,25 @@ pub struct SpoolConfig {
     /// acknowledged position (off by default: the spool then keeps every event, as
     /// a log would). Turn it on when the spool is only a queue, or it grows forever.
     pub remove_processed: bool,
+    /// How long the writer may hold a group before syncing it, waiting for more
+    /// appends to join, while the group is smaller than the previous one (zero turns
+    /// this off). Under load, groups grow and syncs, each a fixed cost, get fewer; a
+    /// spool that gets one append at a time never waits, since its previous group
+    /// was no larger. The writer sleeps while it waits, leaving the CPU to the
+    /// requests it waits for.
+    pub group_linger: Duration,
 }
 
 impl SpoolConfig {
-    /// Segments in `dir`, rolling over at 64 MiB, preallocated 1 MiB at a time.
+    /// Segments in `dir`, rolling over at 64 MiB, preallocated 1 MiB at a time,
+    /// groups held up to 100 µs.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         SpoolConfig {
             dir: dir.into(),
             segment_bytes: 64 * 1024 * 1024,
             preallocate_bytes: 1024 * 1024,
             remove_processed: false,
+            group_linger: Duration::from_micros(100),
         }
     }
 
@@ -78,6 +88,14 @@ impl SpoolConfig {
         self.remove_processed = remove;
         self
     }
+
+    /// The same folder with another group linger (see
+    /// [`SpoolConfig::group_linger`]; zero syncs each group as soon as it is taken).
+    #[must_use]
+    pub fn with_group_linger(mut self, linger: Duration) -> Self {
+        self.group_linger = linger;
+        self
+    }
 }
 
 /// A place in the spool: a segment number and a byte offset in it.
@@ -108,7 +126,8 @@ pub struct Recovery {
 /// [`Spool::append`] resolves only after the lines are written and `fdatasync`ed.
 /// Concurrent appends share one sync (group commit): a dedicated writer thread takes
 /// every append waiting, writes them all, syncs once and answers them all, so the
-/// sync cost is paid per group, not per request.
+/// sync cost is paid per group, not per request. Under load it holds a group a
+/// little while for more ([`SpoolConfig::group_linger`]).
 ///
 /// Each line is one event: `{"receivedAt":"…","secretIndex":0,"event":{…}}`, where
 /// `event` is the envelope as received (line breaks between JSON tokens, which can
@@ -320,6 +339,7 @@ struct Writer {
     len: u64,
     /// The file's size: `len` plus a zero-filled tail, when preallocating.
     allocated: u64,
+    group_linger: Duration,
 }
 
 /// Writes every buffer, in order, in as few `writev` calls as the OS allows.
@@ -336,6 +356,9 @@ fn write_all_vectored(file: &mut File, buffers: &[Vec<u8>]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// How long the writer sleeps between looks at the queue while it lingers.
+const LINGER_STEP: Duration = Duration::from_micros(20);
 
 /// The source of the zero bytes a segment is preallocated with.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -384,6 +407,7 @@ impl Writer {
             file,
             len: valid as u64,
             allocated: valid as u64,
+            group_linger: config.group_linger,
         };
         Ok((writer, recovery))
     }
@@ -402,6 +426,7 @@ impl Writer {
         stored: &AtomicU64,
     ) {
         let mut group = Vec::new();
+        let mut previous = 0;
         let mut closing = None;
         while closing.is_none() {
             let Some(first) = rx.blocking_recv() else {
@@ -411,6 +436,17 @@ impl Writer {
             while let Ok(next) = rx.try_recv() {
                 group.push(next);
             }
+            if group.len() < previous && !self.group_linger.is_zero() {
+                // Under load: let the requests still being parsed join this sync.
+                let start = Instant::now();
+                while group.len() < previous && start.elapsed() < self.group_linger {
+                    std::thread::sleep(LINGER_STEP);
+                    while let Ok(next) = rx.try_recv() {
+                        group.push(next);
+                    }
+                }
+            }
+            previous = group.len();
             let mut answers = Vec::with_capacity(group.len());
             let mut buffers = Vec::with_capacity(group.len());
             let mut events = 0;

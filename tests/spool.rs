@@ -7,6 +7,7 @@ mod support;
 use support::{runtime, temp_dir};
 
 use std::io::Write;
+use std::time::Duration;
 
 use comapi_webhook::{Inbox, Position, SIGNATURE_HEADER, Spool, SpoolConfig, Verifier};
 
@@ -46,9 +47,20 @@ async fn read_all(spool: &Spool) -> Vec<String> {
 
 #[test]
 fn concurrent_appends_share_syncs_and_all_land() {
-    let dir = temp_dir("group");
+    concurrent_appends_all_land(SpoolConfig::new(temp_dir("group")));
+}
+
+#[test]
+fn without_a_group_linger_concurrent_appends_all_land_too() {
+    let config = SpoolConfig::new(temp_dir("group-no-linger")).with_group_linger(Duration::ZERO);
+    assert_eq!(config.group_linger, Duration::ZERO);
+    concurrent_appends_all_land(config);
+}
+
+fn concurrent_appends_all_land(config: SpoolConfig) {
+    let dir = config.dir.clone();
     runtime().block_on(async {
-        let (spool, recovery) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let (spool, recovery) = Spool::open(&config).unwrap();
         assert_eq!((recovery.events, recovery.torn_bytes), (0, 0));
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..500 {
