@@ -10,7 +10,12 @@
 # a noisy neighbour on a shared machine hits them all alike; the ratios use each
 # target's median rate.
 #
+# BASELINE=<git revision> also builds both receivers at that revision (in a
+# temporary worktree) and puts them in the same rotation, then prints each
+# receiver's ratio to its baseline build: an A/B of a change, measured in one run.
+#
 #   scripts/loadtest.sh    # ROUNDS=3 DURATION=5s CONNECTIONS=64 THREADS=2 by default
+#   BASELINE=HEAD~1 ROUNDS=7 scripts/loadtest.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +23,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+BASELINE=${BASELINE:-}
 SECRET=load-test-secret-0123456789abcdef
 BODY=tests/fixtures/events/message_sent_sms.json
 
@@ -29,8 +35,24 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   rm -rf "$work"
+  if [ -n "$BASELINE" ]; then git worktree prune; fi
 }
 trap cleanup EXIT
+
+# The targets in the order they take turns, and the binary each runs.
+targets=(http_ceiling hyper_receiver actix_receiver)
+declare -A binary
+for name in "${targets[@]}"; do binary[$name]="target/release/examples/$name"; done
+if [ -n "$BASELINE" ]; then
+  rev=$(git rev-parse --short "$BASELINE^{commit}")
+  git worktree add --quiet --detach "$work/baseline" "$rev"
+  echo "building the receivers at $rev for the baseline"
+  (cd "$work/baseline" && cargo build --release --examples --quiet --target-dir "$work/baseline-target")
+  for name in hyper_receiver actix_receiver; do
+    targets+=("$name@$rev")
+    binary[$name@$rev]="$work/baseline-target/release/examples/$name"
+  done
+fi
 
 signature=$(python3 -c 'import hashlib, hmac, sys
 print(hmac.new(sys.argv[1].encode(), open(sys.argv[2], "rb").read(), hashlib.sha1).hexdigest())' "$SECRET" "$BODY")
@@ -46,13 +68,13 @@ done = function(summary, latency, requests)
 end
 LUA
 
-# start NAME: runs target/release/examples/NAME on a free port; sets $url.
+# start NAME: runs the target's binary on a free port; sets $url and $pid.
 start() {
   local name=$1 out="$work/$1.out"
   # The previous round's address must not be read before this process rewrites the file.
   rm -f "$out"
   COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
-    "target/release/examples/$name" >"$out" 2>"$work/$name.err" &
+    "${binary[$name]}" >"$out" 2>"$work/$name.err" &
   pids+=($!)
   pid=$!
   for _ in $(seq 100); do
@@ -79,9 +101,9 @@ os.close(fd); os.unlink(path)
 PY
 echo
 declare -A rates
-printf '%-16s %5s %10s %9s %9s %8s %8s %10s %10s %8s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms
+printf '%-24s %5s %10s %9s %9s %8s %8s %10s %10s %8s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms
 for round in $(seq "$ROUNDS"); do
-  for name in http_ceiling hyper_receiver actix_receiver; do
+  for name in "${targets[@]}"; do
     rm -rf "$work/spool-$name"
     start "$name"
     read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
@@ -94,19 +116,33 @@ for round in $(seq "$ROUNDS"); do
       spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
     fi
     rates[$name]="${rates[$name]:-} $rate"
-    printf '%-16s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms"
+    printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms"
   done
 done
 echo
-python3 - "${rates[http_ceiling]}" "${rates[hyper_receiver]}" "${rates[actix_receiver]}" <<'PY'
+for name in "${targets[@]}"; do echo "$name:${rates[$name]}"; done >"$work/rates"
+python3 - "$work/rates" <<'PY'
 import statistics, sys
-ceiling, *receivers = [[float(r) for r in arg.split()] for arg in sys.argv[1:]]
+rates = {}
+for line in open(sys.argv[1]):
+    name, values = line.rstrip("\n").split(":")
+    rates[name] = [float(r) for r in values.split()]
+
+def rounds(a, b):
+    return " ".join(f"{x / y:.2f}" for x, y in zip(a, b))
+
+ceiling = rates.pop("http_ceiling")
 base = statistics.median(ceiling)
-print(f"{'http_ceiling':<16} median {base:10.0f} req/s")
-for name, rates in zip(["hyper_receiver", "actix_receiver"], receivers):
-    median = statistics.median(rates)
-    rounds = " ".join(f"{r / c:.2f}" for r, c in zip(rates, ceiling))
-    print(f"{name:<16} median {median:10.0f} req/s  {median / base:.2f}x the HTTP ceiling (per round: {rounds})")
+print(f"{'http_ceiling':<24} median {base:10.0f} req/s")
+for name, values in rates.items():
+    median = statistics.median(values)
+    print(f"{name:<24} median {median:10.0f} req/s  {median / base:.2f}x the HTTP ceiling (per round: {rounds(values, ceiling)})")
+for name, values in rates.items():
+    if "@" in name:
+        receiver, rev = name.split("@")
+        ratio = statistics.median(rates[receiver]) / statistics.median(values)
+        print(f"{receiver:<24} {ratio:.2f}x its build at {rev} (per round: {rounds(rates[receiver], values)})")
 PY
+
 echo "(answered = responses wrk counted; spooled may exceed it by the requests in flight when wrk stopped, at most $CONNECTIONS;"
 echo " exit_ms = SIGTERM to exit, which includes the worker processing what it had not yet when the load stopped)"
