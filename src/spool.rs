@@ -746,6 +746,11 @@ impl SpoolReader {
         self.position
     }
 
+    /// Whether everything committed so far was handed out.
+    fn caught_up(&self) -> bool {
+        self.position >= *self.committed.borrow()
+    }
+
     /// Waits for committed events past the reader's position and returns up to
     /// about `max_bytes` of them (at least one). `None` once the spool is closed
     /// and everything was read.
@@ -902,7 +907,8 @@ fn parse_offset(text: &str) -> Option<Position> {
 /// An event that arrives when the worker is idle is read at once. Under load the
 /// worker reads at most every 10 ms and takes everything stored meanwhile, instead
 /// of waking for every group commit: fewer, larger reads leave more CPU to the
-/// requests, at the cost of at most 10 ms before processing.
+/// requests, at the cost of at most 10 ms before processing. While it is behind
+/// (after a restart, or a burst), it reads on without pausing.
 ///
 /// # Errors
 /// [`Error::Storage`] when the spool cannot be read or the offset not written.
@@ -941,7 +947,8 @@ where
             None => reader.next_batch(1 << 20).await?,
         };
         let Some(batch) = next else { break };
-        last_read = Some(std::time::Instant::now());
+        // Behind (the batch stopped short of what is committed): read on at once.
+        last_read = reader.caught_up().then(std::time::Instant::now);
         for spooled in &batch {
             let event = spooled.event()?;
             let decision = loop {
