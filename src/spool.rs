@@ -436,14 +436,12 @@ impl Writer {
             while let Ok(next) = rx.try_recv() {
                 group.push(next);
             }
-            if group.len() < previous && !self.group_linger.is_zero() {
-                // Under load: let the requests still being parsed join this sync.
-                let start = Instant::now();
-                while group.len() < previous && start.elapsed() < self.group_linger {
-                    std::thread::sleep(LINGER_STEP);
-                    while let Ok(next) = rx.try_recv() {
-                        group.push(next);
-                    }
+            // Under load: let the requests still being parsed join this sync.
+            let start = Instant::now();
+            while group.len() < previous && start.elapsed() < self.group_linger {
+                std::thread::sleep(LINGER_STEP);
+                while let Ok(next) = rx.try_recv() {
+                    group.push(next);
                 }
             }
             previous = group.len();
@@ -704,6 +702,8 @@ pub struct SpoolReader {
     remove_processed: bool,
     position: Position,
     committed: watch::Receiver<Position>,
+    /// What was committed when the last batch was read: the end it read towards.
+    read_towards: Position,
     file: Option<(u64, File)>,
     /// The last chunk read, reused once every event handed out from it is dropped.
     chunk: Arc<Vec<u8>>,
@@ -735,6 +735,7 @@ impl SpoolReader {
             remove_processed,
             position,
             committed,
+            read_towards: position,
             file: None,
             chunk: Arc::default(),
         })
@@ -746,9 +747,11 @@ impl SpoolReader {
         self.position
     }
 
-    /// Whether everything committed so far was handed out.
+    /// Whether the last batch reached what was committed when it was read (a batch
+    /// cut short by its size limit or a segment's end did not). What was committed
+    /// since is the next batch's business.
     fn caught_up(&self) -> bool {
-        self.position >= *self.committed.borrow()
+        self.position >= self.read_towards
     }
 
     /// Waits for committed events past the reader's position and returns up to
@@ -764,6 +767,7 @@ impl SpoolReader {
         loop {
             let committed = *self.committed.borrow_and_update();
             if self.position < committed {
+                self.read_towards = committed;
                 let batch = self.read(committed, max_bytes.max(1))?;
                 if !batch.is_empty() {
                     return Ok(Some(batch));
@@ -947,7 +951,7 @@ where
             None => reader.next_batch(1 << 20).await?,
         };
         let Some(batch) = next else { break };
-        // Behind (the batch stopped short of what is committed): read on at once.
+        // Behind (the batch stopped short of what was committed): read on at once.
         last_read = reader.caught_up().then(std::time::Instant::now);
         for spooled in &batch {
             let event = spooled.event()?;

@@ -641,8 +641,8 @@ fn worker_yields_to_requests(name: &str) {
             })
             .collect()
     };
-    // The worker sets its policy as it starts, before the address line is printed
-    // at the latest, but it is a thread of its own: allow it a moment.
+    // The worker thread sets its own policy as it starts, which may be just after
+    // the address line: allow it a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
     while policies("comapi-worker") != [SCHED_IDLE] {
         assert!(
