@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load benchmark (not a test): wrk with 64 connections POSTs the signed ~760-byte
-# documented message.sent event to a bare hyper server (the HTTP ceiling), then to
-# hyper_receiver and actix_receiver with their durable spool on, all in one run.
+# documented message.sent event to a bare hyper server (the HTTP ceiling), to the
+# same server verifying and parsing each body but storing nothing (verify_parse_only:
+# what the receive step costs before the spool), then to hyper_receiver and
+# actix_receiver with their durable spool on, all in one run.
 # Prints requests per second, p50/p99 latency, the ratio to the ceiling, non-2xx
 # answers, and the spool's event count beside the answered requests (the spool keeps
 # every segment here, COMAPI_SPOOL_KEEP=true, so that it can be counted).
@@ -40,9 +42,11 @@ cleanup() {
 trap cleanup EXIT
 
 # The targets in the order they take turns, and the binary each runs.
-targets=(http_ceiling hyper_receiver actix_receiver)
-declare -A binary
+targets=(http_ceiling verify_parse_only hyper_receiver actix_receiver)
+declare -A binary mode
 for name in "${targets[@]}"; do binary[$name]="target/release/examples/$name"; done
+binary[verify_parse_only]=target/release/examples/http_ceiling
+mode[verify_parse_only]=verify
 if [ -n "$BASELINE" ]; then
   rev=$(git rev-parse --short "$BASELINE^{commit}")
   git worktree add --quiet --detach "$work/baseline" "$rev"
@@ -73,7 +77,7 @@ start() {
   local name=$1 out="$work/$1.out"
   # The previous round's address must not be read before this process rewrites the file.
   rm -f "$out"
-  COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
+  CEILING=${mode[$name]:-bare} COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
     "${binary[$name]}" >"$out" 2>"$work/$name.err" &
   pids+=($!)
   pid=$!

@@ -49,11 +49,19 @@ struct Receiver {
 
 impl Receiver {
     fn start(name: &str, spool: &Path, secrets: &str) -> Receiver {
-        let mut child = Command::new(example_binary(name))
+        let mut command = Command::new(example_binary(name));
+        command
+            .env("COMAPI_SPOOL_DIR", spool)
+            .env("COMAPI_MAX_BODY_BYTES", MAX_BODY.to_string());
+        Self::start_command(name, command, secrets)
+    }
+
+    /// Starts `command` (the binary `name`) on a free port with `secrets`, and waits
+    /// for its address line.
+    fn start_command(name: &str, mut command: Command, secrets: &str) -> Receiver {
+        let mut child = command
             .env("COMAPI_WEBHOOK_SECRET", secrets)
             .env("PORT", "0")
-            .env("COMAPI_SPOOL_DIR", spool)
-            .env("COMAPI_MAX_BODY_BYTES", MAX_BODY.to_string())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -655,6 +663,41 @@ fn worker_yields_to_requests(name: &str) {
     assert_eq!(policies("comapi-spool-wr"), [SCHED_OTHER]);
     drop(receiver);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The load benchmark's reference that verifies and parses without storing must
+/// answer as the receivers do, or the gap it shows would mean nothing.
+#[test]
+fn the_verifying_ceiling_verifies_and_parses() {
+    let mut command = Command::new(example_binary("http_ceiling"));
+    command.env("CEILING", "verify");
+    let ceiling = Receiver::start_command("http_ceiling", command, SECRET);
+    let url = format!("{}/", ceiling.url);
+    let event = event_json("ceiling-1");
+    runtime().block_on(async {
+        let client = client();
+        assert_eq!(
+            post_signed(&client, &url, SECRET, event.clone()).await,
+            Ok(200)
+        );
+        let answer = post(&client, &url, None, event.clone().into_bytes()).await;
+        assert_eq!(answer.map(|(status, _)| status), Ok(401));
+        let answer = post_signed(&client, &url, PREVIOUS, event).await;
+        assert_eq!(answer, Ok(401));
+        let answer = post_signed(&client, &url, SECRET, "not json".to_owned()).await;
+        assert_eq!(answer, Ok(400));
+    });
+    drop(ceiling);
+
+    let mut command = Command::new(example_binary("http_ceiling"));
+    command.env("CEILING", "sometimes").env("PORT", "0");
+    let output = output_within(command, Duration::from_secs(30));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("CEILING must be bare or verify"),
+        "{stderr}"
+    );
 }
 
 macro_rules! receiver_tests {
