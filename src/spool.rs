@@ -152,7 +152,9 @@ enum Request {
     Append {
         lines: Vec<u8>,
         events: u64,
-        done: oneshot::Sender<Result<(), String>>,
+        /// Answered with the lines' buffer once they are durable, so that it is freed
+        /// on the thread that allocated it, not on the writer's.
+        done: oneshot::Sender<Result<Vec<u8>, String>>,
     },
     Close(oneshot::Sender<()>),
 }
@@ -208,7 +210,7 @@ impl Spool {
             return Err(closed());
         }
         match answer.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_lines)) => Ok(()),
             Ok(Err(message)) => Err(Error::Storage { message }),
             Err(_) => Err(closed()),
         }
@@ -480,8 +482,8 @@ impl Writer {
                     }
                 }
             }
-            for done in answers {
-                let _ = done.send(result.clone());
+            for (done, lines) in answers.into_iter().zip(buffers) {
+                let _ = done.send(result.clone().map(|()| lines));
             }
         }
         // Appends still queued behind the close are refused: dropping the receiver
