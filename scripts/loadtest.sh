@@ -6,7 +6,8 @@
 # actix_receiver with their durable spool on, all in one run.
 # Prints requests per second, p50/p99 latency, the ratio to the ceiling, non-2xx
 # answers, and the spool's event count beside the answered requests (the spool keeps
-# every segment here, COMAPI_SPOOL_KEEP=true, so that it can be counted).
+# every segment here, COMAPI_SPOOL_KEEP=true, so that it can be counted), and how much
+# of the machine's CPU was left idle during each run (Linux: /proc/stat).
 #
 # The targets take turns for ROUNDS rounds, each with a fresh process and spool, so
 # a noisy neighbour on a shared machine hits them all alike; the ratios use each
@@ -103,15 +104,24 @@ wall = (time.perf_counter() - start) * 1000
 print(f"disk: fdatasync of 16 KiB takes {wall:.0f} us of wall time, {(time.process_time() - cpu) * 1000:.0f} us of this process's CPU")
 os.close(fd); os.unlink(path)
 PY
+# cpu_times: the machine's total CPU time and its idle part (idle plus I/O wait), in
+# clock ticks, from /proc/stat.
+cpu_times() {
+  awk '/^cpu /{total = 0; for (i = 2; i <= 9; i++) total += $i; print total, $5 + $6; exit}' /proc/stat
+}
+
 echo
 declare -A rates
-printf '%-24s %5s %10s %9s %9s %8s %8s %10s %10s %8s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms
+printf '%-24s %5s %10s %9s %9s %8s %8s %10s %10s %8s %6s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms idle%
 for round in $(seq "$ROUNDS"); do
   for name in "${targets[@]}"; do
     rm -rf "$work/spool-$name"
     start "$name"
+    read -r total0 idle0 < <(cpu_times)
     read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
       -s "$work/post.lua" "$url/" | grep '^RESULT')
+    read -r total1 idle1 < <(cpu_times)
+    idle=$(( 100 * (idle1 - idle0) / (total1 - total0 > 0 ? total1 - total0 : 1) ))
     stopping=$(date +%s%N)
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
     exit_ms=$(( ($(date +%s%N) - stopping) / 1000000 ))
@@ -120,7 +130,7 @@ for round in $(seq "$ROUNDS"); do
       spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
     fi
     rates[$name]="${rates[$name]:-} $rate"
-    printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms"
+    printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d %6d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms" "$idle"
   done
 done
 echo
@@ -149,4 +159,6 @@ for name, values in rates.items():
 PY
 
 echo "(answered = responses wrk counted; spooled may exceed it by the requests in flight when wrk stopped, at most $CONNECTIONS;"
-echo " exit_ms = SIGTERM to exit, which includes the worker processing what it had not yet when the load stopped)"
+echo " exit_ms = SIGTERM to exit, which includes the worker processing what it had not yet when the load stopped;"
+echo " idle% = the machine's CPU left idle or waiting for I/O while wrk ran: near 0 means CPU-bound, more means"
+echo " the requests were waiting, for a sync or for each other)"
