@@ -127,7 +127,7 @@ for round in $(seq "$ROUNDS"); do
     exit_ms=$(( ($(date +%s%N) - stopping) / 1000000 ))
     spooled=-
     if [ -d "$work/spool-$name" ]; then
-      spooled=$(cat "$work/spool-$name"/*.jsonl | wc -l)
+      spooled=$(cat "$work/spool-$name"/segment-*.jsonl | wc -l)
     fi
     rates[$name]="${rates[$name]:-} $rate"
     printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d %6d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms" "$idle"

@@ -31,4 +31,6 @@ pub use gate::{RedisGate, RedisGateConfig};
 pub use inbox::{Inbox, Reply};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
 #[cfg(feature = "spool")]
-pub use spool::{Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent, run_worker};
+pub use spool::{
+    EventHandler, Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent, run_worker,
+};

@@ -20,8 +20,9 @@ use crate::{Decision, DecisionStore, Error, Event};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SpoolConfig {
-    /// The folder holding the segments (`segment-0000000001.jsonl`, …) and the
-    /// reader's `offset` file. Created if missing.
+    /// The folder holding the segments (`segment-0000000001.jsonl`, …), the
+    /// reader's `offset` file and, if [`run_worker`] ever had to set a line aside,
+    /// `rejected.jsonl`. Created if missing.
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
     pub segment_bytes: u64,
@@ -216,6 +217,13 @@ impl Spool {
         }
     }
 
+    /// Whether the spool is closed ([`Spool::close`], or its writer stopped): appends
+    /// fail, and readers finish at the end of what was stored.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.shared.requests.is_closed()
+    }
+
     /// How many events the spool holds (found at open plus appended since).
     #[must_use]
     pub fn stored(&self) -> u64 {
@@ -315,13 +323,20 @@ struct Line<'a> {
     event: &'a RawValue,
 }
 
-/// The length of the longest prefix of `data` made of whole, valid spool lines, and
-/// how many lines that is.
+/// The length of the longest prefix of `data` that a crash cannot have torn, and how
+/// many lines that is: whole lines, each ending in its line feed, with no zero byte.
+///
+/// A crash tears only what was never synced, so never acknowledged: a last line
+/// without its line end, or zero bytes where pages of the preallocated tail (or of a
+/// file's new end) never reached the disk. Everything from there on is cut. A whole
+/// line that is not a valid spool line is kept: it can only be damage done after it
+/// was written, perhaps long after it was acknowledged, so the worker sets it aside
+/// instead of it taking every later line with it.
 fn valid_prefix(data: &[u8]) -> (usize, u64) {
     let mut end = 0;
     let mut lines = 0;
     for line in data.split_inclusive(|&b| b == b'\n') {
-        if line.last() != Some(&b'\n') || serde_json::from_slice::<Line<'_>>(line).is_err() {
+        if line.last() != Some(&b'\n') || line.contains(&0) {
             break;
         }
         end += line.len();
@@ -712,6 +727,8 @@ pub struct SpoolReader {
 }
 
 const OFFSET_FILE: &str = "offset";
+/// Where [`run_worker`] sets aside stored lines that cannot be read as events.
+const REJECTED_FILE: &str = "rejected.jsonl";
 
 impl SpoolReader {
     fn open(
@@ -732,6 +749,9 @@ impl SpoolReader {
             },
             Err(e) => return Err(storage("read the offset file", &e)),
         };
+        // Never past the data: had damage cut acknowledged lines off the end, new
+        // events would land behind the reader, unseen.
+        let position = position.min(*committed.borrow());
         Ok(SpoolReader {
             dir: dir.to_owned(),
             remove_processed,
@@ -854,6 +874,23 @@ impl SpoolReader {
         Ok(events)
     }
 
+    /// Appends `line` (without its line end) to `rejected.jsonl` in the spool folder
+    /// and syncs it, so that it outlives its segment.
+    fn set_aside(&self, line: &[u8]) -> Result<(), Error> {
+        let path = self.dir.join(REJECTED_FILE);
+        let write = || -> io::Result<()> {
+            let created = !path.exists();
+            let mut file = OpenOptions::new().append(true).create(true).open(&path)?;
+            file.write_all(&[line, b"\n"].concat())?;
+            file.sync_data()?;
+            if created {
+                sync_dir(&self.dir)?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| storage("set a line aside in rejected.jsonl", &e))
+    }
+
     /// Persists `upto` as the point to resume from (written to a temporary file,
     /// synced and renamed into place, so a crash leaves the old or the new offset).
     /// With [`SpoolConfig::remove_processed`], then deletes the segments before
@@ -900,15 +937,46 @@ fn parse_offset(text: &str) -> Option<Position> {
     })
 }
 
+/// Your processing, as [`run_worker`] calls it.
+///
+/// Any `FnMut(&Event<'_>, Decision)` is one: a `fn`, or a closure with its argument
+/// types written out (`|event: &Event<'_>, decision: Decision| …`). Implement the
+/// trait yourself to also hear of stored lines that had to be set aside.
+pub trait EventHandler {
+    /// One stored event, in spool order, with the decision of the store.
+    fn event(&mut self, event: &Event<'_>, decision: Decision);
+
+    /// A stored line that cannot be read as an event: damaged on disk, or written
+    /// in a form this version does not parse. [`run_worker`] has already copied it,
+    /// byte for byte, to `rejected.jsonl` in the spool folder and synced it, and goes
+    /// on with the next line; `error` says what is wrong with it. The default does
+    /// nothing more: override it to raise an alert. Like events, a line may come
+    /// here (and be copied) again when the worker resumes after a crash.
+    fn set_aside(&mut self, line: &[u8], error: &Error) {
+        let _ = (line, error);
+    }
+}
+
+impl<F: FnMut(&Event<'_>, Decision)> EventHandler for F {
+    fn event(&mut self, event: &Event<'_>, decision: Decision) {
+        self(event, decision);
+    }
+}
+
 /// Runs the processing loop: reads each stored event from `reader` in order, asks
-/// `store` for a [`Decision`], and calls `handle(event, decision)`. It acknowledges
-/// its position (the `offset` file, synced) at most once a second, and within a
-/// second of the last event, so after a crash processing resumes from there: at
-/// least once, replaying at most about a second of events. Returns when the spool is
+/// `store` for a [`Decision`], and calls `handler` with both (see [`EventHandler`]).
+/// It acknowledges its position (the `offset` file, synced) at most once a second,
+/// and within a second of the last event, so after a crash processing resumes from
+/// there: at least once, replaying at most about a second of events. Returns when the spool is
 /// closed and everything was processed.
 ///
 /// While the decision store is unavailable (Redis down), it waits a second and asks
 /// again: no event is skipped.
+///
+/// A stored line that cannot be read as an event does not stop it, now or after a
+/// restart: the line is copied to `rejected.jsonl` in the spool folder (synced, so
+/// it is kept even when its segment is removed), [`EventHandler::set_aside`] is
+/// told, and processing goes on with the next line.
 ///
 /// An event that arrives when the worker is idle is read at once. Under load the
 /// worker reads at most every 10 ms and takes everything stored meanwhile, instead
@@ -917,15 +985,32 @@ fn parse_offset(text: &str) -> Option<Position> {
 /// (after a restart, or a burst), it reads on without pausing.
 ///
 /// # Errors
-/// [`Error::Storage`] when the spool cannot be read or the offset not written.
+/// [`Error::Storage`] when the spool cannot be read, a line not set aside, or the
+/// offset not written. Everything before the last acknowledged position was
+/// processed; run it again with a new reader to resume from there.
+///
+/// ```no_run
+/// use comapi_webhook::{Decision, Event, Gate, Spool, SpoolConfig, run_worker};
+///
+/// fn process(event: &Event<'_>, decision: Decision) {
+///     if decision.is_fresh() {
+///         println!("{} {:?}", event.name(), event.message_id());
+///     }
+/// }
+///
+/// # async fn demo() -> Result<(), comapi_webhook::Error> {
+/// let (spool, _) = Spool::open(&SpoolConfig::in_temp_dir())?;
+/// run_worker(spool.reader()?, &Gate::in_memory(), process).await?;
+/// # Ok(()) }
+/// ```
 pub async fn run_worker<S, H>(
     mut reader: SpoolReader,
     store: &S,
-    mut handle: H,
+    mut handler: H,
 ) -> Result<(), Error>
 where
     S: DecisionStore,
-    H: FnMut(&Event<'_>, Decision),
+    H: EventHandler,
 {
     const ACK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
@@ -956,14 +1041,23 @@ where
         // Behind (the batch stopped short of what was committed): read on at once.
         last_read = reader.caught_up().then(std::time::Instant::now);
         for spooled in &batch {
-            let event = spooled.event()?;
+            let event = match spooled.event() {
+                Ok(event) => event,
+                Err(error) => {
+                    let line = spooled.bytes();
+                    let line = line.strip_suffix(b"\n").unwrap_or(line);
+                    reader.set_aside(line)?;
+                    handler.set_aside(line, &error);
+                    continue;
+                }
+            };
             let decision = loop {
                 match store.decide(&event).await {
                     Ok(decision) => break decision,
                     Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
                 }
             };
-            handle(&event, decision);
+            handler.event(&event, decision);
         }
         pending = batch.last().map(SpooledEvent::end).or(pending);
         if let Some(upto) = pending.filter(|_| last_ack.elapsed() >= ACK_EVERY) {

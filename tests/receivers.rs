@@ -1,6 +1,7 @@
 //! The reference receivers, as built by `cargo test`, over real sockets: the status
 //! page, every answer of the receive step, rotation, 1,000 concurrent posts, a
-//! SIGTERM under load and a `kill -9` under load followed by a restart.
+//! SIGTERM under load, a `kill -9` under load followed by a restart, and a damaged
+//! spool line set aside.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -164,7 +165,10 @@ fn spooled(dir: &Path) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "jsonl") {
+        let segment = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("segment-"));
+        if segment {
             let text = std::fs::read_to_string(&path).unwrap();
             // A live segment is preallocated: its data ends at the first zero byte.
             let data = text.split('\0').next().unwrap();
@@ -523,6 +527,54 @@ fn kill_9_under_load_then_restart(name: &str) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A damaged line in the spool (here, one whose `message.sent` id is a number) must
+/// not stop the worker: it is kept in `rejected.jsonl`, logged, and the events after
+/// it are processed, old and new.
+fn sets_aside_a_damaged_line_and_goes_on(name: &str) {
+    let dir = temp_dir(&format!("{name}-set-aside"));
+    let frame = |event: &str| {
+        format!(
+            "{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n"
+        )
+    };
+    let damaged = frame(r#"{"eventId":"damaged","name":"message.sent","payload":{"id":7}}"#);
+    let lines = [
+        frame(&event_json("before")),
+        damaged.clone(),
+        frame(&event_json("after")),
+    ];
+    std::fs::write(dir.join("segment-0000000001.jsonl"), lines.concat()).unwrap();
+    let receiver = Receiver::start(name, &dir, SECRET);
+    let status = runtime()
+        .block_on(post_signed(
+            &client(),
+            &format!("{}/", receiver.url),
+            SECRET,
+            event_json("posted"),
+        ))
+        .unwrap();
+    assert_eq!(status, 200);
+    let want: HashSet<String> = ["before", "after", "posted"].map(str::to_owned).into();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !receiver.processed().is_superset(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker stopped at the damaged line; processed {:?}",
+            receiver.processed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!receiver.processed().contains("damaged"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("rejected.jsonl")).unwrap(),
+        damaged
+    );
+    let log = receiver.log.lock().unwrap().clone();
+    assert!(log.contains("kept in rejected.jsonl"), "{log}");
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Runs `command` to its end; a receiver that starts instead of refusing is killed,
 /// and the test fails rather than hangs.
 fn output_within(mut command: Command, timeout: Duration) -> std::process::Output {
@@ -714,6 +766,8 @@ macro_rules! receiver_tests {
             fn kill_9_under_load_then_restart() { super::kill_9_under_load_then_restart($binary) }
             #[test]
             fn refuses_bad_configuration() { super::refuses_bad_configuration($binary) }
+            #[test]
+            fn sets_aside_a_damaged_line_and_goes_on() { super::sets_aside_a_damaged_line_and_goes_on($binary) }
             #[cfg(target_os = "linux")]
             #[test]
             fn worker_yields_to_requests() { super::worker_yields_to_requests($binary) }

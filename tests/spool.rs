@@ -9,7 +9,12 @@ use support::{runtime, temp_dir};
 use std::io::Write;
 use std::time::Duration;
 
-use comapi_webhook::{Inbox, Position, SIGNATURE_HEADER, Spool, SpoolConfig, Verifier};
+use std::cell::RefCell;
+
+use comapi_webhook::{
+    Decision, Error, Event, EventHandler, Gate, Inbox, Position, SIGNATURE_HEADER, Spool,
+    SpoolConfig, Verifier, run_worker,
+};
 
 /// One spool line holding `event` (raw JSON) as the receiver writes it.
 fn frame(event: &str) -> Vec<u8> {
@@ -279,6 +284,168 @@ fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only
         }
         assert_eq!(read[2].event().unwrap().event_id(), "ok-1");
     });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Records what `run_worker` hands it.
+struct Recorder<'a> {
+    events: &'a RefCell<Vec<(String, Decision)>>,
+    set_aside: &'a RefCell<Vec<(Vec<u8>, Error)>>,
+}
+
+impl EventHandler for Recorder<'_> {
+    fn event(&mut self, event: &Event<'_>, decision: Decision) {
+        let id = event.event_id().to_owned();
+        self.events.borrow_mut().push((id, decision));
+    }
+
+    fn set_aside(&mut self, line: &[u8], error: &Error) {
+        self.set_aside
+            .borrow_mut()
+            .push((line.to_vec(), error.clone()));
+    }
+}
+
+#[test]
+fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
+    let dir = temp_dir("set-aside");
+    let typed = frame(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
+    let not_a_frame = b"{\"something\":\"else\"}\n".to_vec();
+    let events = RefCell::new(Vec::new());
+    let set_aside = RefCell::new(Vec::new());
+    let recorder = || Recorder {
+        events: &events,
+        set_aside: &set_aside,
+    };
+    let gate = Gate::in_memory();
+    let end = runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let lines = [
+            line("ok-1"),
+            typed.clone(),
+            not_a_frame.clone(),
+            line("ok-2"),
+            line("ok-1"),
+        ];
+        spool.append(lines.concat(), 5).await.unwrap();
+        spool.close().await;
+        run_worker(spool.reader().unwrap(), &gate, recorder())
+            .await
+            .unwrap();
+        spool.committed()
+    });
+    assert_eq!(
+        *events.borrow(),
+        [
+            ("ok-1".to_owned(), Decision::Fresh),
+            ("ok-2".to_owned(), Decision::Fresh),
+            ("ok-1".to_owned(), Decision::Duplicate),
+        ],
+        "the lines after the bad ones were processed, in order"
+    );
+    let aside: Vec<Vec<u8>> = set_aside.borrow().iter().map(|(l, _)| l.clone()).collect();
+    assert_eq!(
+        aside,
+        [
+            typed.strip_suffix(b"\n").unwrap(),
+            not_a_frame.strip_suffix(b"\n").unwrap()
+        ]
+    );
+    for (_, error) in set_aside.borrow().iter() {
+        assert!(matches!(error, Error::Storage { .. }), "{error:?}");
+    }
+    let rejected = dir.join("rejected.jsonl");
+    assert_eq!(
+        std::fs::read(&rejected).unwrap(),
+        [typed, not_a_frame].concat(),
+        "kept byte for byte"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("offset")).unwrap().trim(),
+        format!("{} {}", end.segment, end.offset),
+        "acknowledged past every line"
+    );
+
+    // Reopened (as after a restart), the damaged lines are no reason to cut the
+    // segment: every line after them stays. Resumed, the worker has nothing left to
+    // do and sets nothing aside again.
+    let segment = dir.join("segment-0000000001.jsonl");
+    let before = std::fs::read(&segment).unwrap();
+    events.borrow_mut().clear();
+    set_aside.borrow_mut().clear();
+    runtime().block_on(async {
+        let (spool, recovery) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        assert_eq!(recovery.torn_bytes, 0);
+        spool.close().await;
+        assert_eq!(std::fs::read(&segment).unwrap(), before);
+        run_worker(spool.reader().unwrap(), &gate, recorder())
+            .await
+            .unwrap();
+    });
+    assert!(events.borrow().is_empty() && set_aside.borrow().is_empty());
+    assert_eq!(
+        std::fs::read(&rejected)
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
+        2
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_reader_offset_past_the_data_is_brought_back_to_it() {
+    let dir = temp_dir("offset-past");
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool.append(line("o-1"), 1).await.unwrap();
+        let mut reader = spool.reader().unwrap();
+        let end = reader.next_batch(1 << 20).await.unwrap().unwrap()[0].end();
+        // The offset of a reader that had read far more than the segment now holds.
+        reader
+            .acknowledge(Position {
+                offset: end.offset + 10_000,
+                ..end
+            })
+            .unwrap();
+        let mut reader = spool.reader().unwrap();
+        assert_eq!(reader.position(), end, "never past the committed data");
+        spool.append(line("o-2"), 1).await.unwrap();
+        let next = reader.next_batch(1 << 20).await.unwrap().unwrap();
+        assert_eq!(
+            next[0].event().unwrap().event_id(),
+            "o-2",
+            "nothing new skipped"
+        );
+        spool.close().await;
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_plain_function_or_typed_closure_is_an_event_handler() {
+    let dir = temp_dir("fn-handler");
+    let mut seen = Vec::new();
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool
+            .append([line("f-1"), line("f-2")].concat(), 2)
+            .await
+            .unwrap();
+        spool.close().await;
+        let handler = |event: &Event<'_>, decision: Decision| {
+            seen.push((event.event_id().to_owned(), decision.as_str()));
+        };
+        run_worker(spool.reader().unwrap(), &Gate::in_memory(), handler)
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        seen,
+        [("f-1".to_owned(), "fresh"), ("f-2".to_owned(), "fresh")]
+    );
+    assert!(!dir.join("rejected.jsonl").exists(), "nothing set aside");
     let _ = std::fs::remove_dir_all(dir);
 }
 

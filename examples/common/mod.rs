@@ -8,7 +8,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
-use comapi_webhook::{Decision, Event, Gate, Inbox, Spool, SpoolConfig, Verifier, run_worker};
+use std::time::Duration;
+
+use comapi_webhook::{
+    Decision, Error, Event, EventHandler, Gate, Inbox, Spool, SpoolConfig, Verifier, run_worker,
+};
 
 /// Your processing: called once per stored event, in order, with the gate's
 /// decision. Delivery here is at least once: after a crash, events since the last
@@ -27,6 +31,25 @@ fn process(event: &Event<'_>, decision: Decision) {
     );
     if decision.is_fresh() {
         // e.g. update the message's state in your database, notify a user, …
+    }
+}
+
+/// What the worker calls: [`process`] for each stored event, and an error log for a
+/// stored line that cannot be read as an event (damaged on disk, say). The worker has
+/// kept that line in `rejected.jsonl` in the spool folder and goes on.
+struct Processing;
+
+impl EventHandler for Processing {
+    fn event(&mut self, event: &Event<'_>, decision: Decision) {
+        process(event, decision);
+    }
+
+    fn set_aside(&mut self, line: &[u8], error: &Error) {
+        tracing::error!(
+            %error,
+            bytes = line.len(),
+            "a stored line is not an event: kept in rejected.jsonl in the spool folder, skipped"
+        );
     }
 }
 
@@ -144,22 +167,41 @@ pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
     (inbox, worker)
 }
 
+/// Starts the worker thread. When the worker fails (the disk is full, say), it
+/// starts again a second later from the last acknowledged position, until the
+/// spool is closed: events already processed since then come again, and the gate,
+/// kept across restarts, calls them duplicates.
 fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
-    let reader = spool.reader();
+    let spool = spool.clone();
     let worker = std::thread::Builder::new()
         .name("comapi-worker".to_owned())
         .spawn(move || {
             yield_to_requests();
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build();
-            let (Ok(runtime), Ok(reader)) = (runtime, reader) else {
-                tracing::error!("worker could not start");
-                return;
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "worker could not start");
+                    return;
+                }
             };
             let gate = Gate::in_memory();
-            if let Err(error) = runtime.block_on(run_worker(reader, &gate, process)) {
-                tracing::error!(%error, "worker stopped");
+            loop {
+                let run = spool
+                    .reader()
+                    .map(|reader| runtime.block_on(run_worker(reader, &gate, Processing)));
+                let error = match run {
+                    Ok(Ok(())) => return,
+                    Ok(Err(error)) | Err(error) => error,
+                };
+                if spool.is_closed() {
+                    tracing::error!(%error, "worker stopped");
+                    return;
+                }
+                tracing::error!(%error, "worker failed; resuming in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
             }
         });
     match worker {
