@@ -424,6 +424,32 @@ fn a_reader_offset_past_the_data_is_brought_back_to_it() {
 }
 
 #[test]
+fn appends_that_would_break_the_segment_are_refused_and_store_nothing() {
+    let dir = temp_dir("bad-append");
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let unended = line("u-1").strip_suffix(b"\n").unwrap().to_vec();
+        let mut zero = line("z-1");
+        zero[5] = 0;
+        for bad in [unended, zero] {
+            let error = spool.append(bad, 1).await.unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("must end in a line feed and hold no zero byte"),
+                "{error}"
+            );
+        }
+        spool.append(Vec::new(), 0).await.unwrap();
+        spool.append(line("ok-1"), 1).await.unwrap();
+        assert_eq!(spool.stored(), 1);
+        assert_eq!(read_all(&spool).await, ["ok-1"]);
+        spool.close().await;
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_plain_function_or_typed_closure_is_an_event_handler() {
     let dir = temp_dir("fn-handler");
     let mut seen = Vec::new();
