@@ -862,16 +862,21 @@ impl SpoolReader {
             whole = memchr::memchr(b'\n', &data).map_or(0, |first| first + 1);
         }
         if whole == 0 {
-            return Err(Error::Storage {
-                message: format!("corrupt spool: no line end after {:?}", self.position),
-            });
+            if committed.segment == segment {
+                return Err(Error::Storage {
+                    message: format!("corrupt spool: no line end after {:?}", self.position),
+                });
+            }
+            // A finished segment whose end lost its line end (damage): hand the rest
+            // out as one line, which the worker sets aside, rather than stop here.
+            whole = data.len();
         }
         data.truncate(whole);
         self.chunk = Arc::new(data);
         let mut events = Vec::new();
         let mut start = 0;
-        for newline in memchr::memchr_iter(b'\n', &self.chunk) {
-            let end = newline + 1;
+        let ends = memchr::memchr_iter(b'\n', &self.chunk).map(|newline| newline + 1);
+        for end in ends.chain((!self.chunk.ends_with(b"\n")).then_some(whole)) {
             events.push(SpooledEvent {
                 chunk: Arc::clone(&self.chunk),
                 line: start..end,

@@ -395,6 +395,36 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
 }
 
 #[test]
+fn a_finished_segment_that_lost_its_last_line_end_does_not_stop_the_worker() {
+    let dir = temp_dir("unended-segment");
+    let damaged = b"{\"receivedAt\":\"2026-01-01T00:00".to_vec();
+    std::fs::write(
+        dir.join("segment-0000000001.jsonl"),
+        [line("s-1"), damaged.clone()].concat(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("segment-0000000002.jsonl"), line("s-2")).unwrap();
+    let events = RefCell::new(Vec::new());
+    let set_aside = RefCell::new(Vec::new());
+    let recorder = Recorder {
+        events: &events,
+        set_aside: &set_aside,
+    };
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool.close().await;
+        run_worker(spool.reader().unwrap(), &Gate::in_memory(), recorder)
+            .await
+            .unwrap();
+    });
+    let ids: Vec<String> = events.borrow().iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids, ["s-1", "s-2"]);
+    let aside: Vec<Vec<u8>> = set_aside.borrow().iter().map(|(l, _)| l.clone()).collect();
+    assert_eq!(aside, [damaged]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_reader_offset_past_the_data_is_brought_back_to_it() {
     let dir = temp_dir("offset-past");
     runtime().block_on(async {
