@@ -112,7 +112,8 @@ pub struct Position {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Recovery {
-    /// Events already in the spool.
+    /// Events already in the spool: its lines, counting any damaged one that the
+    /// worker will set aside.
     pub events: u64,
     /// Segments found.
     pub segments: u64,
