@@ -985,8 +985,8 @@ impl<F: FnMut(&Event<'_>, Decision)> EventHandler for F {
 /// `store` for a [`Decision`], and calls `handler` with both (see [`EventHandler`]).
 /// It acknowledges its position (the `offset` file, synced) at most once a second,
 /// and within a second of the last event, so after a crash processing resumes from
-/// there: at least once, replaying at most about a second of events. Returns when the spool is
-/// closed and everything was processed.
+/// there: at least once, replaying at most about a second of events. Returns when
+/// the spool is closed and everything was processed.
 ///
 /// While the decision store is unavailable (Redis down), it waits a second and asks
 /// again: no event is skipped.

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
-use support::{runtime, temp_dir};
+use support::{runtime, spool_line, temp_dir};
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -532,16 +532,11 @@ fn kill_9_under_load_then_restart(name: &str) {
 /// it are processed, old and new.
 fn sets_aside_a_damaged_line_and_goes_on(name: &str) {
     let dir = temp_dir(&format!("{name}-set-aside"));
-    let frame = |event: &str| {
-        format!(
-            "{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n"
-        )
-    };
-    let damaged = frame(r#"{"eventId":"damaged","name":"message.sent","payload":{"id":7}}"#);
+    let damaged = spool_line(r#"{"eventId":"damaged","name":"message.sent","payload":{"id":7}}"#);
     let lines = [
-        frame(&event_json("before")),
+        spool_line(&event_json("before")),
         damaged.clone(),
-        frame(&event_json("after")),
+        spool_line(&event_json("after")),
     ];
     std::fs::write(dir.join("segment-0000000001.jsonl"), lines.concat()).unwrap();
     let receiver = Receiver::start(name, &dir, SECRET);
@@ -565,10 +560,7 @@ fn sets_aside_a_damaged_line_and_goes_on(name: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!receiver.processed().contains("damaged"));
-    assert_eq!(
-        std::fs::read_to_string(dir.join("rejected.jsonl")).unwrap(),
-        damaged
-    );
+    assert_eq!(std::fs::read(dir.join("rejected.jsonl")).unwrap(), damaged);
     let log = receiver.log.lock().unwrap().clone();
     assert!(log.contains("kept in rejected.jsonl"), "{log}");
     drop(receiver);

@@ -4,26 +4,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
-use support::{runtime, temp_dir};
-
-use std::io::Write;
-use std::time::Duration;
+use support::{runtime, spool_line, temp_dir};
 
 use std::cell::RefCell;
+use std::io::Write;
+use std::time::Duration;
 
 use comapi_webhook::{
     Decision, Error, Event, EventHandler, Gate, Inbox, Position, SIGNATURE_HEADER, Spool,
     SpoolConfig, Verifier, run_worker,
 };
 
-/// One spool line holding `event` (raw JSON) as the receiver writes it.
-fn frame(event: &str) -> Vec<u8> {
-    format!("{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n")
-        .into_bytes()
-}
-
 fn line(id: &str) -> Vec<u8> {
-    frame(&format!(
+    spool_line(&format!(
         "{{\"eventId\":\"{id}\",\"name\":\"message.sent\",\"payload\":{{\"id\":\"m-{id}\"}},\"revision\":1}}"
     ))
 }
@@ -265,8 +258,8 @@ fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only
     let dir = temp_dir("not-one");
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        let batch = frame(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
-        let typed = frame(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
+        let batch = spool_line(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
+        let typed = spool_line(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
         let lines = [batch, typed, line("ok-1")].concat();
         spool.append(lines, 3).await.unwrap();
         let mut reader = spool.reader().unwrap();
@@ -287,13 +280,15 @@ fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Records what `run_worker` hands it.
-struct Recorder<'a> {
-    events: &'a RefCell<Vec<(String, Decision)>>,
-    set_aside: &'a RefCell<Vec<(Vec<u8>, Error)>>,
+/// What `run_worker` handed out: each event's id and decision, and each line it
+/// set aside with its error.
+#[derive(Default)]
+struct Worked {
+    events: RefCell<Vec<(String, Decision)>>,
+    set_aside: RefCell<Vec<(Vec<u8>, Error)>>,
 }
 
-impl EventHandler for Recorder<'_> {
+impl EventHandler for &Worked {
     fn event(&mut self, event: &Event<'_>, decision: Decision) {
         let id = event.event_id().to_owned();
         self.events.borrow_mut().push((id, decision));
@@ -306,19 +301,32 @@ impl EventHandler for Recorder<'_> {
     }
 }
 
+impl Worked {
+    /// Runs the worker over `spool` (closed, so it returns) with `gate`.
+    async fn run(spool: &Spool, gate: &Gate) -> Worked {
+        let worked = Worked::default();
+        run_worker(spool.reader().unwrap(), gate, &worked)
+            .await
+            .unwrap();
+        worked
+    }
+
+    fn set_aside_lines(&self) -> Vec<Vec<u8>> {
+        self.set_aside
+            .borrow()
+            .iter()
+            .map(|(line, _)| line.clone())
+            .collect()
+    }
+}
+
 #[test]
 fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
     let dir = temp_dir("set-aside");
-    let typed = frame(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
+    let typed = spool_line(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
     let not_a_frame = b"{\"something\":\"else\"}\n".to_vec();
-    let events = RefCell::new(Vec::new());
-    let set_aside = RefCell::new(Vec::new());
-    let recorder = || Recorder {
-        events: &events,
-        set_aside: &set_aside,
-    };
     let gate = Gate::in_memory();
-    let end = runtime().block_on(async {
+    let (worked, end) = runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         let lines = [
             line("ok-1"),
@@ -329,13 +337,10 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
         ];
         spool.append(lines.concat(), 5).await.unwrap();
         spool.close().await;
-        run_worker(spool.reader().unwrap(), &gate, recorder())
-            .await
-            .unwrap();
-        spool.committed()
+        (Worked::run(&spool, &gate).await, spool.committed())
     });
     assert_eq!(
-        *events.borrow(),
+        *worked.events.borrow(),
         [
             ("ok-1".to_owned(), Decision::Fresh),
             ("ok-2".to_owned(), Decision::Fresh),
@@ -343,15 +348,14 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
         ],
         "the lines after the bad ones were processed, in order"
     );
-    let aside: Vec<Vec<u8>> = set_aside.borrow().iter().map(|(l, _)| l.clone()).collect();
     assert_eq!(
-        aside,
+        worked.set_aside_lines(),
         [
             typed.strip_suffix(b"\n").unwrap(),
             not_a_frame.strip_suffix(b"\n").unwrap()
         ]
     );
-    for (_, error) in set_aside.borrow().iter() {
+    for (_, error) in worked.set_aside.borrow().iter() {
         assert!(matches!(error, Error::Storage { .. }), "{error:?}");
     }
     let rejected = dir.join("rejected.jsonl");
@@ -371,18 +375,14 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
     // do and sets nothing aside again.
     let segment = dir.join("segment-0000000001.jsonl");
     let before = std::fs::read(&segment).unwrap();
-    events.borrow_mut().clear();
-    set_aside.borrow_mut().clear();
-    runtime().block_on(async {
+    let resumed = runtime().block_on(async {
         let (spool, recovery) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         assert_eq!(recovery.torn_bytes, 0);
         spool.close().await;
         assert_eq!(std::fs::read(&segment).unwrap(), before);
-        run_worker(spool.reader().unwrap(), &gate, recorder())
-            .await
-            .unwrap();
+        Worked::run(&spool, &gate).await
     });
-    assert!(events.borrow().is_empty() && set_aside.borrow().is_empty());
+    assert!(resumed.events.borrow().is_empty() && resumed.set_aside.borrow().is_empty());
     assert_eq!(
         std::fs::read(&rejected)
             .unwrap()
@@ -404,23 +404,19 @@ fn a_finished_segment_that_lost_its_last_line_end_does_not_stop_the_worker() {
     )
     .unwrap();
     std::fs::write(dir.join("segment-0000000002.jsonl"), line("s-2")).unwrap();
-    let events = RefCell::new(Vec::new());
-    let set_aside = RefCell::new(Vec::new());
-    let recorder = Recorder {
-        events: &events,
-        set_aside: &set_aside,
-    };
-    runtime().block_on(async {
+    let worked = runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         spool.close().await;
-        run_worker(spool.reader().unwrap(), &Gate::in_memory(), recorder)
-            .await
-            .unwrap();
+        Worked::run(&spool, &Gate::in_memory()).await
     });
-    let ids: Vec<String> = events.borrow().iter().map(|(id, _)| id.clone()).collect();
+    let ids: Vec<String> = worked
+        .events
+        .borrow()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
     assert_eq!(ids, ["s-1", "s-2"]);
-    let aside: Vec<Vec<u8>> = set_aside.borrow().iter().map(|(l, _)| l.clone()).collect();
-    assert_eq!(aside, [damaged]);
+    assert_eq!(worked.set_aside_lines(), [damaged]);
     let _ = std::fs::remove_dir_all(dir);
 }
 

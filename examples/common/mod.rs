@@ -7,7 +7,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
-
 use std::time::Duration;
 
 use comapi_webhook::{

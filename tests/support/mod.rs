@@ -94,3 +94,9 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// One spool line holding `event` (raw JSON) as the receive step writes it.
+pub fn spool_line(event: &str) -> Vec<u8> {
+    format!("{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n")
+        .into_bytes()
+}
