@@ -58,9 +58,15 @@ fn uuid(n: u64) -> String {
     )
 }
 
+/// An event raised now, as Comapi's are: the gate reads its timestamp for the
+/// replay window before it looks anything up.
 fn event(event_id: &str, entity: &str, revision: u64) -> Event<'static> {
+    static NOW: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    });
+    let now = &*NOW;
     let body = format!(
-        r#"{{"eventId":"{event_id}","name":"message.read","payload":{{"id":"{entity}"}},"revision":{revision}}}"#
+        r#"{{"eventId":"{event_id}","name":"message.read","payload":{{"id":"{entity}"}},"revision":{revision},"timestamp":"{now}"}}"#
     );
     parse_already_verified(body.as_bytes())
         .unwrap()

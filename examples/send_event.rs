@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Without `--file` it sends Comapi's documented `message.sent` example with a fresh
-//! `eventId`. `--curl` also prints the equivalent `curl` command (use that for
+//! `eventId`, raised now. `--curl` also prints the equivalent `curl` command (use that for
 //! `https://` URLs, which this small sender does not speak).
 
 use std::process::ExitCode;
@@ -79,7 +79,15 @@ fn sample_event() -> String {
         &hex[16..20],
         &hex[20..]
     );
-    SAMPLE.replacen("0dceaf0d-93ea-4314-a6f8-b0cffe69799a", &id, 1)
+    // Raised now, so the receiver's replay window takes it as a new delivery.
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    SAMPLE
+        .replacen("0dceaf0d-93ea-4314-a6f8-b0cffe69799a", &id, 1)
+        .replacen(
+            "\"timestamp\":\"2017-08-31T09:26:14.604Z\"",
+            &format!("\"timestamp\":\"{now}\""),
+            1,
+        )
 }
 
 fn shell_quote(text: &str) -> String {

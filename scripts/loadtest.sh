@@ -31,7 +31,7 @@ SECRET=load-test-secret-0123456789abcdef
 BODY=tests/fixtures/events/message_sent_sms.json
 
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-cargo build --release --examples --quiet
+cargo build --release --all-features --examples --quiet
 
 work=$(mktemp -d)
 pids=()
@@ -52,7 +52,7 @@ if [ -n "$BASELINE" ]; then
   rev=$(git rev-parse --short "$BASELINE^{commit}")
   git worktree add --quiet --detach "$work/baseline" "$rev"
   echo "building the receivers at $rev for the baseline"
-  (cd "$work/baseline" && cargo build --release --examples --quiet --target-dir "$work/baseline-target")
+  (cd "$work/baseline" && cargo build --release --all-features --examples --quiet --target-dir "$work/baseline-target")
   for name in hyper_receiver actix_receiver; do
     targets+=("$name@$rev")
     binary[$name@$rev]="$work/baseline-target/release/examples/$name"

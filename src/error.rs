@@ -1,5 +1,9 @@
 //! The crate's one error type and the HTTP status each error maps to.
 
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+
 use http::StatusCode;
 
 /// Everything that can go wrong while verifying or parsing a Comapi webhook.
@@ -7,7 +11,21 @@ use http::StatusCode;
 /// Signature errors are deliberately coarse: every wrong signature is the same
 /// [`Error::SignatureMismatch`], so an attacker learns nothing about how close a
 /// guess was. [`Error::status`] gives the HTTP status a receiver should answer with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Storage and store failures keep their cause as [`source()`](StdError::source):
+/// the [`io::Error`] of a spool, or the Redis client's error of a shared store, so a
+/// caller can tell a full disk from a permission error. Their `Display` says what
+/// was being done; print the source chain to see why it failed.
+///
+/// ```
+/// use std::error::Error as _;
+/// let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+/// let error = comapi_webhook::Error::storage("cannot write the spool", full);
+/// assert_eq!(error.to_string(), "storage failed: cannot write the spool");
+/// let cause = error.source().and_then(|e| e.downcast_ref::<std::io::Error>());
+/// assert_eq!(cause.map(std::io::Error::kind), Some(std::io::ErrorKind::StorageFull));
+/// ```
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The request carries no `X-Comapi-Signature` header.
@@ -46,21 +64,52 @@ pub enum Error {
     },
     /// Storing events durably failed (disk full, I/O error). Nothing was
     /// acknowledged, so Comapi retries later; a receiver answers 503.
-    #[error("storage failed: {message}")]
+    #[error("storage failed: {context}")]
     Storage {
-        /// What failed.
-        message: String,
+        /// What was being done, for example `cannot write the spool`.
+        context: String,
+        /// The I/O error underneath, also given by `source()`. Data that could not be
+        /// read back (a damaged spool line) is [`io::ErrorKind::InvalidData`].
+        #[source]
+        source: io::Error,
     },
     /// The shared decision store (Redis) could not be reached or answered badly.
     /// Never read as "fresh": the caller should retry later (a receiver answers 503).
-    #[error("decision store unavailable: {message}")]
+    #[error("decision store unavailable: {context}")]
     StoreUnavailable {
-        /// What went wrong, without credentials.
-        message: String,
+        /// What was being done, without credentials.
+        context: String,
+        /// The store client's error underneath (a `redis::RedisError` for
+        /// `RedisGate`), also given by `source()`.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
     },
 }
 
 impl Error {
+    /// An [`Error::Storage`]: `context` says what was being done, `source` why it
+    /// failed.
+    #[must_use]
+    pub fn storage(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Storage {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::StoreUnavailable`]: `context` says what was being done (never
+    /// with credentials), `source` why it failed.
+    #[must_use]
+    pub fn store_unavailable(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Error::StoreUnavailable {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// The HTTP status a webhook receiver should answer with for this error.
     ///
     /// Signature errors map to `401 Unauthorized`. Configuration errors (bad
@@ -87,9 +136,89 @@ impl Error {
         }
     }
 
+    /// The error and every cause under it, for logs: `storage failed: cannot write
+    /// the spool: No space left on device (os error 28)`.
+    ///
+    /// ```
+    /// let error = comapi_webhook::Error::storage(
+    ///     "cannot write the offset file",
+    ///     std::io::Error::other("disk quota exceeded"),
+    /// );
+    /// assert_eq!(
+    ///     error.report().to_string(),
+    ///     "storage failed: cannot write the offset file: disk quota exceeded"
+    /// );
+    /// ```
+    #[must_use]
+    pub fn report(&self) -> impl fmt::Display + '_ {
+        Report(self)
+    }
+
     /// Whether this error means the request's signature failed (a `401`).
     #[must_use]
     pub fn is_signature_error(&self) -> bool {
         self.status() == StatusCode::UNAUTHORIZED
+    }
+}
+
+/// Equality of kinds and details; for the two errors with a cause, of the context
+/// and the cause's text (an [`io::Error`] has no equality of its own).
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Error::SecretTooShort { len: a }, Error::SecretTooShort { len: b }) => a == b,
+            (
+                Error::InvalidEvent {
+                    path: a,
+                    message: m,
+                },
+                Error::InvalidEvent {
+                    path: b,
+                    message: n,
+                },
+            ) => a == b && m == n,
+            (
+                Error::Storage {
+                    context: a,
+                    source: s,
+                },
+                Error::Storage {
+                    context: b,
+                    source: t,
+                },
+            ) => a == b && s.kind() == t.kind() && same_text(s, t),
+            (
+                Error::StoreUnavailable {
+                    context: a,
+                    source: s,
+                },
+                Error::StoreUnavailable {
+                    context: b,
+                    source: t,
+                },
+            ) => a == b && same_text(s, t),
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+}
+
+impl Eq for Error {}
+
+fn same_text(a: &dyn fmt::Display, b: &dyn fmt::Display) -> bool {
+    a.to_string() == b.to_string()
+}
+
+/// [`Error::report`]: the error, then each `source()` in turn, joined by `: `.
+struct Report<'e>(&'e Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
     }
 }

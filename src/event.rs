@@ -111,6 +111,28 @@ impl<'a> Event<'a> {
         self.timestamp.as_deref()
     }
 
+    /// When Comapi raised the event, read from `timestamp` as an RFC 3339 time
+    /// (`2017-08-31T09:26:14.604Z`, or with a `±HH:MM` offset). `None` when the
+    /// field is absent or not such a time; one without an offset counts as not
+    /// such a time, since whose clock it was cannot be known.
+    ///
+    /// The timestamp is inside the signed body, so once the body is verified its
+    /// age can be trusted: the gate's replay window rests on it
+    /// ([`Decision::Expired`](crate::Decision::Expired)).
+    ///
+    /// ```
+    /// use std::time::{Duration, UNIX_EPOCH};
+    /// let body = br#"{"eventId":"e1","name":"message.sent","payload":{"id":"m1"},
+    ///              "timestamp":"2017-08-31T09:26:14.604Z"}"#;
+    /// let event = &comapi_webhook::parse_already_verified(body)?[0];
+    /// assert_eq!(event.time(), Some(UNIX_EPOCH + Duration::from_millis(1_504_171_574_604)));
+    /// # Ok::<(), comapi_webhook::Error>(())
+    /// ```
+    #[must_use]
+    pub fn time(&self) -> Option<std::time::SystemTime> {
+        crate::timestamp::parse_rfc3339(self.timestamp.as_deref()?)
+    }
+
     /// The payload exactly as received, for event kinds without a typed payload and
     /// for fields the typed payload does not cover.
     #[must_use]
@@ -686,7 +708,7 @@ fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
 
 /// Validates an already verified body like [`parse_already_verified`] and returns
 /// each event's envelope as its raw JSON text, in order: what a receiver stores.
-#[cfg(feature = "spool")]
+#[cfg(feature = "receiver")]
 pub(crate) fn split_already_verified(body: &[u8]) -> Result<Vec<&str>, Error> {
     let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => true,

@@ -7,11 +7,12 @@ mod event;
 #[cfg(any(feature = "actix", feature = "axum"))]
 mod extract;
 mod gate;
-#[cfg(feature = "spool")]
+#[cfg(feature = "receiver")]
 mod inbox;
 mod signature;
-#[cfg(feature = "spool")]
+#[cfg(feature = "receiver")]
 mod spool;
+mod timestamp;
 
 pub use error::Error;
 #[cfg(any(feature = "actix", feature = "axum"))]
@@ -27,10 +28,10 @@ pub use event::{
 pub use gate::{Decision, DecisionStore, Gate, GateConfig};
 #[cfg(feature = "redis")]
 pub use gate::{RedisGate, RedisGateConfig};
-#[cfg(feature = "spool")]
+#[cfg(feature = "receiver")]
 pub use inbox::{Inbox, Reply};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
-#[cfg(feature = "spool")]
+#[cfg(feature = "receiver")]
 pub use spool::{
     EventHandler, Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent, run_worker,
 };

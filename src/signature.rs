@@ -3,10 +3,10 @@
 use core::fmt;
 use std::sync::Arc;
 
+use hmac::{Hmac, KeyInit, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use sha1::Digest;
+use sha1::Sha1;
 use subtle::ConstantTimeEq;
-use zeroize::Zeroize;
 
 use crate::Error;
 
@@ -27,30 +27,30 @@ pub const MIN_SECRET_LEN: usize = 16;
 
 /// Length of an HMAC-SHA1 tag in bytes.
 const TAG_LEN: usize = 20;
-/// SHA-1 block length in bytes.
-const BLOCK_LEN: usize = 64;
-/// SHA-1's initial state (FIPS 180-4, 5.3.1).
-const H0: [u32; 5] = [
-    0x6745_2301,
-    0xEFCD_AB89,
-    0x98BA_DCFE,
-    0x1032_5476,
-    0xC3D2_E1F0,
-];
+
+/// HMAC-SHA1 as RustCrypto builds it: keyed once, cloned for each request.
+type HmacSha1 = Hmac<Sha1>;
 
 /// Checks `X-Comapi-Signature` against one or more shared secrets.
 ///
-/// The HMAC key schedule runs once, at construction: each secret becomes the SHA-1
-/// states after its inner and outer padded key block (RFC 2104), and every request
-/// resumes from copies of those states. Verifying therefore costs the hashing of the
-/// body plus one compression, and never allocates.
+/// Each secret is keyed into an `Hmac<Sha1>` (RustCrypto's `hmac`) once, at
+/// construction; every request clones that keyed state, which copies a few dozen
+/// bytes and never allocates. Verifying therefore costs the hashing of the body plus
+/// one block for the outer hash.
+///
+/// The header is parsed before anything is hashed, so a missing, duplicated or
+/// malformed header costs no hashing at all. A well-formed but wrong signature costs
+/// one HMAC of the body per configured secret: keep the rotation list short (two
+/// secrets while a rotation is under way, one otherwise), since anyone can send a
+/// well-formed guess.
 ///
 /// Several secrets can be held at once while a rotation is under way; the first one
 /// is the primary, used by [`Verifier::sign`]. [`Verified::secret_index`] tells which
 /// secret matched, so you can see when an old secret has stopped being used.
 ///
 /// A `Verifier` is cheap to clone (one reference count) and is `Send + Sync`. Its
-/// `Debug` output never shows key material, and key material is zeroized on drop.
+/// `Debug` output never shows key material; the keyed states, and each request's
+/// copy of them, are zeroized on drop (see SECURITY.md for what is and is not wiped).
 ///
 /// ```
 /// use comapi_webhook::{Verifier, SIGNATURE_HEADER};
@@ -68,12 +68,8 @@ const H0: [u32; 5] = [
 /// ```
 #[derive(Clone)]
 pub struct Verifier {
-    keys: Arc<Keys>,
-}
-
-struct Keys {
-    primary: Key,
-    previous: Vec<Key>,
+    /// One keyed state per secret, the primary first; never empty.
+    keys: Arc<Vec<HmacSha1>>,
 }
 
 impl Verifier {
@@ -89,6 +85,8 @@ impl Verifier {
 
     /// A verifier for several secrets during a rotation: the primary (current) one
     /// first, then the previous ones still accepted.
+    ///
+    /// Only the keyed states are kept, never the secrets themselves.
     ///
     /// ```
     /// use comapi_webhook::Verifier;
@@ -106,17 +104,7 @@ impl Verifier {
     pub fn with_secrets<S: AsRef<[u8]>>(
         secrets: impl IntoIterator<Item = S>,
     ) -> Result<Self, Error> {
-        let secrets: Vec<S> = secrets.into_iter().collect();
-        for secret in &secrets {
-            let len = secret.as_ref().len();
-            if len == 0 {
-                return Err(Error::EmptySecret);
-            }
-            if len < MIN_SECRET_LEN {
-                return Err(Error::SecretTooShort { len });
-            }
-        }
-        Self::from_checked(&secrets)
+        Self::keyed(secrets, MIN_SECRET_LEN)
     }
 
     /// A verifier for one secret of any non-empty length, including ones shorter than
@@ -126,36 +114,51 @@ impl Verifier {
     /// # Errors
     /// [`Error::EmptySecret`] for an empty secret.
     pub fn new_allowing_short_secret(secret: impl AsRef<[u8]>) -> Result<Self, Error> {
-        if secret.as_ref().is_empty() {
-            return Err(Error::EmptySecret);
-        }
-        Self::from_checked(&[secret])
+        Self::keyed([secret], 1)
     }
 
-    fn from_checked<S: AsRef<[u8]>>(secrets: &[S]) -> Result<Self, Error> {
-        let (primary, previous) = secrets.split_first().ok_or(Error::NoSecrets)?;
-        // Exact capacity: the vector never reallocates, so no unzeroized copy of key
-        // material is left behind in freed heap memory.
-        let mut keys = Vec::with_capacity(previous.len());
-        keys.extend(previous.iter().map(|s| Key::new(s.as_ref())));
+    /// Keys every secret, refusing empty ones and ones under `min_len` bytes.
+    ///
+    /// The list is checked whole before anything is keyed, and the keyed states go
+    /// into a vector of exact capacity, which never reallocates: no copy of key
+    /// material is left behind in heap memory this crate freed. States built before
+    /// a refusal are dropped, which zeroizes them.
+    fn keyed<S: AsRef<[u8]>>(
+        secrets: impl IntoIterator<Item = S>,
+        min_len: usize,
+    ) -> Result<Self, Error> {
+        let secrets: Vec<S> = secrets.into_iter().collect();
+        for secret in &secrets {
+            match secret.as_ref().len() {
+                0 => return Err(Error::EmptySecret),
+                len if len < min_len => return Err(Error::SecretTooShort { len }),
+                _ => {}
+            }
+        }
+        if secrets.is_empty() {
+            return Err(Error::NoSecrets);
+        }
+        let mut keys = Vec::with_capacity(secrets.len());
+        for secret in &secrets {
+            // HMAC takes keys of any length, so this never fails.
+            keys.push(HmacSha1::new_from_slice(secret.as_ref()).map_err(|_| Error::EmptySecret)?);
+        }
         Ok(Verifier {
-            keys: Arc::new(Keys {
-                primary: Key::new(primary.as_ref()),
-                previous: keys,
-            }),
+            keys: Arc::new(keys),
         })
     }
 
     /// How many secrets this verifier accepts (1 outside a rotation).
     #[must_use]
     pub fn secret_count(&self) -> usize {
-        1 + self.keys.previous.len()
+        self.keys.len()
     }
 
     /// Verifies the `X-Comapi-Signature` header in `headers` against the raw `body`.
     ///
     /// `body` must be the bytes exactly as received, before any JSON parsing; a body
-    /// that is not UTF-8 is hashed like any other. Never allocates.
+    /// that is not UTF-8 is hashed like any other. Never allocates, and hashes
+    /// nothing unless the header is present once and well formed.
     ///
     /// # Errors
     /// [`Error::MissingSignature`], [`Error::DuplicateSignature`] when the header
@@ -184,15 +187,12 @@ impl Verifier {
         values: impl IntoIterator<Item = &'v [u8]>,
         body: &[u8],
     ) -> Result<Verified, Error> {
-        // Hash first (see `verify_header_value`): the lookup overlaps with SHA-1.
-        let primary = self.keys.primary.tag_words(body);
         let mut values = values.into_iter();
         let value = values.next().ok_or(Error::MissingSignature)?;
         if values.next().is_some() {
             return Err(Error::DuplicateSignature);
         }
-        let signature = Signature::parse(value)?;
-        self.check(primary, &signature, body)
+        self.verify_header_value(value, body)
     }
 
     /// Verifies a signature header value you read yourself, for frameworks that are
@@ -202,52 +202,36 @@ impl Verifier {
     /// # Errors
     /// As [`Verifier::verify`], apart from the missing and duplicate header cases.
     pub fn verify_header_value(&self, value: &[u8], body: &[u8]) -> Result<Verified, Error> {
-        // Hash first, parse second: SHA-1 is one long dependency chain, and the CPU
-        // runs the header parse beside its last rounds. A malformed header costs no
-        // more than a well-formed wrong one, which anyone can send.
-        let primary = self.keys.primary.tag_words(body);
-        let signature = Signature::parse(value)?;
-        self.check(primary, &signature, body)
+        self.verify_signature(&Signature::parse(value)?, body)
     }
 
-    /// Verifies an already parsed [`Signature`] against `body`, in constant time.
+    /// Verifies an already parsed [`Signature`] against `body`: each secret's tag,
+    /// the primary's first, is compared with `signature` in constant time.
     ///
     /// # Errors
     /// [`Error::SignatureMismatch`] when no secret produces `signature`.
     pub fn verify_signature(&self, signature: &Signature, body: &[u8]) -> Result<Verified, Error> {
-        self.check(self.keys.primary.tag_words(body), signature, body)
-    }
-
-    /// Compares the primary secret's tag, then each previous secret's, with
-    /// `signature`, each in constant time (see [`tags_equal`]).
-    fn check(
-        &self,
-        primary: [u32; 5],
-        signature: &Signature,
-        body: &[u8],
-    ) -> Result<Verified, Error> {
-        let expected = words(&signature.0);
-        if tags_equal(&primary, &expected) {
-            return Ok(Verified { secret_index: 0 });
-        }
-        for (index, key) in self.keys.previous.iter().enumerate() {
-            if tags_equal(&key.tag_words(body), &expected) {
-                return Ok(Verified {
-                    secret_index: index + 1,
-                });
-            }
-        }
-        Err(Error::SignatureMismatch)
+        self.keys
+            .iter()
+            .position(|key| bool::from(tag(key, body).ct_eq(&signature.0)))
+            .map(|secret_index| Verified { secret_index })
+            .ok_or(Error::SignatureMismatch)
     }
 
     /// The signature the primary secret gives `body`; it displays as the 40 lowercase
     /// hex digits Comapi sends. For tests and for senders.
     #[must_use]
     pub fn sign(&self, body: &[u8]) -> Signature {
-        let mut tag = [0u8; TAG_LEN];
-        write_be(&mut tag, &self.keys.primary.tag_words(body));
-        Signature(tag)
+        // `keyed` never builds a verifier without a key, so the first always exists.
+        Signature(self.keys.first().map_or([0; TAG_LEN], |key| tag(key, body)))
     }
+}
+
+/// HMAC-SHA1 of `body` under a keyed state: a copy of the state absorbs the body.
+fn tag(key: &HmacSha1, body: &[u8]) -> [u8; TAG_LEN] {
+    let mut mac = key.clone();
+    mac.update(body);
+    mac.finalize().into_bytes().into()
 }
 
 impl fmt::Debug for Verifier {
@@ -304,26 +288,13 @@ impl Signature {
     /// [`Error::MalformedSignature`] for anything else: empty, too short or too long,
     /// a prefix such as `sha1=`, inner whitespace, non-hex or non-ASCII bytes.
     pub fn parse(value: &[u8]) -> Result<Self, Error> {
-        let digits: &[u8; 2 * TAG_LEN] = trim_ows(value)
-            .try_into()
-            .map_err(|_| Error::MalformedSignature)?;
+        let digits = trim_ows(value);
+        if digits.len() != 2 * TAG_LEN {
+            return Err(Error::MalformedSignature);
+        }
         let mut out = [0u8; TAG_LEN];
-        let mut valid = true;
-        for (bytes, chunk) in out
-            .as_chunks_mut::<4>()
-            .0
-            .iter_mut()
-            .zip(digits.as_chunks::<8>().0)
-        {
-            let (decoded, ok) = decode_hex8(u64::from_le_bytes(*chunk));
-            *bytes = decoded;
-            valid &= ok;
-        }
-        if valid {
-            Ok(Signature(out))
-        } else {
-            Err(Error::MalformedSignature)
-        }
+        hex::decode_to_slice(digits, &mut out).map_err(|_| Error::MalformedSignature)?;
+        Ok(Signature(out))
     }
 
     /// The 20 raw bytes of the signature.
@@ -335,7 +306,7 @@ impl Signature {
 
 impl PartialEq for Signature {
     fn eq(&self, other: &Self) -> bool {
-        tags_equal(&words(&self.0), &words(&other.0))
+        self.0.ct_eq(&other.0).into()
     }
 }
 
@@ -343,15 +314,9 @@ impl Eq for Signature {}
 
 impl fmt::Display for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut hex = [0u8; 2 * TAG_LEN];
-        for (pair, byte) in hex.as_chunks_mut::<2>().0.iter_mut().zip(self.0) {
-            *pair = [
-                DIGITS[usize::from(byte >> 4)],
-                DIGITS[usize::from(byte & 0x0F)],
-            ];
-        }
-        f.write_str(core::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
+        let mut digits = [0u8; 2 * TAG_LEN];
+        hex::encode_to_slice(self.0, &mut digits).map_err(|_| fmt::Error)?;
+        f.write_str(core::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -370,130 +335,4 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
         value = rest;
     }
     value
-}
-
-/// Decodes 8 ASCII hex digits (either case), packed little endian in a `u64`, into 4
-/// bytes, and tells whether all 8 were hex digits. Branch-free SWAR: every byte is
-/// range-checked at once. For a byte `b < 0x80`, `b + (0x80 - lo)` has its top bit set
-/// exactly when `b >= lo`, and no lane carries into the next.
-fn decode_hex8(x: u64) -> ([u8; 4], bool) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x80 * ONES;
-    let at_least = |v: u64, lo: u8| v.wrapping_add(u64::from(0x80 - lo) * ONES) & HIGH;
-    let at_most = |v: u64, hi: u8| !v.wrapping_add(u64::from(0x7F - hi) * ONES) & HIGH;
-
-    let ascii = x & HIGH == 0;
-    let digit = at_least(x, b'0') & at_most(x, b'9');
-    let folded = x | (0x20 * ONES); // 'A'..='F' -> 'a'..='f'
-    let letter = at_least(folded, b'a') & at_most(folded, b'f');
-    let valid = ascii && (digit | letter) == HIGH;
-
-    // '0'..'9' -> 0..9 from the low nibble; 'a'/'A' have low nibble 1, plus 9 is 10.
-    let nibbles = (x & (0x0F * ONES)) + (letter >> 7) * 9;
-    // Each 16-bit lane holds (first, second) digit; make it first << 4 | second.
-    let pairs = ((nibbles & 0x000F_000F_000F_000F) << 4) | ((nibbles >> 8) & 0x000F_000F_000F_000F);
-    let bytes = [
-        pairs as u8,
-        (pairs >> 16) as u8,
-        (pairs >> 32) as u8,
-        (pairs >> 48) as u8,
-    ];
-    (bytes, valid)
-}
-
-/// Constant-time tag equality: the XOR of every word pair is OR-folded into one word,
-/// with no data-dependent branch, and `subtle` decides whether that word is zero
-/// behind its optimisation barrier. One barrier instead of twenty (one per byte) is
-/// what `subtle`'s slice comparison would cost.
-fn tags_equal(a: &[u32; 5], b: &[u32; 5]) -> bool {
-    let diff = a.iter().zip(b).fold(0u32, |acc, (x, y)| acc | (x ^ y));
-    diff.ct_eq(&0).into()
-}
-
-/// A 20-byte tag as five big-endian words, the form SHA-1 produces it in.
-fn words(tag: &[u8; TAG_LEN]) -> [u32; 5] {
-    let mut out = [0u32; 5];
-    for (word, chunk) in out.iter_mut().zip(tag.as_chunks::<4>().0) {
-        *word = u32::from_be_bytes(*chunk);
-    }
-    out
-}
-
-/// One secret's precomputed HMAC-SHA1 state (RFC 2104): the SHA-1 chaining values
-/// after absorbing `K ^ ipad` and `K ^ opad`. These are key-equivalent, so they are
-/// zeroized on drop and never printed.
-struct Key {
-    inner: [u32; 5],
-    outer: [u32; 5],
-}
-
-impl Key {
-    fn new(secret: &[u8]) -> Key {
-        let mut block = [0u8; BLOCK_LEN];
-        if secret.len() > BLOCK_LEN {
-            let mut digest = sha1::Sha1::digest(secret);
-            block[..TAG_LEN].copy_from_slice(&digest);
-            digest[..].zeroize();
-        } else {
-            block[..secret.len()].copy_from_slice(secret);
-        }
-        let mut pad = [0u8; BLOCK_LEN];
-        let mut state_after = |xor: u8| {
-            for (p, k) in pad.iter_mut().zip(&block) {
-                *p = k ^ xor;
-            }
-            let mut state = H0;
-            sha1::block_api::compress(&mut state, &[pad]);
-            state
-        };
-        let key = Key {
-            inner: state_after(0x36),
-            outer: state_after(0x5C),
-        };
-        pad.zeroize();
-        block.zeroize();
-        key
-    }
-
-    /// HMAC-SHA1 of `message` under this key, as SHA-1's five state words.
-    fn tag_words(&self, message: &[u8]) -> [u32; 5] {
-        let (blocks, rest) = message.as_chunks::<BLOCK_LEN>();
-        let mut inner = self.inner;
-        sha1::block_api::compress(&mut inner, blocks);
-
-        // Final block(s): the rest of the message, 0x80, zeros, and the bit length of
-        // the key block plus the message, big endian, in the last 8 bytes.
-        let mut tail = [[0u8; BLOCK_LEN]; 2];
-        let used = if rest.len() < BLOCK_LEN - 8 { 1 } else { 2 };
-        let flat = tail.as_flattened_mut();
-        flat[..rest.len()].copy_from_slice(rest);
-        flat[rest.len()] = 0x80;
-        let bits = (message.len() as u64)
-            .wrapping_add(BLOCK_LEN as u64)
-            .wrapping_mul(8);
-        flat[used * BLOCK_LEN - 8..used * BLOCK_LEN].copy_from_slice(&bits.to_be_bytes());
-        sha1::block_api::compress(&mut inner, &tail[..used]);
-
-        // Outer hash: one block holding the inner digest and its padding.
-        let mut block = [0u8; BLOCK_LEN];
-        write_be(&mut block[..TAG_LEN], &inner);
-        block[TAG_LEN] = 0x80;
-        block[BLOCK_LEN - 8..].copy_from_slice(&(((BLOCK_LEN + TAG_LEN) * 8) as u64).to_be_bytes());
-        let mut outer = self.outer;
-        sha1::block_api::compress(&mut outer, &[block]);
-        outer
-    }
-}
-
-fn write_be(out: &mut [u8], words: &[u32; 5]) {
-    for (chunk, word) in out.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_be_bytes());
-    }
-}
-
-impl Drop for Key {
-    fn drop(&mut self) {
-        self.inner.zeroize();
-        self.outer.zeroize();
-    }
 }

@@ -156,7 +156,7 @@ enum Request {
         events: u64,
         /// Answered with the lines' buffer once they are durable, so that it is freed
         /// on the thread that allocated it, not on the writer's.
-        done: oneshot::Sender<Result<Vec<u8>, String>>,
+        done: oneshot::Sender<Result<Vec<u8>, Arc<io::Error>>>,
     },
     Close(oneshot::Sender<()>),
 }
@@ -168,9 +168,9 @@ impl Spool {
     /// # Errors
     /// [`Error::Storage`] when the folder or a segment cannot be created or read.
     pub fn open(config: &SpoolConfig) -> Result<(Spool, Recovery), Error> {
-        fs::create_dir_all(&config.dir).map_err(|e| storage("create the spool folder", &e))?;
+        fs::create_dir_all(&config.dir).map_err(|e| storage("create the spool folder", e))?;
         let (writer, recovery) =
-            Writer::recover(config).map_err(|e| storage("open the spool", &e))?;
+            Writer::recover(config).map_err(|e| storage("open the spool", e))?;
         let stored = Arc::new(AtomicU64::new(recovery.events));
         let (committed_tx, committed) = watch::channel(writer.position());
         let (requests, rx) = mpsc::channel(4096);
@@ -179,7 +179,7 @@ impl Spool {
         std::thread::Builder::new()
             .name("comapi-spool-writer".to_owned())
             .spawn(move || writer.run(rx, &committed_tx, &counter))
-            .map_err(|e| storage("start the spool writer", &e))?;
+            .map_err(|e| storage("start the spool writer", e))?;
         let shared = Shared {
             dir: config.dir.clone(),
             remove_processed: config.remove_processed,
@@ -209,10 +209,13 @@ impl Spool {
             return Ok(());
         }
         if lines.last() != Some(&b'\n') || memchr::memchr(0, &lines).is_some() {
-            return Err(Error::Storage {
-                message: "cannot append: lines must end in a line feed and hold no zero byte"
-                    .to_owned(),
-            });
+            return Err(Error::storage(
+                "cannot append",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "lines must end in a line feed and hold no zero byte",
+                ),
+            ));
         }
         let (done, answer) = oneshot::channel();
         let request = Request::Append {
@@ -225,7 +228,12 @@ impl Spool {
         }
         match answer.await {
             Ok(Ok(_lines)) => Ok(()),
-            Ok(Err(message)) => Err(Error::Storage { message }),
+            // Every append of the group shares the one failure: each gets its kind
+            // (a full disk, a permission error) and its text.
+            Ok(Err(error)) => Err(Error::storage(
+                "cannot write the spool",
+                io::Error::new(error.kind(), error),
+            )),
             Err(_) => Err(closed()),
         }
     }
@@ -289,16 +297,20 @@ impl fmt::Debug for Spool {
     }
 }
 
-fn storage(what: &str, error: &io::Error) -> Error {
-    Error::Storage {
-        message: format!("cannot {what}: {error}"),
-    }
+fn storage(what: &str, error: io::Error) -> Error {
+    Error::storage(format!("cannot {what}"), error)
 }
 
 fn closed() -> Error {
-    Error::Storage {
-        message: "the spool is closed".to_owned(),
-    }
+    Error::storage(
+        "cannot append",
+        io::Error::new(io::ErrorKind::BrokenPipe, "the spool is closed"),
+    )
+}
+
+/// Data read back from the spool that is not what the spool writes.
+fn corrupt(what: String, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::storage(what, io::Error::new(io::ErrorKind::InvalidData, error))
 }
 
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
@@ -495,8 +507,7 @@ impl Writer {
             let result = if buffers.is_empty() {
                 Ok(())
             } else {
-                self.write_group(&buffers)
-                    .map_err(|e| format!("cannot write the spool: {e}"))
+                self.write_group(&buffers).map_err(Arc::new)
             };
             if result.is_ok() {
                 stored.fetch_add(events, Ordering::AcqRel);
@@ -630,9 +641,8 @@ impl SpooledEvent {
         if let Some(parts) = split_line(line) {
             return Ok(parts);
         }
-        let parsed: Line<'_> = serde_json::from_slice(line).map_err(|e| Error::Storage {
-            message: format!("corrupt spool line before {:?}: {e}", self.end),
-        })?;
+        let parsed: Line<'_> = serde_json::from_slice(line)
+            .map_err(|e| corrupt(format!("corrupt spool line before {:?}", self.end), e))?;
         Ok(Parts {
             received_at: parsed.received_at,
             secret_index: parsed.secret_index,
@@ -648,8 +658,11 @@ impl SpooledEvent {
     pub fn event(&self) -> Result<Event<'_>, Error> {
         let raw = self.parts()?.event;
         // One envelope, already valid UTF-8: parsed straight, without the batch check.
-        serde_json::from_str(raw).map_err(|e| Error::Storage {
-            message: format!("corrupt event in the spool before {:?}: {e}", self.end),
+        serde_json::from_str(raw).map_err(|e| {
+            corrupt(
+                format!("corrupt event in the spool before {:?}", self.end),
+                e,
+            )
         })
     }
 
@@ -750,8 +763,11 @@ impl SpoolReader {
         committed: watch::Receiver<Position>,
     ) -> Result<Self, Error> {
         let position = match fs::read_to_string(dir.join(OFFSET_FILE)) {
-            Ok(text) => parse_offset(&text).ok_or_else(|| Error::Storage {
-                message: format!("corrupt offset file: {text:?}"),
+            Ok(text) => parse_offset(&text).ok_or_else(|| {
+                corrupt(
+                    "corrupt offset file".to_owned(),
+                    format!("not a spool position: {text:?}"),
+                )
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Position {
                 segment: segment_numbers(dir)
@@ -760,7 +776,7 @@ impl SpoolReader {
                     .unwrap_or(1),
                 offset: 0,
             },
-            Err(e) => return Err(storage("read the offset file", &e)),
+            Err(e) => return Err(storage("read the offset file", e)),
         };
         // Never past the data: had damage cut acknowledged lines off the end, new
         // events would land behind the reader, unseen.
@@ -824,7 +840,7 @@ impl SpoolReader {
         let segment = self.position.segment;
         if self.file.as_ref().is_none_or(|(n, _)| *n != segment) {
             let file = File::open(segment_path(&self.dir, segment))
-                .map_err(|e| storage("open a segment", &e))?;
+                .map_err(|e| storage("open a segment", e))?;
             self.file = Some((segment, file));
         }
         let Some((_, file)) = self.file.as_mut() else {
@@ -833,7 +849,7 @@ impl SpoolReader {
         // A later segment exists: this one is complete, read it to its end.
         let limit = if committed.segment > segment {
             file.metadata()
-                .map_err(|e| storage("read a segment", &e))?
+                .map_err(|e| storage("read a segment", e))?
                 .len()
         } else {
             committed.offset
@@ -864,9 +880,10 @@ impl SpoolReader {
         }
         if whole == 0 {
             if committed.segment == segment {
-                return Err(Error::Storage {
-                    message: format!("corrupt spool: no line end after {:?}", self.position),
-                });
+                return Err(corrupt(
+                    format!("corrupt spool after {:?}", self.position),
+                    "no line end",
+                ));
             }
             // A finished segment whose end lost its line end (damage): hand the rest
             // out as one line, which the worker sets aside, rather than stop here.
@@ -906,7 +923,7 @@ impl SpoolReader {
             }
             Ok(())
         };
-        write().map_err(|e| storage("set a line aside in rejected.jsonl", &e))
+        write().map_err(|e| storage("set a line aside in rejected.jsonl", e))
     }
 
     /// Persists `upto` as the point to resume from (written to a temporary file,
@@ -925,7 +942,7 @@ impl SpoolReader {
             fs::rename(&tmp, self.dir.join(OFFSET_FILE))?;
             sync_dir(&self.dir)
         };
-        write().map_err(|e| storage("write the offset file", &e))?;
+        write().map_err(|e| storage("write the offset file", e))?;
         if self.remove_processed {
             // Only after the offset is durable: a restart never looks for them.
             for n in segment_numbers(&self.dir).unwrap_or_default() {
@@ -944,7 +961,7 @@ fn read_at(file: &mut File, offset: u64, len: u64, data: &mut Vec<u8>) -> Result
     data.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
     file.seek(SeekFrom::Start(offset))
         .and_then(|_| file.read_exact(data))
-        .map_err(|e| storage("read a segment", &e))
+        .map_err(|e| storage("read a segment", e))
 }
 
 fn parse_offset(text: &str) -> Option<Position> {

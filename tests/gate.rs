@@ -9,6 +9,7 @@ use support::runtime;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use comapi_webhook::{Decision, DecisionStore, Event, Gate, GateConfig};
 #[cfg(feature = "redis")]
@@ -129,6 +130,114 @@ where
         Stale { current: u64::MAX },
     ];
     assert_eq!(decide_all(&store, &events).await, want);
+}
+
+/// An event raised at `timestamp` (`None`: without one), about a message of its own.
+fn event_at(event_id: &str, timestamp: Option<&str>) -> Event<'static> {
+    let mut envelope = serde_json::json!({
+        "eventId": event_id, "name": "message.read", "payload": { "id": event_id }, "revision": 1,
+    });
+    if let Some(timestamp) = timestamp {
+        envelope["timestamp"] = timestamp.into();
+    }
+    let body = serde_json::to_vec(&envelope).unwrap();
+    comapi_webhook::parse_already_verified(&body)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .into_owned()
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The replay window, on fresh stores from `new_store(max_age)` with the default
+/// skew of five minutes.
+async fn replay_window_suite<S, F, Fut>(mut new_store: F)
+where
+    S: DecisionStore,
+    F: FnMut(Duration) -> Fut,
+    Fut: Future<Output = S>,
+{
+    use Decision::{Duplicate, Expired, Fresh};
+    let now = SystemTime::now();
+    let store = new_store(GateConfig::DEFAULT_MAX_AGE).await;
+
+    // Older than 25 hours: expired, every time, and nothing is recorded for it.
+    let old = event_at("old", Some("2017-08-31T09:26:14.604Z"));
+    let decisions = decide_all(&store, &[old.clone(), old]).await;
+    for decision in &decisions {
+        let Expired { age_secs } = decision else {
+            panic!("{decisions:?}");
+        };
+        assert!(*age_secs > 9 * 365 * 86_400, "{age_secs}");
+    }
+    assert_eq!(decisions[0], decisions[1]);
+    let just_inside = event_at(
+        "inside",
+        Some(&rfc3339(now - Duration::from_secs(24 * 3600))),
+    );
+    assert_eq!(decide_all(&store, &[just_inside]).await, [Fresh]);
+
+    // Dated an hour ahead (beyond the skew): expired, with a negative age. A few
+    // seconds ahead is clock skew, and fine.
+    let ahead = event_at("ahead", Some(&rfc3339(now + Duration::from_secs(3600))));
+    let [Expired { age_secs }] = decide_all(&store, &[ahead]).await[..] else {
+        panic!("not expired");
+    };
+    assert!((-3600..-3500).contains(&age_secs), "{age_secs}");
+    let skewed = event_at("skewed", Some(&rfc3339(now + Duration::from_secs(10))));
+    assert_eq!(decide_all(&store, &[skewed]).await, [Fresh]);
+
+    // No timestamp, or one that cannot be read: the normal decision.
+    for (id, timestamp) in [("none", None), ("unreadable", Some("yesterday"))] {
+        let event = event_at(id, timestamp);
+        assert_eq!(
+            decide_all(&store, &[event.clone(), event]).await,
+            [Fresh, Duplicate],
+            "{timestamp:?}"
+        );
+    }
+
+    // A request captured and replayed once the gate has forgotten its eventId (a
+    // new store here; the TTL or the memory bound in real life): expired.
+    let captured = event_at("captured", Some(&rfc3339(SystemTime::now())));
+    let store = new_store(Duration::from_secs(2)).await;
+    assert_eq!(
+        decide_all(&store, std::slice::from_ref(&captured)).await,
+        [Fresh]
+    );
+    std::thread::sleep(Duration::from_millis(3_100));
+    let forgetful = new_store(Duration::from_secs(2)).await;
+    assert!(matches!(
+        decide_all(&forgetful, &[captured]).await[..],
+        [Expired { age_secs: 3.. }]
+    ));
+}
+
+#[test]
+fn replay_window_in_memory() {
+    runtime().block_on(replay_window_suite(|max_age| async move {
+        Gate::with_config(GateConfig::default().with_max_age(max_age))
+    }));
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn replay_window_redis() {
+    let Some(url) = redis_url("replay_window_redis") else {
+        return;
+    };
+    runtime().block_on(replay_window_suite(|max_age| {
+        let url = url.clone();
+        async move {
+            let config = RedisGateConfig::default()
+                .with_key_prefix(unique_prefix("replay"))
+                .with_max_age(max_age);
+            RedisGate::connect(&url, config).await.unwrap()
+        }
+    }));
 }
 
 #[test]

@@ -45,7 +45,7 @@ impl EventHandler for Processing {
 
     fn set_aside(&mut self, line: &[u8], error: &Error) {
         tracing::error!(
-            %error,
+            error = %error.report(),
             bytes = line.len(),
             "a stored line is not an event: kept in rejected.jsonl in the spool folder, skipped"
         );
@@ -76,10 +76,11 @@ pub(crate) fn config_from_env() -> Config {
 
 fn try_config() -> Result<Config, String> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let secrets = var("COMAPI_WEBHOOK_SECRET").ok_or(
+    // Wiped when dropped; the process environment keeps its own copy.
+    let secrets = zeroize::Zeroizing::new(var("COMAPI_WEBHOOK_SECRET").ok_or(
         "COMAPI_WEBHOOK_SECRET is required: the secret entered for this webhook in the Comapi portal \
          (comma-separated for rotation, primary first)",
-    )?;
+    )?);
     let verifier = Verifier::with_secrets(secrets.split(',').map(str::trim))
         .map_err(|e| format!("COMAPI_WEBHOOK_SECRET: {e}"))?;
     let port: u16 = match var("PORT") {
@@ -149,7 +150,11 @@ pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
     let (spool, recovery) = match Spool::open(&config.spool) {
         Ok(opened) => opened,
         Err(error) => {
-            eprintln!("error: spool {}: {error}", config.spool.dir.display());
+            eprintln!(
+                "error: spool {}: {}",
+                config.spool.dir.display(),
+                error.report()
+            );
             std::process::exit(1);
         }
     };
@@ -196,10 +201,10 @@ fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
                     Ok(Err(error)) | Err(error) => error,
                 };
                 if spool.is_closed() {
-                    tracing::error!(%error, "worker stopped");
+                    tracing::error!(error = %error.report(), "worker stopped");
                     return;
                 }
-                tracing::error!(%error, "worker failed; resuming in 1 s");
+                tracing::error!(error = %error.report(), "worker failed; resuming in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
             }
         });

@@ -113,6 +113,9 @@ impl Rejection {
         self.status
     }
 
+    /// actix-web finds the config in its app data at run time; axum's state is
+    /// checked when the router is built, so it never needs this.
+    #[cfg(feature = "actix")]
     fn missing_config() -> Self {
         Rejection {
             status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use crate::{Error, Event, Family};
 
@@ -19,7 +20,12 @@ pub use redis_store::{RedisGate, RedisGateConfig};
 /// and it does not deliver in order, so a message's `read` can arrive before its
 /// `delivered`. Each event carries a `revision` that is higher for later states of
 /// the same entity; the gate keeps the highest revision it accepted per entity.
+///
+/// A captured request can also be replayed long after the gate has forgotten its
+/// `eventId`; the event's own `timestamp`, which the signature covers, tells such a
+/// replay apart ([`Decision::Expired`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Decision {
     /// The first arrival of this event, and it is the newest state of its entity:
     /// process it.
@@ -32,6 +38,19 @@ pub enum Decision {
         /// The revision already accepted, which supersedes this event's.
         current: u64,
     },
+    /// The event's `timestamp` lies outside the replay window: older than the
+    /// gate's `max_age` (25 hours by default: Comapi retries for 24), or more than
+    /// its `max_skew` (5 minutes by default) ahead of this machine's clock. A
+    /// genuine delivery is never that old, so this is a replay of a captured
+    /// request, or a clock gone wrong. Drop it; nothing is recorded.
+    ///
+    /// An event without a readable timestamp ([`Event::time`] is `None`) skips
+    /// this check and is decided by its `eventId` and `revision` alone.
+    Expired {
+        /// How old the event was, in whole seconds: past `max_age` when positive,
+        /// and negative for an event dated in the future.
+        age_secs: i64,
+    },
 }
 
 impl Decision {
@@ -41,13 +60,38 @@ impl Decision {
         self == Decision::Fresh
     }
 
-    /// `fresh`, `duplicate` or `stale`, for logs.
+    /// `fresh`, `duplicate`, `stale` or `expired`, for logs.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Fresh => "fresh",
             Decision::Duplicate => "duplicate",
             Decision::Stale { .. } => "stale",
+            Decision::Expired { .. } => "expired",
+        }
+    }
+}
+
+/// The replay window both stores apply before they look anything up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReplayWindow {
+    pub(crate) max_age: Duration,
+    pub(crate) max_skew: Duration,
+}
+
+impl ReplayWindow {
+    /// [`Decision::Expired`] when `event`'s time lies outside the window at `now`;
+    /// `None` when it lies inside, or the event has no readable time.
+    pub(crate) fn expired(&self, event: &Event<'_>, now: SystemTime) -> Option<Decision> {
+        let time = event.time()?;
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        match now.duration_since(time) {
+            Ok(age) => (age > self.max_age).then(|| Decision::Expired {
+                age_secs: secs(age),
+            }),
+            Err(ahead) => (ahead.duration() > self.max_skew).then(|| Decision::Expired {
+                age_secs: -secs(ahead.duration()),
+            }),
         }
     }
 }
@@ -101,7 +145,7 @@ pub(crate) fn decide(
     }
 }
 
-/// Bounds of the in-memory [`Gate`].
+/// Bounds and replay window of the in-memory [`Gate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GateConfig {
@@ -109,27 +153,54 @@ pub struct GateConfig {
     pub max_event_ids: usize,
     /// How many entities (messages, conversations, …) to remember a revision for.
     pub max_entities: usize,
+    /// Events whose `timestamp` is older than this are [`Decision::Expired`].
+    /// Default [`GateConfig::DEFAULT_MAX_AGE`]; `Duration::MAX` turns the check off.
+    pub max_age: Duration,
+    /// Events dated more than this ahead of the local clock are
+    /// [`Decision::Expired`]. Default [`GateConfig::DEFAULT_MAX_SKEW`].
+    pub max_skew: Duration,
 }
 
 impl Default for GateConfig {
     /// One million event ids and one million entities: a day of Comapi's retry
-    /// horizon at about 11 events per second, in roughly 100 MB (see the README).
+    /// horizon at about 11 events per second, in roughly 100 MB (see the README);
+    /// the default replay window.
     fn default() -> Self {
-        GateConfig {
-            max_event_ids: 1_000_000,
-            max_entities: 1_000_000,
-        }
+        Self::new(1_000_000, 1_000_000)
     }
 }
 
 impl GateConfig {
-    /// Bounds with the given limits.
+    /// The default `max_age` of both stores: 25 hours, Comapi's retry horizon of
+    /// 24 hours plus an hour.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(25 * 60 * 60);
+
+    /// The default `max_skew` of both stores: 5 minutes.
+    pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(5 * 60);
+
+    /// Bounds with the given limits, and the default replay window.
     #[must_use]
     pub fn new(max_event_ids: usize, max_entities: usize) -> Self {
         GateConfig {
             max_event_ids,
             max_entities,
+            max_age: Self::DEFAULT_MAX_AGE,
+            max_skew: Self::DEFAULT_MAX_SKEW,
         }
+    }
+
+    /// The same settings with another [`GateConfig::max_age`].
+    #[must_use]
+    pub fn with_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// The same settings with another [`GateConfig::max_skew`].
+    #[must_use]
+    pub fn with_max_skew(mut self, max_skew: Duration) -> Self {
+        self.max_skew = max_skew;
+        self
     }
 }
 
@@ -171,6 +242,7 @@ pub struct Gate {
 struct GateInner {
     event_ids: Sharded<IdKey, ()>,
     entities: Sharded<(Family, IdKey), u64>,
+    window: ReplayWindow,
 }
 
 impl Gate {
@@ -187,17 +259,25 @@ impl Gate {
             inner: Arc::new(GateInner {
                 event_ids: Sharded::new(config.max_event_ids),
                 entities: Sharded::new(config.max_entities),
+                window: ReplayWindow {
+                    max_age: config.max_age,
+                    max_skew: config.max_skew,
+                },
             }),
         }
     }
 
     /// Decides on `event` and records it. See [`Decision`].
     ///
-    /// The event id is recorded whatever the decision, so a retry of a stale event is
+    /// An event outside the replay window is [`Decision::Expired`] before anything
+    /// is looked up, and is not recorded. Otherwise the event id is recorded whatever the decision, so a retry of a stale event is
     /// a [`Decision::Duplicate`]. Each of the two steps (the id, then the entity's
     /// revision) is atomic, which is all the rule needs: a racing copy of the same
     /// event loses the first step, and of two racing revisions the higher one wins.
     pub fn check(&self, event: &Event<'_>) -> Decision {
+        if let Some(expired) = self.inner.window.expired(event, SystemTime::now()) {
+            return expired;
+        }
         let key = GateKey::of(event);
         let first_sighting = self
             .inner

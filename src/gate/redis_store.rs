@@ -3,11 +3,12 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Decision, DecisionStore, GateKey, decide};
+use super::{Decision, DecisionStore, GateKey, ReplayWindow, decide};
+use crate::GateConfig;
 use crate::{Error, Event};
 
 /// Records each event id (`SET NX` with a TTL) and raises its entity's revision if
@@ -56,6 +57,13 @@ pub struct RedisGateConfig {
     /// How long to wait for Redis to answer or to connect before the decision fails
     /// with [`Error::StoreUnavailable`].
     pub timeout: Duration,
+    /// Events whose `timestamp` is older than this are [`Decision::Expired`]. The
+    /// default, [`GateConfig::DEFAULT_MAX_AGE`], matches the default TTL, so an
+    /// event id is remembered for as long as a replay of it could pass the window.
+    pub max_age: Duration,
+    /// Events dated more than this ahead of the local clock are
+    /// [`Decision::Expired`]. Default [`GateConfig::DEFAULT_MAX_SKEW`].
+    pub max_skew: Duration,
 }
 
 impl Default for RedisGateConfig {
@@ -64,6 +72,8 @@ impl Default for RedisGateConfig {
             key_prefix: "comapi-webhook:".to_owned(),
             ttl: Duration::from_secs(25 * 60 * 60),
             timeout: Duration::from_secs(2),
+            max_age: GateConfig::DEFAULT_MAX_AGE,
+            max_skew: GateConfig::DEFAULT_MAX_SKEW,
         }
     }
 }
@@ -80,6 +90,22 @@ impl RedisGateConfig {
     #[must_use]
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    /// The same settings with another [`RedisGateConfig::max_age`]. Keep it no
+    /// longer than the TTL: a replay older than the TTL but inside the window
+    /// would pass as fresh.
+    #[must_use]
+    pub fn with_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// The same settings with another [`RedisGateConfig::max_skew`].
+    #[must_use]
+    pub fn with_max_skew(mut self, max_skew: Duration) -> Self {
+        self.max_skew = max_skew;
         self
     }
 }
@@ -111,6 +137,7 @@ pub struct RedisGate {
     script: Arc<redis::Script>,
     key_prefix: Arc<str>,
     ttl_seconds: u64,
+    window: ReplayWindow,
 }
 
 impl RedisGate {
@@ -119,7 +146,7 @@ impl RedisGate {
     /// # Errors
     /// [`Error::StoreUnavailable`] if the URL is invalid or Redis cannot be reached.
     pub async fn connect(url: &str, config: RedisGateConfig) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        let client = redis::Client::open(url).map_err(|e| unavailable("invalid Redis URL", e))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -127,12 +154,16 @@ impl RedisGate {
         let connection = client
             .get_connection_manager_with_config(manager_config)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable("cannot connect to Redis", e))?;
         Ok(RedisGate {
             connection,
             script: Arc::new(redis::Script::new(SCRIPT)),
             key_prefix: config.key_prefix.into(),
             ttl_seconds: config.ttl.as_secs().max(1),
+            window: ReplayWindow {
+                max_age: config.max_age,
+                max_skew: config.max_skew,
+            },
         })
     }
 
@@ -144,7 +175,7 @@ impl RedisGate {
         self.check_batch(std::slice::from_ref(event))
             .await?
             .pop()
-            .ok_or_else(|| unavailable("empty reply from Redis"))
+            .ok_or_else(|| protocol("empty reply from Redis"))
     }
 
     /// Decides on every event of a batch, in order, in one round trip. Events later
@@ -155,10 +186,21 @@ impl RedisGate {
     /// about which events were recorded, and retrying the batch is safe only in the
     /// sense that recorded ones come back as duplicates.
     pub async fn check_batch(&self, events: &[Event<'_>]) -> Result<Vec<Decision>, Error> {
-        if events.is_empty() {
-            return Ok(Vec::new());
+        // Events outside the replay window are decided here, and never reach Redis.
+        let now = SystemTime::now();
+        let expired: Vec<Option<Decision>> = events
+            .iter()
+            .map(|event| self.window.expired(event, now))
+            .collect();
+        let keys: Vec<GateKey<'_>> = events
+            .iter()
+            .zip(&expired)
+            .filter(|(_, expired)| expired.is_none())
+            .map(|(event, _)| GateKey::of(event))
+            .collect();
+        if keys.is_empty() {
+            return Ok(expired.into_iter().flatten().collect());
         }
-        let keys: Vec<GateKey<'_>> = events.iter().map(GateKey::of).collect();
         let mut invocation = self.script.prepare_invoke();
         for key in &keys {
             invocation.key(format!("{}event:{}", self.key_prefix, key.event_id));
@@ -183,26 +225,32 @@ impl RedisGate {
         let replies: Vec<String> = invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable("the gate script failed", e))?;
         if replies.len() != keys.len() {
-            return Err(unavailable("reply count does not match the batch"));
+            return Err(protocol("reply count does not match the batch"));
         }
-        keys.iter()
-            .zip(&replies)
-            .map(|(key, reply)| {
-                let revision = key.ordering.map(|(_, _, revision)| revision);
-                match reply.as_str() {
-                    "seen" => Ok(decide(false, None, revision)),
-                    "new" => Ok(decide(true, None, None)),
-                    other => match other.strip_prefix("new:") {
-                        Some("") => Ok(decide(true, None, revision)),
-                        Some(before) => before
-                            .parse()
-                            .map(|before| decide(true, Some(before), revision))
-                            .map_err(|_| unavailable("unexpected revision in Redis")),
-                        None => Err(unavailable("unexpected reply from Redis")),
-                    },
-                }
+        let mut looked_up = keys.iter().zip(&replies).map(|(key, reply)| {
+            let revision = key.ordering.map(|(_, _, revision)| revision);
+            match reply.as_str() {
+                "seen" => Ok(decide(false, None, revision)),
+                "new" => Ok(decide(true, None, None)),
+                other => match other.strip_prefix("new:") {
+                    Some("") => Ok(decide(true, None, revision)),
+                    Some(before) => before
+                        .parse()
+                        .map(|before| decide(true, Some(before), revision))
+                        .map_err(|_| protocol("unexpected revision in Redis")),
+                    None => Err(protocol("unexpected reply from Redis")),
+                },
+            }
+        });
+        expired
+            .into_iter()
+            .map(|expired| match expired {
+                Some(decision) => Ok(decision),
+                None => looked_up
+                    .next()
+                    .unwrap_or_else(|| Err(protocol("reply count does not match the batch"))),
             })
             .collect()
     }
@@ -223,8 +271,14 @@ impl fmt::Debug for RedisGate {
     }
 }
 
-fn unavailable(error: impl fmt::Display) -> Error {
-    Error::StoreUnavailable {
-        message: error.to_string(),
-    }
+fn unavailable(context: &str, error: redis::RedisError) -> Error {
+    Error::store_unavailable(context, error)
+}
+
+/// A reply this crate's script never gives: Redis answered, but not as expected.
+fn protocol(what: &'static str) -> Error {
+    unavailable(
+        "unexpected reply from the gate script",
+        redis::RedisError::from((redis::ErrorKind::Parse, what)),
+    )
 }

@@ -46,7 +46,12 @@ pub fn unique_prefix(test: &str) -> String {
     )
 }
 
-/// An owned event with the given id, name, `payload.id` and revision.
+/// Now, as Comapi writes an event's `timestamp`: `2026-11-29T11:31:04.123Z`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// An owned event with the given id, name, `payload.id` and revision, raised now.
 pub fn event(
     event_id: &str,
     name: &str,
@@ -59,7 +64,7 @@ pub fn event(
     };
     let mut envelope = serde_json::json!({
         "eventId": event_id, "accountId": 1, "apiSpaceId": "space", "name": name, "payload": payload,
-        "timestamp": "2017-08-31T09:26:14.604Z",
+        "timestamp": now_rfc3339(),
     });
     if let Some(revision) = revision {
         envelope["revision"] = revision.into();
