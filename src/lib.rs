@@ -25,7 +25,7 @@ pub use event::{
     ChannelStatus, ChatAction, ConversationAction, ConversationMessageStatus, Event, EventKind,
     Family, MessageDetails, MessagePayload, MessageStatus, ProfileAction, parse_already_verified,
 };
-pub use gate::{Decision, DecisionStore, Gate, GateConfig};
+pub use gate::{Decision, DecisionStore, Gate, GateConfig, ReplayWindow};
 #[cfg(feature = "redis")]
 pub use gate::{RedisGate, RedisGateConfig};
 #[cfg(feature = "receiver")]

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use comapi_webhook::{Decision, DecisionStore, Event, Gate, GateConfig};
+use comapi_webhook::{Decision, DecisionStore, Event, Gate, GateConfig, ReplayWindow};
 #[cfg(feature = "redis")]
 use comapi_webhook::{Error, RedisGate, RedisGateConfig};
 use proptest::prelude::*;
@@ -162,7 +162,7 @@ where
 {
     use Decision::{Duplicate, Expired, Fresh};
     let now = SystemTime::now();
-    let store = new_store(GateConfig::DEFAULT_MAX_AGE).await;
+    let store = new_store(ReplayWindow::DEFAULT_MAX_AGE).await;
 
     // Older than 25 hours: expired, every time, and nothing is recorded for it.
     let old = event_at("old", Some("2017-08-31T09:26:14.604Z"));
@@ -219,7 +219,9 @@ where
 #[test]
 fn replay_window_in_memory() {
     runtime().block_on(replay_window_suite(|max_age| async move {
-        Gate::with_config(GateConfig::default().with_max_age(max_age))
+        Gate::with_config(
+            GateConfig::default().with_replay_window(ReplayWindow::default().with_max_age(max_age)),
+        )
     }));
 }
 
@@ -234,7 +236,7 @@ fn replay_window_redis() {
         async move {
             let config = RedisGateConfig::default()
                 .with_key_prefix(unique_prefix("replay"))
-                .with_max_age(max_age);
+                .with_replay_window(ReplayWindow::default().with_max_age(max_age));
             RedisGate::connect(&url, config).await.unwrap()
         }
     }));

@@ -13,7 +13,7 @@ mod redis_store;
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisGate, RedisGateConfig};
 
-/// What to do with an event, decided by a [`Gate`] (or a [`RedisGate`] shared by
+/// What to do with an event, decided by a [`Gate`] (or a `RedisGate` shared by
 /// many processes).
 ///
 /// Comapi delivers at least once, so an `eventId` can come again when Comapi retries;
@@ -72,14 +72,58 @@ impl Decision {
     }
 }
 
-/// The replay window both stores apply before they look anything up.
+/// The replay window both gates apply before they look anything up: an event dated
+/// outside it is [`Decision::Expired`].
+///
+/// ```
+/// use std::time::Duration;
+/// use comapi_webhook::{Gate, GateConfig, ReplayWindow};
+///
+/// let window = ReplayWindow::default().with_max_age(Duration::from_secs(2 * 3600));
+/// let gate = Gate::with_config(GateConfig::default().with_replay_window(window));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ReplayWindow {
-    pub(crate) max_age: Duration,
-    pub(crate) max_skew: Duration,
+#[non_exhaustive]
+pub struct ReplayWindow {
+    /// Events whose `timestamp` is older than this are expired. Default
+    /// [`ReplayWindow::DEFAULT_MAX_AGE`]; `Duration::MAX` turns the check off.
+    pub max_age: Duration,
+    /// Events dated more than this ahead of the local clock are expired. Default
+    /// [`ReplayWindow::DEFAULT_MAX_SKEW`].
+    pub max_skew: Duration,
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        ReplayWindow {
+            max_age: Self::DEFAULT_MAX_AGE,
+            max_skew: Self::DEFAULT_MAX_SKEW,
+        }
+    }
 }
 
 impl ReplayWindow {
+    /// The default `max_age`: 25 hours, Comapi's retry horizon of 24 hours plus an
+    /// hour, and the default TTL of `RedisGate`.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(25 * 60 * 60);
+
+    /// The default `max_skew`: 5 minutes.
+    pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(5 * 60);
+
+    /// The same window with another [`ReplayWindow::max_age`].
+    #[must_use]
+    pub fn with_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// The same window with another [`ReplayWindow::max_skew`].
+    #[must_use]
+    pub fn with_max_skew(mut self, max_skew: Duration) -> Self {
+        self.max_skew = max_skew;
+        self
+    }
+
     /// [`Decision::Expired`] when `event`'s time lies outside the window at `now`;
     /// `None` when it lies inside, or the event has no readable time.
     pub(crate) fn expired(&self, event: &Event<'_>, now: SystemTime) -> Option<Decision> {
@@ -96,7 +140,7 @@ impl ReplayWindow {
     }
 }
 
-/// A place that makes gate decisions: the in-memory [`Gate`], or [`RedisGate`] to
+/// A place that makes gate decisions: the in-memory [`Gate`], or `RedisGate` to
 /// share one consistent decision across processes and machines. Code that
 /// processes events (such as a receiver's worker) can be generic over it.
 pub trait DecisionStore: Send + Sync {
@@ -153,12 +197,8 @@ pub struct GateConfig {
     pub max_event_ids: usize,
     /// How many entities (messages, conversations, …) to remember a revision for.
     pub max_entities: usize,
-    /// Events whose `timestamp` is older than this are [`Decision::Expired`].
-    /// Default [`GateConfig::DEFAULT_MAX_AGE`]; `Duration::MAX` turns the check off.
-    pub max_age: Duration,
-    /// Events dated more than this ahead of the local clock are
-    /// [`Decision::Expired`]. Default [`GateConfig::DEFAULT_MAX_SKEW`].
-    pub max_skew: Duration,
+    /// Which event times are accepted; outside it, [`Decision::Expired`].
+    pub replay_window: ReplayWindow,
 }
 
 impl Default for GateConfig {
@@ -171,35 +211,20 @@ impl Default for GateConfig {
 }
 
 impl GateConfig {
-    /// The default `max_age` of both stores: 25 hours, Comapi's retry horizon of
-    /// 24 hours plus an hour.
-    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(25 * 60 * 60);
-
-    /// The default `max_skew` of both stores: 5 minutes.
-    pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(5 * 60);
-
     /// Bounds with the given limits, and the default replay window.
     #[must_use]
     pub fn new(max_event_ids: usize, max_entities: usize) -> Self {
         GateConfig {
             max_event_ids,
             max_entities,
-            max_age: Self::DEFAULT_MAX_AGE,
-            max_skew: Self::DEFAULT_MAX_SKEW,
+            replay_window: ReplayWindow::default(),
         }
     }
 
-    /// The same settings with another [`GateConfig::max_age`].
+    /// The same settings with another [`GateConfig::replay_window`].
     #[must_use]
-    pub fn with_max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = max_age;
-        self
-    }
-
-    /// The same settings with another [`GateConfig::max_skew`].
-    #[must_use]
-    pub fn with_max_skew(mut self, max_skew: Duration) -> Self {
-        self.max_skew = max_skew;
+    pub fn with_replay_window(mut self, replay_window: ReplayWindow) -> Self {
+        self.replay_window = replay_window;
         self
     }
 }
@@ -230,7 +255,7 @@ impl GateConfig {
 /// older one is dropped). Past the bound, an old entity forgotten means a very late stale
 /// event for it passes as fresh, and an event id forgotten means a very late retry of
 /// it passes as fresh. Size the limits to cover Comapi's retry horizon (about 24 h)
-/// at your event rate, or share a [`RedisGate`] with a TTL.
+/// at your event rate, or share a `RedisGate` with a TTL.
 ///
 /// Cloning is cheap and every clone shares the same memory.
 #[derive(Debug, Clone)]
@@ -259,10 +284,7 @@ impl Gate {
             inner: Arc::new(GateInner {
                 event_ids: Sharded::new(config.max_event_ids),
                 entities: Sharded::new(config.max_entities),
-                window: ReplayWindow {
-                    max_age: config.max_age,
-                    max_skew: config.max_skew,
-                },
+                window: config.replay_window,
             }),
         }
     }

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Decision, DecisionStore, GateKey, ReplayWindow, decide};
-use crate::GateConfig;
 use crate::{Error, Event};
 
 /// Records each event id (`SET NX` with a TTL) and raises its entity's revision if
@@ -57,13 +56,10 @@ pub struct RedisGateConfig {
     /// How long to wait for Redis to answer or to connect before the decision fails
     /// with [`Error::StoreUnavailable`].
     pub timeout: Duration,
-    /// Events whose `timestamp` is older than this are [`Decision::Expired`]. The
-    /// default, [`GateConfig::DEFAULT_MAX_AGE`], matches the default TTL, so an
-    /// event id is remembered for as long as a replay of it could pass the window.
-    pub max_age: Duration,
-    /// Events dated more than this ahead of the local clock are
-    /// [`Decision::Expired`]. Default [`GateConfig::DEFAULT_MAX_SKEW`].
-    pub max_skew: Duration,
+    /// Which event times are accepted; outside it, [`Decision::Expired`]. Its
+    /// default `max_age` matches the default TTL, so an event id is remembered for
+    /// as long as a replay of it could pass the window.
+    pub replay_window: ReplayWindow,
 }
 
 impl Default for RedisGateConfig {
@@ -72,8 +68,7 @@ impl Default for RedisGateConfig {
             key_prefix: "comapi-webhook:".to_owned(),
             ttl: Duration::from_secs(25 * 60 * 60),
             timeout: Duration::from_secs(2),
-            max_age: GateConfig::DEFAULT_MAX_AGE,
-            max_skew: GateConfig::DEFAULT_MAX_SKEW,
+            replay_window: ReplayWindow::default(),
         }
     }
 }
@@ -93,19 +88,12 @@ impl RedisGateConfig {
         self
     }
 
-    /// The same settings with another [`RedisGateConfig::max_age`]. Keep it no
-    /// longer than the TTL: a replay older than the TTL but inside the window
-    /// would pass as fresh.
+    /// The same settings with another [`RedisGateConfig::replay_window`]. Keep its
+    /// `max_age` no longer than the TTL: a replay older than the TTL but inside the
+    /// window would pass as fresh.
     #[must_use]
-    pub fn with_max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = max_age;
-        self
-    }
-
-    /// The same settings with another [`RedisGateConfig::max_skew`].
-    #[must_use]
-    pub fn with_max_skew(mut self, max_skew: Duration) -> Self {
-        self.max_skew = max_skew;
+    pub fn with_replay_window(mut self, replay_window: ReplayWindow) -> Self {
+        self.replay_window = replay_window;
         self
     }
 }
@@ -160,10 +148,7 @@ impl RedisGate {
             script: Arc::new(redis::Script::new(SCRIPT)),
             key_prefix: config.key_prefix.into(),
             ttl_seconds: config.ttl.as_secs().max(1),
-            window: ReplayWindow {
-                max_age: config.max_age,
-                max_skew: config.max_skew,
-            },
+            window: config.replay_window,
         })
     }
 
