@@ -121,8 +121,7 @@ impl Verifier {
     ///
     /// The list is checked whole before anything is keyed, and the keyed states go
     /// into a vector of exact capacity, which never reallocates: no copy of key
-    /// material is left behind in heap memory this crate freed. States built before
-    /// a refusal are dropped, which zeroizes them.
+    /// material is left behind in heap memory this crate freed.
     fn keyed<S: AsRef<[u8]>>(
         secrets: impl IntoIterator<Item = S>,
         min_len: usize,
