@@ -205,14 +205,19 @@ impl Verifier {
     }
 
     /// Verifies an already parsed [`Signature`] against `body`: each secret's tag,
-    /// the primary's first, is compared with `signature` in constant time.
+    /// the primary's first, is compared with `signature` in constant time (by
+    /// `hmac`'s `verify_slice`).
     ///
     /// # Errors
     /// [`Error::SignatureMismatch`] when no secret produces `signature`.
     pub fn verify_signature(&self, signature: &Signature, body: &[u8]) -> Result<Verified, Error> {
         self.keys
             .iter()
-            .position(|key| bool::from(tag(key, body).ct_eq(&signature.0)))
+            .position(|key| {
+                let mut mac = key.clone();
+                mac.update(body);
+                mac.verify_slice(&signature.0).is_ok()
+            })
             .map(|secret_index| Verified { secret_index })
             .ok_or(Error::SignatureMismatch)
     }
