@@ -15,7 +15,7 @@ export RUSTC_BOOTSTRAP=1
 for target in ${TARGETS:-signature_header verify parse_events receive}; do
   corpus=fuzz/corpus/$target
   mkdir -p "$corpus"
-  cp tests/fixtures/events/*.json tests/fixtures/invalid/* "$corpus/" 2>/dev/null || true
+  cp tests/fixtures/events/*.json tests/fixtures/drifted/*.json tests/fixtures/invalid/* "$corpus/" 2>/dev/null || true
   if [ "$target" = signature_header ] || [ "$target" = verify ]; then
     cut -d' ' -f3 tests/fixtures/hmac_sha1_vectors.txt | grep -v '^#' | head -20 |
       while read -r sig; do printf '%s' "$sig" > "$corpus/vector-$sig"; done

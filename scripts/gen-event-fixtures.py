@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the event fixtures under tests/fixtures/events and tests/fixtures/invalid.
+"""Writes the event fixtures under tests/fixtures/events, tests/fixtures/drifted (signed
+bodies whose fields drifted from the documented types: stored whole, and only a typed read
+of the drifted part fails) and tests/fixtures/invalid (bodies that earn a 400).
 
 Deterministic: run it again and nothing changes. message_sent_sms.json is Comapi's
 documented example, verbatim; the others follow the same envelope.
@@ -12,6 +14,7 @@ import uuid
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 EVENTS = ROOT / "events"
 INVALID = ROOT / "invalid"
+DRIFTED = ROOT / "drifted"
 
 DOCUMENTED = (
     '{"eventId":"0dceaf0d-93ea-4314-a6f8-b0cffe69799a","accountId":1234,"apiSpaceId":"c924cf6e-4352-4b26-a71a-c2032bea7a01",'
@@ -58,6 +61,7 @@ def write(folder, name, obj_or_text):
 def main():
     EVENTS.mkdir(parents=True, exist_ok=True)
     INVALID.mkdir(parents=True, exist_ok=True)
+    DRIFTED.mkdir(parents=True, exist_ok=True)
     write(EVENTS, "message_sent_sms.json", DOCUMENTED)
     for i, status in enumerate(["delivered", "read", "expired", "failed"], start=3):
         write(EVENTS, f"message_{status}.json", message_state(i, status, i))
@@ -98,10 +102,18 @@ def main():
     write(INVALID, "missing_event_id.json", no_id)
     deep = json.loads(DOCUMENTED)
     deep["payload"]["details"]["channelStatus"]["sms"]["status"] = 42
-    write(INVALID, "wrong_type_deep.json", deep)
+    write(DRIFTED, "wrong_type_deep.json", deep)
     bad_batch = [dict(json.loads(DOCUMENTED), eventId=uid(2000 + i)) for i in range(5)]
     bad_batch[3]["payload"]["id"] = 12345
-    write(INVALID, "batch_one_bad.json", bad_batch)
+    write(DRIFTED, "batch_one_bad.json", bad_batch)
+    drifted = [dict(json.loads(DOCUMENTED), eventId=uid(3000 + i)) for i in range(6)]
+    drifted[0]["payload"]["details"]["channel"] = 7
+    drifted[1]["revision"] = 5.5
+    drifted[2]["apiSpaceId"] = 123
+    drifted[3]["etag"] = {"weak": True}
+    drifted[4]["payload"] = "not an object"
+    del drifted[5]["payload"]
+    write(DRIFTED, "batch_drifted.json", drifted)
     write(INVALID, "bare_string.json", '"message.sent"')
     write(INVALID, "number.json", "42")
     write(INVALID, "nested_10000.json", "[" * 10000 + "]" * 10000)

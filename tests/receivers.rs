@@ -322,15 +322,26 @@ fn answers(name: &str) {
         };
         assert_eq!(status, 400);
         assert!(text.contains("[1].eventId"), "{text}");
+        let lacks_id = format!("[{}, {{\"name\":\"message.sent\"}}]", event_json("bad-5"));
+        assert_eq!(post_signed(&client, &url, SECRET, lacks_id).await, Ok(400));
 
-        // 5. Over the limit: 413, signed or not.
+        // 5. Signed batches whose fields drifted from the documented types (a
+        // payload of the wrong shape, a fractional revision, a numeric apiSpaceId,
+        // an object etag, a payload that is a string, no payload): stored whole.
+        let drifted = std::fs::read_to_string("tests/fixtures/drifted/batch_drifted.json").unwrap();
+        assert_eq!(post_signed(&client, &url, SECRET, drifted).await, Ok(200));
+        let shapes = r#"[{"eventId":"drift-1","name":"conversation.create","payload":{"id":{"n":1}},"revision":[1]},
+                         {"eventId":"drift-2","name":"message.failed","payload":{"id":null,"details":[]},"accountId":1.5}]"#;
+        assert_eq!(post_signed(&client, &url, SECRET, shapes.to_owned()).await, Ok(200));
+
+        // 6. Over the limit: 413, signed or not.
         let huge = format!(
             r#"{{"eventId":"big","name":"x","payload":{{"pad":"{}"}}}}"#,
             "x".repeat(MAX_BODY)
         );
         assert_eq!(post_signed(&client, &url, SECRET, huge).await, Ok(413));
 
-        // 6. The previous secret during a rotation.
+        // 7. The previous secret during a rotation.
         assert_eq!(
             post_signed(&client, &url, PREVIOUS, event_json("rotated-1")).await,
             Ok(200)
@@ -338,13 +349,23 @@ fn answers(name: &str) {
 
         let response = client.get(url.parse().unwrap()).await.unwrap();
         let page = response.into_body().collect().await.unwrap().to_bytes();
-        assert!(String::from_utf8_lossy(&page).contains("Events stored: <strong>4</strong>"));
+        assert!(String::from_utf8_lossy(&page).contains("Events stored: <strong>12</strong>"));
     });
     let stored = spooled(&dir);
-    let want: HashMap<String, usize> = ["single-1", "batch-1", "batch-2", "rotated-1"]
-        .iter()
-        .map(|id| ((*id).to_owned(), 1))
-        .collect();
+    let drifted_ids = (3000..3006).map(|n| format!("5eed0000-0000-4000-8000-{n:012x}"));
+    let want: HashMap<String, usize> = [
+        "single-1",
+        "batch-1",
+        "batch-2",
+        "rotated-1",
+        "drift-1",
+        "drift-2",
+    ]
+    .iter()
+    .map(|id| (*id).to_owned())
+    .chain(drifted_ids)
+    .map(|id| (id, 1))
+    .collect();
     assert_eq!(stored, want, "every good event exactly once, nothing else");
     let lines = std::fs::read_to_string(dir.join("segment-0000000001.jsonl")).unwrap();
     let rotated = lines.lines().find(|l| l.contains("rotated-1")).unwrap();
@@ -532,7 +553,8 @@ fn kill_9_under_load_then_restart(name: &str) {
 /// it are processed, old and new.
 fn sets_aside_a_damaged_line_and_goes_on(name: &str) {
     let dir = temp_dir(&format!("{name}-set-aside"));
-    let damaged = spool_line(r#"{"eventId":"damaged","name":"message.sent","payload":{"id":7}}"#);
+    // No intake stores an envelope without an eventId: this line was damaged on disk.
+    let damaged = spool_line(r#"{"eventld":"damaged","name":"message.sent","payload":{"id":"m"}}"#);
     let lines = [
         spool_line(&event_json("before")),
         damaged.clone(),

@@ -259,8 +259,8 @@ fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         let batch = spool_line(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
-        let typed = spool_line(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
-        let lines = [batch, typed, line("ok-1")].concat();
+        let numeric_id = spool_line(r#"{"eventId":7,"name":"message.sent","payload":{"id":"m"}}"#);
+        let lines = [batch, numeric_id, line("ok-1")].concat();
         spool.append(lines, 3).await.unwrap();
         let mut reader = spool.reader().unwrap();
         let read = reader.next_batch(usize::MAX).await.unwrap().unwrap();
@@ -325,14 +325,14 @@ impl Worked {
 #[test]
 fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
     let dir = temp_dir("set-aside");
-    let typed = spool_line(r#"{"eventId":"t-1","name":"message.sent","payload":{"id":7}}"#);
+    let numeric_id = spool_line(r#"{"eventId":7,"name":"message.sent","payload":{"id":"m"}}"#);
     let not_a_frame = b"{\"something\":\"else\"}\n".to_vec();
     let gate = Gate::in_memory();
     let (worked, end) = runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         let lines = [
             line("ok-1"),
-            typed.clone(),
+            numeric_id.clone(),
             not_a_frame.clone(),
             line("ok-2"),
             line("ok-1"),
@@ -353,7 +353,7 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
     assert_eq!(
         worked.set_aside_lines(),
         [
-            typed.strip_suffix(b"\n").unwrap(),
+            numeric_id.strip_suffix(b"\n").unwrap(),
             not_a_frame.strip_suffix(b"\n").unwrap()
         ]
     );
@@ -363,7 +363,7 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
     let rejected = dir.join("rejected.jsonl");
     assert_eq!(
         std::fs::read(&rejected).unwrap(),
-        [typed, not_a_frame].concat(),
+        [numeric_id, not_a_frame].concat(),
         "kept byte for byte"
     );
     assert_eq!(

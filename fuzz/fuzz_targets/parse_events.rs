@@ -16,6 +16,10 @@ fuzz_target!(|data: &[u8]| {
                 event.entity_id(),
                 event.message_id(),
                 event.message(),
+                event.account_id(),
+                event.revision(),
+                event.time(),
+                event.field_json("payload"),
             );
         }
     }

@@ -1,0 +1,149 @@
+//! Splitting a body into its events: one envelope or a batch, with errors that say
+//! where, and verification before parsing.
+
+use http::HeaderMap;
+use serde::Deserialize;
+#[cfg(feature = "receiver")]
+use serde_json::value::RawValue;
+
+use super::Event;
+use super::payload::without_position;
+use crate::{Error, Verifier};
+
+/// Parses a body that was **already verified** (for example read back from your
+/// own queue or spool) into its events: one envelope object gives one event, a
+/// batch (a JSON array of envelopes) gives them all in order, and an empty array
+/// gives none. It needs no secret, which is exactly why it must never see bytes
+/// straight off an HTTP request: use [`Verifier::verify_events`] there.
+///
+/// ```
+/// let stored = br#"{"eventId":"e-1","name":"profile.update","payload":{"id":"p-7"},"revision":3}"#;
+/// let events = comapi_webhook::parse_already_verified(stored)?;
+/// assert_eq!(events[0].entity_id(), Some("p-7"));
+/// # Ok::<(), comapi_webhook::Error>(())
+/// ```
+///
+/// Only what identifies the events is checked: that the body is JSON, one object or
+/// an array of them, each with a string `eventId` and a string `name`. Every other
+/// field is read leniently when asked for, and the typed payload is parsed only when
+/// asked for ([`Event::message`]), so a field of an unexpected type never fails the
+/// body.
+///
+/// # Errors
+/// [`Error::InvalidEvent`] (HTTP 400) with the JSON path of the first problem, for
+/// example `[3].eventId: invalid type: integer, expected a string`. One bad element
+/// fails the whole batch, so a receiver never stores half of it.
+pub fn parse_already_verified(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
+    let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => true,
+        Some(b'{') => false,
+        _ => {
+            return Err(Error::InvalidEvent {
+                path: "$".to_owned(),
+                message: "expected an event object or an array of events".to_owned(),
+            });
+        }
+    };
+    let parsed = if batch {
+        from_body::<Vec<Event<'_>>>(body)
+    } else {
+        from_body::<Event<'_>>(body).map(|event| vec![event])
+    };
+    parsed.map_err(|error| locate_error(body, batch, &error))
+}
+
+/// Parses a body that is UTF-8 as text, which is faster (serde_json then checks no
+/// string again), and any other through `from_slice`, which says where it breaks.
+fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
+}
+
+/// Checks an already verified body like [`parse_already_verified`] and returns each
+/// event's envelope as its raw JSON text, in order: what a receiver stores.
+#[cfg(feature = "receiver")]
+pub(crate) fn split_already_verified(body: &[u8]) -> Result<Vec<&str>, Error> {
+    let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => true,
+        Some(b'{') => false,
+        _ => return parse_already_verified(body).map(|_| Vec::new()),
+    };
+    let split = if batch {
+        serde_json::from_slice::<Vec<&RawValue>>(body).and_then(|raw| {
+            raw.into_iter()
+                .map(|element| {
+                    serde_json::from_str::<Event<'_>>(element.get())?;
+                    Ok(element.get())
+                })
+                .collect()
+        })
+    } else {
+        // One envelope: the body itself is the raw event, so one pass checks it.
+        match std::str::from_utf8(body) {
+            Ok(text) => serde_json::from_str::<Event<'_>>(text)
+                .map(|_| vec![text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r'))]),
+            Err(error) => {
+                return Err(Error::InvalidEvent {
+                    path: "$".to_owned(),
+                    message: format!("the body is not UTF-8: {error}"),
+                });
+            }
+        }
+    };
+    split.map_err(|error| locate_error(body, batch, &error))
+}
+
+/// Only on the error path: parses again with path tracking, to say where the body
+/// failed.
+fn locate_error(body: &[u8], batch: bool, error: &serde_json::Error) -> Error {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let located = if batch {
+        serde_path_to_error::deserialize::<_, Vec<Event<'_>>>(&mut de).map(drop)
+    } else {
+        serde_path_to_error::deserialize::<_, Event<'_>>(&mut de).map(drop)
+    };
+    let (path, message) = match located {
+        Err(located) => (
+            located.path().to_string(),
+            without_position(located.inner()),
+        ),
+        Ok(()) => (".".to_owned(), without_position(error)),
+    };
+    let path = if path == "." || path == "?" {
+        "$".to_owned()
+    } else {
+        path
+    };
+    Error::InvalidEvent { path, message }
+}
+
+impl Verifier {
+    /// Verifies the request's signature, then parses the body into its events (see
+    /// [`parse_already_verified`] for the forms accepted). The events borrow from
+    /// `body`.
+    ///
+    /// ```
+    /// use comapi_webhook::{Verifier, SIGNATURE_HEADER};
+    /// let verifier = Verifier::new("a-secret-of-at-least-16-bytes")?;
+    /// let body = br#"[{"eventId":"e-1","name":"message.read","payload":{"id":"m-1"},"revision":3}]"#;
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert(SIGNATURE_HEADER, verifier.sign(body).to_string().parse()?);
+    /// let events = verifier.verify_events(&headers, body)?;
+    /// assert_eq!(events[0].message_id(), Some("m-1"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The signature errors of [`Verifier::verify`] (401) come first, before any
+    /// parsing; then [`Error::InvalidEvent`] (400).
+    pub fn verify_events<'b>(
+        &self,
+        headers: &HeaderMap,
+        body: &'b [u8],
+    ) -> Result<Vec<Event<'b>>, Error> {
+        self.verify(headers, body)?;
+        parse_already_verified(body)
+    }
+}
