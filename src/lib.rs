@@ -13,6 +13,8 @@ mod signature;
 #[cfg(feature = "receiver")]
 mod spool;
 mod timestamp;
+#[cfg(feature = "receiver")]
+mod worker;
 
 pub use error::Error;
 #[cfg(any(feature = "actix", feature = "axum"))]
@@ -32,6 +34,8 @@ pub use gate::{RedisGate, RedisGateConfig};
 pub use inbox::{Inbox, Reply};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
 #[cfg(feature = "receiver")]
-pub use spool::{
-    EventHandler, Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent, run_worker,
+pub use spool::{Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent};
+#[cfg(feature = "receiver")]
+pub use worker::{
+    DEAD_LETTER_FILE, EventHandler, HandlerError, RetryPolicy, requeue_dead_letters, run_worker,
 };

@@ -14,14 +14,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{Decision, DecisionStore, Error, Event};
+use crate::{Error, Event};
 
 /// Where and how a [`Spool`] stores events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SpoolConfig {
     /// The folder holding the segments (`segment-0000000001.jsonl`, …), the
-    /// reader's `offset` file and, if [`run_worker`] ever had to set a line aside,
+    /// reader's `offset` file and, if [`run_worker`](crate::run_worker) ever had to set a line aside,
     /// `rejected.jsonl`. Created if missing.
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
@@ -238,6 +238,12 @@ impl Spool {
         }
     }
 
+    /// The spool folder.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
     /// Whether the spool is closed ([`Spool::close`], or its writer stopped): appends
     /// fail, and readers finish at the end of what was stored.
     #[must_use]
@@ -333,7 +339,7 @@ fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// Makes a directory entry (a new segment, a renamed offset file) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -630,7 +636,7 @@ struct Parts<'a> {
 }
 
 impl SpooledEvent {
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         self.chunk.get(self.line.clone()).unwrap_or_default()
     }
 
@@ -753,7 +759,7 @@ pub struct SpoolReader {
 }
 
 const OFFSET_FILE: &str = "offset";
-/// Where [`run_worker`] sets aside stored lines that cannot be read as events.
+/// Where [`run_worker`](crate::run_worker) sets aside stored lines that cannot be read as events.
 const REJECTED_FILE: &str = "rejected.jsonl";
 
 impl SpoolReader {
@@ -801,7 +807,7 @@ impl SpoolReader {
     /// Whether the last batch reached what was committed when it was read (a batch
     /// cut short by its size limit or a segment's end did not). What was committed
     /// since is the next batch's business.
-    fn caught_up(&self) -> bool {
+    pub(crate) fn caught_up(&self) -> bool {
         self.position >= self.read_towards
     }
 
@@ -815,25 +821,46 @@ impl SpoolReader {
         &mut self,
         max_bytes: usize,
     ) -> Result<Option<Vec<SpooledEvent>>, Error> {
+        while let Some(committed) = self.wait_for_data().await {
+            let batch = self.read_now(committed, max_bytes)?;
+            if !batch.is_empty() {
+                return Ok(Some(batch));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits, without any I/O, until something is committed past the reader's
+    /// position, and returns the committed end; `None` once the spool is closed and
+    /// everything was read.
+    pub(crate) async fn wait_for_data(&mut self) -> Option<Position> {
         loop {
             let committed = *self.committed.borrow_and_update();
             if self.position < committed {
-                self.read_towards = committed;
-                let batch = self.read(committed, max_bytes.max(1))?;
-                if !batch.is_empty() {
-                    return Ok(Some(batch));
-                }
-                continue;
+                return Some(committed);
             }
             if self.committed.changed().await.is_err() {
                 // The writer is gone; read what it committed last, then stop.
                 let committed = *self.committed.borrow();
-                if self.position < committed {
-                    continue;
-                }
-                return Ok(None);
+                return (self.position < committed).then_some(committed);
             }
         }
+    }
+
+    /// Reads up to about `max_bytes` of the events before `committed` (blocking
+    /// file I/O).
+    pub(crate) fn read_now(
+        &mut self,
+        committed: Position,
+        max_bytes: usize,
+    ) -> Result<Vec<SpooledEvent>, Error> {
+        self.read_towards = committed;
+        self.read(committed, max_bytes.max(1))
+    }
+
+    /// The spool folder.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn read(&mut self, committed: Position, max_bytes: usize) -> Result<Vec<SpooledEvent>, Error> {
@@ -911,19 +938,8 @@ impl SpoolReader {
 
     /// Appends `line` (without its line end) to `rejected.jsonl` in the spool folder
     /// and syncs it, so that it outlives its segment.
-    fn set_aside(&self, line: &[u8]) -> Result<(), Error> {
-        let path = self.dir.join(REJECTED_FILE);
-        let write = || -> io::Result<()> {
-            let created = !path.exists();
-            let mut file = OpenOptions::new().append(true).create(true).open(&path)?;
-            file.write_all(&[line, b"\n"].concat())?;
-            file.sync_data()?;
-            if created {
-                sync_dir(&self.dir)?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| storage("set a line aside in rejected.jsonl", e))
+    pub(crate) fn set_aside(&self, line: &[u8]) -> Result<(), Error> {
+        crate::worker::append_synced(&self.dir, REJECTED_FILE, &[line, b"\n"].concat())
     }
 
     /// Persists `upto` as the point to resume from (written to a temporary file,
@@ -970,139 +986,4 @@ fn parse_offset(text: &str) -> Option<Position> {
         segment: segment.parse().ok()?,
         offset: offset.parse().ok()?,
     })
-}
-
-/// Your processing, as [`run_worker`] calls it.
-///
-/// Any `FnMut(&Event<'_>, Decision)` is one: a `fn`, or a closure with its argument
-/// types written out (`|event: &Event<'_>, decision: Decision| …`). Implement the
-/// trait yourself to also hear of stored lines that had to be set aside.
-pub trait EventHandler {
-    /// One stored event, in spool order, with the decision of the store.
-    fn event(&mut self, event: &Event<'_>, decision: Decision);
-
-    /// A stored line that cannot be read as an event: damaged on disk, or written
-    /// in a form this version does not parse. [`run_worker`] has already copied it,
-    /// byte for byte, to `rejected.jsonl` in the spool folder and synced it, and goes
-    /// on with the next line; `error` says what is wrong with it. The default does
-    /// nothing more: override it to raise an alert. Like events, a line may come
-    /// here (and be copied) again when the worker resumes after a crash.
-    fn set_aside(&mut self, line: &[u8], error: &Error) {
-        let _ = (line, error);
-    }
-}
-
-impl<F: FnMut(&Event<'_>, Decision)> EventHandler for F {
-    fn event(&mut self, event: &Event<'_>, decision: Decision) {
-        self(event, decision);
-    }
-}
-
-/// Runs the processing loop: reads each stored event from `reader` in order, asks
-/// `store` for a [`Decision`], and calls `handler` with both (see [`EventHandler`]).
-/// It acknowledges its position (the `offset` file, synced) at most once a second,
-/// and within a second of the last event, so after a crash processing resumes from
-/// there: at least once, replaying at most about a second of events. Returns when
-/// the spool is closed and everything was processed.
-///
-/// While the decision store is unavailable (Redis down), it waits a second and asks
-/// again: no event is skipped.
-///
-/// A stored line that cannot be read as an event does not stop it, now or after a
-/// restart: the line is copied to `rejected.jsonl` in the spool folder (synced, so
-/// it is kept even when its segment is removed), [`EventHandler::set_aside`] is
-/// told, and processing goes on with the next line.
-///
-/// An event that arrives when the worker is idle is read at once. Under load the
-/// worker reads at most every 10 ms and takes everything stored meanwhile, instead
-/// of waking for every group commit: fewer, larger reads leave more CPU to the
-/// requests, at the cost of at most 10 ms before processing. While it is behind
-/// (after a restart, or a burst), it reads on without pausing.
-///
-/// # Errors
-/// [`Error::Storage`] when the spool cannot be read, a line not set aside, or the
-/// offset not written. Everything before the last acknowledged position was
-/// processed; run it again with a new reader to resume from there.
-///
-/// ```no_run
-/// use comapi_webhook::{Decision, Event, Gate, Spool, SpoolConfig, run_worker};
-///
-/// fn process(event: &Event<'_>, decision: Decision) {
-///     if decision.is_fresh() {
-///         println!("{} {:?}", event.name(), event.message_id());
-///     }
-/// }
-///
-/// # async fn demo() -> Result<(), comapi_webhook::Error> {
-/// let (spool, _) = Spool::open(&SpoolConfig::in_temp_dir())?;
-/// run_worker(spool.reader()?, &Gate::in_memory(), process).await?;
-/// # Ok(()) }
-/// ```
-pub async fn run_worker<S, H>(
-    mut reader: SpoolReader,
-    store: &S,
-    mut handler: H,
-) -> Result<(), Error>
-where
-    S: DecisionStore,
-    H: EventHandler,
-{
-    const ACK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-    const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
-    let mut last_ack = std::time::Instant::now();
-    let mut last_read: Option<std::time::Instant> = None;
-    let mut pending: Option<Position> = None;
-    loop {
-        if let Some(wait) = last_read.and_then(|at| READ_EVERY.checked_sub(at.elapsed())) {
-            tokio::time::sleep(wait).await;
-        }
-        let next = match pending {
-            // Something to acknowledge: wait for more only until it is due.
-            Some(upto) => {
-                let due = ACK_EVERY.saturating_sub(last_ack.elapsed());
-                match tokio::time::timeout(due, reader.next_batch(1 << 20)).await {
-                    Ok(next) => next?,
-                    Err(_) => {
-                        reader.acknowledge(upto)?;
-                        pending = None;
-                        last_ack = std::time::Instant::now();
-                        continue;
-                    }
-                }
-            }
-            None => reader.next_batch(1 << 20).await?,
-        };
-        let Some(batch) = next else { break };
-        // Behind (the batch stopped short of what was committed): read on at once.
-        last_read = reader.caught_up().then(std::time::Instant::now);
-        for spooled in &batch {
-            let event = match spooled.event() {
-                Ok(event) => event,
-                Err(error) => {
-                    let line = spooled.bytes();
-                    let line = line.strip_suffix(b"\n").unwrap_or(line);
-                    reader.set_aside(line)?;
-                    handler.set_aside(line, &error);
-                    continue;
-                }
-            };
-            let decision = loop {
-                match store.decide(&event).await {
-                    Ok(decision) => break decision,
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
-                }
-            };
-            handler.event(&event, decision);
-        }
-        pending = batch.last().map(SpooledEvent::end).or(pending);
-        if let Some(upto) = pending.filter(|_| last_ack.elapsed() >= ACK_EVERY) {
-            reader.acknowledge(upto)?;
-            pending = None;
-            last_ack = std::time::Instant::now();
-        }
-    }
-    if let Some(upto) = pending {
-        reader.acknowledge(upto)?;
-    }
-    Ok(())
 }

@@ -9,6 +9,7 @@ use support::runtime;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use comapi_webhook::{Decision, DecisionStore, Event, Gate, GateConfig, ReplayWindow};
@@ -29,10 +30,18 @@ async fn redis_gate(url: &str, test: &str) -> RedisGate {
     .unwrap()
 }
 
+/// Each event as a new delivery, claimed and, when fresh, completed at once: what
+/// `Gate::check` does in one step.
 async fn decide_all<S: DecisionStore>(store: &S, events: &[Event<'static>]) -> Vec<Decision> {
+    static ARRIVAL: AtomicU64 = AtomicU64::new(0);
     let mut out = Vec::new();
     for event in events {
-        out.push(store.decide(event).await.unwrap());
+        let delivery = format!("arrival-{}", ARRIVAL.fetch_add(1, Ordering::Relaxed));
+        let decision = store.claim(event, &delivery).await.unwrap();
+        if decision.is_fresh() {
+            store.complete(event, &delivery).await.unwrap();
+        }
+        out.push(decision);
     }
     out
 }
@@ -47,7 +56,7 @@ where
     use Decision::{Duplicate, Fresh, Stale};
     let message = |id: &str, name: &str, rev: u64| event(id, name, Some("m-1"), Some(rev));
 
-    // Retries are duplicates, whatever the decision was the first time.
+    // Retries of a processed event are duplicates.
     let store = new_store().await;
     let sent = message("e-1", "message.sent", 1);
     assert_eq!(
@@ -56,6 +65,7 @@ where
     );
 
     // Out of order: read (r3) before delivered (r2) and sent (r1); failed (r4) after.
+    // Nothing is recorded for a stale event, so its retry is stale again.
     let store = new_store().await;
     let events = [
         message("e-3", "message.read", 3),
@@ -69,7 +79,7 @@ where
         Fresh,
         Stale { current: 3 },
         Stale { current: 3 },
-        Duplicate,
+        Stale { current: 3 },
         Fresh,
         Duplicate,
     ];
@@ -346,19 +356,20 @@ fn lost_redis_is_an_error_never_fresh() {
     });
 }
 
-/// The model: an id seen before is a duplicate; otherwise fresh exactly when its
-/// revision raises the maximum.
+/// The model: an id processed before is a duplicate; otherwise fresh exactly when
+/// its revision raises the maximum (and then it is processed), else stale.
 fn model(arrivals: &[(String, u64)]) -> (Vec<Decision>, u64) {
-    let mut seen = HashSet::new();
+    let mut processed = HashSet::new();
     let mut max: Option<u64> = None;
     let decisions = arrivals
         .iter()
         .map(|(id, rev)| {
-            if !seen.insert(id.clone()) {
+            if processed.contains(id) {
                 Decision::Duplicate
             } else if let Some(current) = max.filter(|m| m >= rev) {
                 Decision::Stale { current }
             } else {
+                processed.insert(id.clone());
                 max = Some(*rev);
                 Decision::Fresh
             }

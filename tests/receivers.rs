@@ -187,9 +187,11 @@ fn spooled(dir: &Path) -> HashMap<String, usize> {
     counts
 }
 
+/// A `message.sent` event raised now (inside the gate's replay window).
 fn event_json(id: &str) -> String {
+    let now = support::now_rfc3339();
     format!(
-        r#"{{"eventId":"{id}","accountId":1234,"apiSpaceId":"c924cf6e-4352-4b26-a71a-c2032bea7a01","name":"message.sent","payload":{{"id":"msg-{id}","metadata":{{"note":"café"}}}},"revision":1,"timestamp":"2017-08-31T09:26:14.604Z"}}"#
+        r#"{{"eventId":"{id}","accountId":1234,"apiSpaceId":"c924cf6e-4352-4b26-a71a-c2032bea7a01","name":"message.sent","payload":{{"id":"msg-{id}","metadata":{{"note":"café"}}}},"revision":1,"timestamp":"{now}"}}"#
     )
 }
 

@@ -6,13 +6,13 @@
 mod support;
 use support::{runtime, spool_line, temp_dir};
 
-use std::cell::RefCell;
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use comapi_webhook::{
-    Decision, Error, Event, EventHandler, Gate, Inbox, Position, SIGNATURE_HEADER, Spool,
-    SpoolConfig, Verifier, run_worker,
+    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, Position, RetryPolicy,
+    SIGNATURE_HEADER, Spool, SpoolConfig, Verifier, run_worker,
 };
 
 fn line(id: &str) -> Vec<u8> {
@@ -285,20 +285,27 @@ fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only
 /// set aside with its error.
 #[derive(Default)]
 struct Worked {
-    events: RefCell<Vec<(String, Decision)>>,
+    events: Mutex<Vec<(String, Decision)>>,
     /// Each line set aside, with its error as `Debug` shows it.
-    set_aside: RefCell<Vec<(Vec<u8>, String)>>,
+    set_aside: Mutex<Vec<(Vec<u8>, String)>>,
 }
 
 impl EventHandler for &Worked {
-    fn event(&mut self, event: &Event<'_>, decision: Decision) {
+    async fn handle(&mut self, event: Event<'static>) -> Result<(), HandlerError> {
         let id = event.event_id().to_owned();
-        self.events.borrow_mut().push((id, decision));
+        self.events.lock().unwrap().push((id, Decision::Fresh));
+        Ok(())
+    }
+
+    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+        let id = event.event_id().to_owned();
+        self.events.lock().unwrap().push((id, decision));
     }
 
     fn set_aside(&mut self, line: &[u8], error: &Error) {
         self.set_aside
-            .borrow_mut()
+            .lock()
+            .unwrap()
             .push((line.to_vec(), format!("{error:?}")));
     }
 }
@@ -307,15 +314,21 @@ impl Worked {
     /// Runs the worker over `spool` (closed, so it returns) with `gate`.
     async fn run(spool: &Spool, gate: &Gate) -> Worked {
         let worked = Worked::default();
-        run_worker(spool.reader().unwrap(), gate, &worked)
-            .await
-            .unwrap();
+        run_worker(
+            spool.reader().unwrap(),
+            gate,
+            &worked,
+            RetryPolicy::default(),
+        )
+        .await
+        .unwrap();
         worked
     }
 
     fn set_aside_lines(&self) -> Vec<Vec<u8>> {
         self.set_aside
-            .borrow()
+            .lock()
+            .unwrap()
             .iter()
             .map(|(line, _)| line.clone())
             .collect()
@@ -342,7 +355,7 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
         (Worked::run(&spool, &gate).await, spool.committed())
     });
     assert_eq!(
-        *worked.events.borrow(),
+        *worked.events.lock().unwrap(),
         [
             ("ok-1".to_owned(), Decision::Fresh),
             ("ok-2".to_owned(), Decision::Fresh),
@@ -357,7 +370,7 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
             not_a_frame.strip_suffix(b"\n").unwrap()
         ]
     );
-    for (_, error) in worked.set_aside.borrow().iter() {
+    for (_, error) in worked.set_aside.lock().unwrap().iter() {
         assert!(error.starts_with("Storage {"), "{error}");
     }
     let rejected = dir.join("rejected.jsonl");
@@ -384,7 +397,9 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
         assert_eq!(std::fs::read(&segment).unwrap(), before);
         Worked::run(&spool, &gate).await
     });
-    assert!(resumed.events.borrow().is_empty() && resumed.set_aside.borrow().is_empty());
+    assert!(
+        resumed.events.lock().unwrap().is_empty() && resumed.set_aside.lock().unwrap().is_empty()
+    );
     assert_eq!(
         std::fs::read(&rejected)
             .unwrap()
@@ -413,7 +428,8 @@ fn a_finished_segment_that_lost_its_last_line_end_does_not_stop_the_worker() {
     });
     let ids: Vec<String> = worked
         .events
-        .borrow()
+        .lock()
+        .unwrap()
         .iter()
         .map(|(id, _)| id.clone())
         .collect();
@@ -486,7 +502,7 @@ fn appends_that_would_break_the_segment_are_refused_and_store_nothing() {
 #[test]
 fn a_plain_function_or_typed_closure_is_an_event_handler() {
     let dir = temp_dir("fn-handler");
-    let mut seen = Vec::new();
+    let seen = Mutex::new(Vec::new());
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         spool
@@ -494,17 +510,23 @@ fn a_plain_function_or_typed_closure_is_an_event_handler() {
             .await
             .unwrap();
         spool.close().await;
-        let handler = |event: &Event<'_>, decision: Decision| {
-            seen.push((event.event_id().to_owned(), decision.as_str()));
+        let handler = |event: Event<'static>| {
+            let seen = &seen;
+            async move {
+                seen.lock().unwrap().push(event.event_id().to_owned());
+                Ok::<(), std::io::Error>(())
+            }
         };
-        run_worker(spool.reader().unwrap(), &Gate::in_memory(), handler)
-            .await
-            .unwrap();
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            handler,
+            RetryPolicy::default(),
+        )
+        .await
+        .unwrap();
     });
-    assert_eq!(
-        seen,
-        [("f-1".to_owned(), "fresh"), ("f-2".to_owned(), "fresh")]
-    );
+    assert_eq!(seen.into_inner().unwrap(), ["f-1", "f-2"]);
     assert!(!dir.join("rejected.jsonl").exists(), "nothing set aside");
     let _ = std::fs::remove_dir_all(dir);
 }

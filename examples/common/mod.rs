@@ -10,37 +10,59 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use comapi_webhook::{
-    Decision, Error, Event, EventHandler, Gate, Inbox, Spool, SpoolConfig, Verifier, run_worker,
+    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, RetryPolicy, Spool,
+    SpoolConfig, Verifier, run_worker,
 };
 
-/// Your processing: called once per stored event, in order, with the gate's
-/// decision. Delivery here is at least once: after a crash, events since the last
-/// acknowledged batch come again (the gate then mostly says `duplicate`, but its
-/// memory starts empty after a restart). It runs on the worker thread at idle CPU
-/// priority (see [`yield_to_requests`]).
+/// Your processing: called for each stored event the gate calls fresh, in order.
+/// Return an error (or panic) and the worker retries the event with backoff, then
+/// sets it aside in `dead-letter.jsonl` in the spool folder. Delivery here is at
+/// least once: after a crash, events since the last acknowledged position come
+/// again. It runs on the worker thread at idle CPU priority (see
+/// [`yield_to_requests`]).
 ///
 /// ====================  PLUG IN YOUR OWN PROCESSING HERE  ====================
-fn process(event: &Event<'_>, decision: Decision) {
+async fn process(event: &Event<'_>) -> Result<(), HandlerError> {
+    // e.g. update the message's state in your database, notify a user, …
     tracing::info!(
         event_id = %event.event_id(),
         name = %event.name(),
         revision = ?event.revision(),
-        decision = %decision.as_str(),
+        decision = "fresh",
         "event processed"
     );
-    if decision.is_fresh() {
-        // e.g. update the message's state in your database, notify a user, …
-    }
+    Ok(())
 }
 
-/// What the worker calls: [`process`] for each stored event, and an error log for a
-/// stored line that cannot be read as an event (damaged on disk, say). The worker has
-/// kept that line in `rejected.jsonl` in the spool folder and goes on.
+/// What the worker calls: [`process`] for each fresh event, and logs for the rest.
 struct Processing;
 
 impl EventHandler for Processing {
-    fn event(&mut self, event: &Event<'_>, decision: Decision) {
-        process(event, decision);
+    async fn handle(&mut self, event: Event<'static>) -> Result<(), HandlerError> {
+        process(&event).await
+    }
+
+    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+        tracing::info!(
+            event_id = %event.event_id(),
+            name = %event.name(),
+            revision = ?event.revision(),
+            decision = %decision.as_str(),
+            "event skipped"
+        );
+    }
+
+    fn attempt_failed(&mut self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
+        tracing::warn!(event_id = %event.event_id(), %error, attempt, ?retry_in, "processing failed; retrying");
+    }
+
+    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+        tracing::error!(
+            event_id = %event.event_id(),
+            %error,
+            attempts,
+            "processing failed for good: kept in dead-letter.jsonl in the spool folder (requeue it once fixed)"
+        );
     }
 
     fn set_aside(&mut self, line: &[u8], error: &Error) {
@@ -193,9 +215,14 @@ fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
             };
             let gate = Gate::in_memory();
             loop {
-                let run = spool
-                    .reader()
-                    .map(|reader| runtime.block_on(run_worker(reader, &gate, Processing)));
+                let run = spool.reader().map(|reader| {
+                    runtime.block_on(run_worker(
+                        reader,
+                        &gate,
+                        Processing,
+                        RetryPolicy::default(),
+                    ))
+                });
                 let error = match run {
                     Ok(Ok(())) => return,
                     Ok(Err(error)) | Err(error) => error,

@@ -1,17 +1,29 @@
-//! The revision gate: tells fresh events from retried duplicates and stale ones.
+//! The revision gate: claims on events, telling fresh ones from retried duplicates,
+//! stale and expired ones, made final once processed.
+//!
+//! # Design
+//!
+//! A decision is a claim with a lease, made final ([`DecisionStore::complete`]) only
+//! after the handler succeeded. Recording the decision before the handler ran would
+//! lose the event whenever the worker crashed in between, or the store's reply to the
+//! claim was lost: the next attempt would read `Duplicate`. With a claim, the same
+//! delivery claiming again gets `Fresh` again, and a claim nobody completes expires
+//! after its lease. Both stores, in memory and Redis, follow the same rule.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::{Error, Event, Family};
 
+mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
+pub use memory::{Gate, GateConfig};
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisGate, RedisGateConfig};
+
+/// How long a claim holds when nobody completes or releases it: 60 seconds.
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// What to do with an event, decided by a [`Gate`] (or a `RedisGate` shared by
 /// many processes).
@@ -27,17 +39,23 @@ pub use redis_store::{RedisGate, RedisGateConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Decision {
-    /// The first arrival of this event, and it is the newest state of its entity:
-    /// process it.
+    /// Not processed before, and the newest state of its entity: process it. From
+    /// [`DecisionStore::claim`], the caller now holds the claim on it: complete it
+    /// once processed, or release it if processing failed.
     Fresh,
-    /// This `eventId` was seen before: a retry. Drop it.
+    /// This `eventId` was completed before: a retry. Drop it.
     Duplicate,
-    /// A revision at least as high was already accepted for the same entity, so this
-    /// event is obsolete. Drop it.
+    /// A higher revision was already claimed or completed for the same entity, or an
+    /// equal one under another `eventId` (the first arrival wins): this event is
+    /// obsolete. Drop it. Nothing is recorded for it.
     Stale {
         /// The revision already accepted, which supersedes this event's.
         current: u64,
     },
+    /// Another delivery of this `eventId` holds an unexpired claim on it: it is
+    /// being processed elsewhere. Claim again later; once that claim is completed
+    /// the answer is `Duplicate`, and once its lease passes unused, `Fresh`.
+    Busy,
     /// The event's `timestamp` lies outside the replay window: older than the
     /// gate's `max_age` (25 hours by default: Comapi retries for 24), or more than
     /// its `max_skew` (5 minutes by default) ahead of this machine's clock. A
@@ -60,13 +78,14 @@ impl Decision {
         self == Decision::Fresh
     }
 
-    /// `fresh`, `duplicate`, `stale` or `expired`, for logs.
+    /// `fresh`, `duplicate`, `stale`, `busy` or `expired`, for logs.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Fresh => "fresh",
             Decision::Duplicate => "duplicate",
             Decision::Stale { .. } => "stale",
+            Decision::Busy => "busy",
             Decision::Expired { .. } => "expired",
         }
     }
@@ -143,13 +162,52 @@ impl ReplayWindow {
 /// A place that makes gate decisions: the in-memory [`Gate`], or `RedisGate` to
 /// share one consistent decision across processes and machines. Code that
 /// processes events (such as a receiver's worker) can be generic over it.
+///
+/// The lifecycle of an event: [`claim`](DecisionStore::claim) it; on
+/// [`Decision::Fresh`] process it, then [`complete`](DecisionStore::complete) it
+/// (every later claim within the store's memory is `Duplicate`), or, if processing
+/// failed, [`release`](DecisionStore::release) it so that the next attempt may claim
+/// it at once. A claim nobody completes or releases expires after its lease.
+///
+/// `delivery` names one stored copy of the event, unique among copies (a spool
+/// position, a stream entry id): the same delivery claiming again gets `Fresh`
+/// again, which is the retry after a crash or a lost reply; another delivery gets
+/// [`Decision::Busy`] while the claim holds.
 pub trait DecisionStore: Send + Sync {
-    /// Decides on `event` and records it, atomically.
+    /// Claims `event` for `delivery`. See [`Decision`].
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when a shared store cannot answer. A lost store is
-    /// never read as [`Decision::Fresh`].
-    fn decide(&self, event: &Event<'_>) -> impl Future<Output = Result<Decision, Error>> + Send;
+    /// never read as [`Decision::Fresh`]; claiming again with the same delivery is
+    /// safe.
+    fn claim(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+    ) -> impl Future<Output = Result<Decision, Error>> + Send;
+
+    /// Makes the event's claim final: it was processed.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when a shared store cannot answer; completing
+    /// again is safe.
+    fn complete(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Gives up `delivery`'s claim on the event after a failed attempt; a claim held
+    /// by another delivery is left alone.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when a shared store cannot answer; the claim then
+    /// expires after its lease.
+    fn release(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// The gate's view of an event: its id, and the entity and revision to order by.
@@ -172,301 +230,7 @@ impl<'e> GateKey<'e> {
     }
 }
 
-/// The decision rule, shared by every store: a seen `eventId` is a duplicate; else
-/// an event without entity or revision is fresh; else it is fresh only if its
-/// revision is strictly higher than the highest accepted so far. An equal revision
-/// under a different `eventId` is stale: that state was already accepted, and the
-/// first arrival wins.
-pub(crate) fn decide(
-    first_sighting: bool,
-    accepted: Option<u64>,
-    revision: Option<u64>,
-) -> Decision {
-    match (first_sighting, accepted, revision) {
-        (false, _, _) => Decision::Duplicate,
-        (true, Some(current), Some(revision)) if current >= revision => Decision::Stale { current },
-        (true, _, _) => Decision::Fresh,
-    }
-}
-
-/// Bounds and replay window of the in-memory [`Gate`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct GateConfig {
-    /// How many event ids to remember for duplicate detection.
-    pub max_event_ids: usize,
-    /// How many entities (messages, conversations, …) to remember a revision for.
-    pub max_entities: usize,
-    /// Which event times are accepted; outside it, [`Decision::Expired`].
-    pub replay_window: ReplayWindow,
-}
-
-impl Default for GateConfig {
-    /// One million event ids and one million entities: a day of Comapi's retry
-    /// horizon at about 11 events per second, in roughly 100 MB (see the README);
-    /// the default replay window.
-    fn default() -> Self {
-        Self::new(1_000_000, 1_000_000)
-    }
-}
-
-impl GateConfig {
-    /// Bounds with the given limits, and the default replay window.
-    #[must_use]
-    pub fn new(max_event_ids: usize, max_entities: usize) -> Self {
-        GateConfig {
-            max_event_ids,
-            max_entities,
-            replay_window: ReplayWindow::default(),
-        }
-    }
-
-    /// The same settings with another [`GateConfig::replay_window`].
-    #[must_use]
-    pub fn with_replay_window(mut self, replay_window: ReplayWindow) -> Self {
-        self.replay_window = replay_window;
-        self
-    }
-}
-
-/// The in-memory revision gate: thread-safe, bounded, and fast under contention.
-///
-/// ```
-/// use comapi_webhook::{Decision, Gate, parse_already_verified};
-///
-/// let gate = Gate::in_memory();
-/// let read = br#"{"eventId":"e-3","name":"message.read","payload":{"id":"m-1"},"revision":3}"#;
-/// let delivered = br#"{"eventId":"e-2","name":"message.delivered","payload":{"id":"m-1"},"revision":2}"#;
-/// let read = &parse_already_verified(read)?[0];
-/// let delivered = &parse_already_verified(delivered)?[0];
-///
-/// assert_eq!(gate.check(read), Decision::Fresh);
-/// assert_eq!(gate.check(delivered), Decision::Stale { current: 3 }); // arrived late
-/// assert_eq!(gate.check(read), Decision::Duplicate); // Comapi retried
-/// # Ok::<(), comapi_webhook::Error>(())
-/// ```
-///
-/// # Bounds
-///
-/// Memory is bounded by [`GateConfig`]: the gate remembers the most recently used
-/// event ids and entities, never more than each limit (for limits of at least 128)
-/// and, once full, about half of it or more (ids and entities live in two
-/// generations in each of 64 shards; when a shard's newer generation fills, its
-/// older one is dropped). Past the bound, an old entity forgotten means a very late stale
-/// event for it passes as fresh, and an event id forgotten means a very late retry of
-/// it passes as fresh. Size the limits to cover Comapi's retry horizon (about 24 h)
-/// at your event rate, or share a `RedisGate` with a TTL.
-///
-/// Cloning is cheap and every clone shares the same memory.
-#[derive(Debug, Clone)]
-pub struct Gate {
-    inner: Arc<GateInner>,
-}
-
-#[derive(Debug)]
-struct GateInner {
-    event_ids: Sharded<IdKey, ()>,
-    entities: Sharded<(Family, IdKey), u64>,
-    window: ReplayWindow,
-}
-
-impl Gate {
-    /// A gate with the default bounds ([`GateConfig::default`]).
-    #[must_use]
-    pub fn in_memory() -> Self {
-        Self::with_config(GateConfig::default())
-    }
-
-    /// A gate with the given bounds.
-    #[must_use]
-    pub fn with_config(config: GateConfig) -> Self {
-        Gate {
-            inner: Arc::new(GateInner {
-                event_ids: Sharded::new(config.max_event_ids),
-                entities: Sharded::new(config.max_entities),
-                window: config.replay_window,
-            }),
-        }
-    }
-
-    /// Decides on `event` and records it. See [`Decision`].
-    ///
-    /// An event outside the replay window is [`Decision::Expired`] before anything
-    /// is looked up, and is not recorded. Otherwise the event id is recorded whatever the decision, so a retry of a stale event is
-    /// a [`Decision::Duplicate`]. Each of the two steps (the id, then the entity's
-    /// revision) is atomic, which is all the rule needs: a racing copy of the same
-    /// event loses the first step, and of two racing revisions the higher one wins.
-    pub fn check(&self, event: &Event<'_>) -> Decision {
-        if let Some(expired) = self.inner.window.expired(event, SystemTime::now()) {
-            return expired;
-        }
-        let key = GateKey::of(event);
-        let first_sighting = self
-            .inner
-            .event_ids
-            .insert_if_absent(IdKey::new(key.event_id));
-        let Some((family, entity, revision)) = key.ordering.filter(|_| first_sighting) else {
-            return decide(first_sighting, None, None);
-        };
-        let accepted = self
-            .inner
-            .entities
-            .raise((family, IdKey::new(entity)), revision);
-        decide(true, accepted, Some(revision))
-    }
-
-    /// How many event ids and entities the gate remembers now: `(event ids,
-    /// entities)`.
-    #[must_use]
-    pub fn tracked(&self) -> (usize, usize) {
-        (self.inner.event_ids.len(), self.inner.entities.len())
-    }
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self::in_memory()
-    }
-}
-
-impl DecisionStore for Gate {
-    fn decide(&self, event: &Event<'_>) -> impl Future<Output = Result<Decision, Error>> + Send {
-        let decision = self.check(event);
-        async move { Ok(decision) }
-    }
-}
-
-/// An id as stored: a uuid (what Comapi uses for event and message ids) in 16 bytes,
-/// anything else as its text.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum IdKey {
-    Uuid(u128),
-    Text(Box<str>),
-}
-
-impl IdKey {
-    fn new(id: &str) -> Self {
-        parse_uuid(id).map_or_else(|| IdKey::Text(id.into()), IdKey::Uuid)
-    }
-}
-
-/// `8-4-4-4-12` hex digits, either case.
-fn parse_uuid(id: &str) -> Option<u128> {
-    let bytes = id.as_bytes();
-    if bytes.len() != 36 {
-        return None;
-    }
-    let mut value = 0u128;
-    for (i, &b) in bytes.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if b != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let digit = char::from(b).to_digit(16)?;
-        value = (value << 4) | u128::from(digit);
-    }
-    Some(value)
-}
-
-/// A concurrent map split into shards, each a two-generation bounded map behind its
-/// own mutex, so threads working on different ids rarely wait for each other.
-#[derive(Debug)]
-struct Sharded<K, V> {
-    shards: Box<[Mutex<Generations<K, V>>]>,
-    hasher: RandomState,
-}
-
-const SHARDS: usize = 64;
-
-impl<K: Hash + Eq, V: Copy> Sharded<K, V> {
-    fn new(capacity: usize) -> Self {
-        // Two generations per shard share the shard's part of the capacity, rounded
-        // down so the total never exceeds it.
-        let per_generation = (capacity / (SHARDS * 2)).max(1);
-        Sharded {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(Generations::new(per_generation)))
-                .collect(),
-            hasher: RandomState::new(),
-        }
-    }
-
-    /// Runs `f` on the entry for `key`, under its shard's lock.
-    fn touch<R>(&self, key: K, f: impl FnOnce(Option<V>) -> (V, R)) -> R {
-        let index = (self.hasher.hash_one(&key) as usize) % SHARDS;
-        let shard = &self.shards[index];
-        // A panic while holding the lock cannot leave a generation half-updated, so a
-        // poisoned lock is still consistent.
-        let mut guard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        guard.touch(key, f)
-    }
-
-    fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| {
-                let g = s.lock().unwrap_or_else(PoisonError::into_inner);
-                g.current.len() + g.previous.len()
-            })
-            .sum()
-    }
-}
-
-impl<K: Hash + Eq> Sharded<K, ()> {
-    /// Records `key`; true if it was not there before.
-    fn insert_if_absent(&self, key: K) -> bool {
-        self.touch(key, |before| ((), before.is_none()))
-    }
-}
-
-impl<K: Hash + Eq> Sharded<K, u64> {
-    /// Raises the revision for `key` to `revision` if that is higher, and returns
-    /// the revision accepted before this call.
-    fn raise(&self, key: K, revision: u64) -> Option<u64> {
-        self.touch(key, |before| match before {
-            Some(current) if current >= revision => (current, before),
-            _ => (revision, before),
-        })
-    }
-}
-
-/// A bounded map that forgets least recently used entries a generation at a time:
-/// entries live in `current`; a hit in `previous` moves up to `current`; when
-/// `current` is full it becomes `previous` and the old `previous` is dropped.
-#[derive(Debug)]
-struct Generations<K, V> {
-    current: HashMap<K, V>,
-    previous: HashMap<K, V>,
-    capacity: usize,
-}
-
-impl<K: Hash + Eq, V: Copy> Generations<K, V> {
-    fn new(capacity: usize) -> Self {
-        Generations {
-            current: HashMap::new(),
-            previous: HashMap::new(),
-            capacity,
-        }
-    }
-
-    /// Stores `f(previous value)` for `key` in the current generation, and returns
-    /// what `f` said.
-    fn touch<R>(&mut self, key: K, f: impl FnOnce(Option<V>) -> (V, R)) -> R
-    where
-        V: Copy,
-    {
-        if let Some(value) = self.current.get_mut(&key) {
-            let (new, result) = f(Some(*value));
-            *value = new;
-            return result;
-        }
-        let (new, result) = f(self.previous.remove(&key));
-        if self.current.len() >= self.capacity {
-            self.previous = std::mem::take(&mut self.current);
-        }
-        self.current.insert(key, new);
-        result
-    }
+/// The [`Decision::Expired`] of `window` for `event` now, if any.
+pub(crate) fn expired_now(window: &ReplayWindow, event: &Event<'_>) -> Option<Decision> {
+    window.expired(event, SystemTime::now())
 }

@@ -1,47 +1,89 @@
-//! `RedisGate`: the revision gate shared through Redis, one atomic script call per
+//! `RedisGate`: the decision store shared through Redis, one atomic script call per
 //! decision or per batch.
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Decision, DecisionStore, GateKey, ReplayWindow, decide};
+use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, ReplayWindow, expired_now};
 use crate::{Error, Event};
 
-/// Records each event id (`SET NX` with a TTL) and raises its entity's revision if
-/// the event's is higher, atomically; the decision itself is made in Rust by the
-/// rule every store shares.
+/// Claims events (or, in `check` mode, claims and completes them at once), the
+/// rule of [`Decision`] in Lua.
 ///
 /// KEYS, two per event: its id key, then its entity key (`''` when the event has no
-/// entity or no revision). ARGV: the TTL in seconds, then each event's revision as a
-/// decimal string. Replies per event: `seen` (the id was there), `new` (no
-/// ordering), or `new:<revision accepted before>` (empty when there was none).
-/// Revisions are compared as decimal strings (longer is larger), so every `u64`
-/// compares exactly, which Lua's doubles would not.
-const SCRIPT: &str = r"
-local ttl = ARGV[1]
-local function at_least(a, b)
+/// entity or no revision). ARGV: the mode (`claim` or `check`), the TTL in seconds,
+/// the lease in milliseconds, then three per event: the delivery, the revision (a
+/// decimal string, `''` without one) and the event id. An id key holds `done` once
+/// completed, or `c:<delivery>` while claimed, expiring with the lease; an entity
+/// key holds `<revision>:<event id>` of the highest revision claimed. Revisions
+/// compare as decimal strings (longer is larger), so every `u64` compares exactly,
+/// which Lua's doubles would not. Replies per event: `fresh`, `duplicate`, `busy`
+/// or `stale:<revision>`.
+const CLAIM: &str = r"
+local mode, ttl, lease = ARGV[1], ARGV[2], ARGV[3]
+local function greater(a, b)
   if #a ~= #b then return #a > #b end
-  return a >= b
+  return a > b
 end
 local out = {}
 for i = 1, #KEYS / 2 do
-  local id_key, entity_key, revision = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
-  if not redis.call('SET', id_key, '1', 'NX', 'EX', ttl) then
-    out[i] = 'seen'
-  elseif entity_key == '' then
-    out[i] = 'new'
+  local id_key, entity_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local delivery, revision, event_id = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local mine = 'c:' .. delivery
+  local held = redis.call('GET', id_key)
+  if held and string.sub(held, 1, 2) ~= 'c:' then
+    out[i] = 'duplicate'
+  elseif held and (held ~= mine or mode == 'check') then
+    out[i] = 'busy'
   else
-    local before = redis.call('GET', entity_key)
-    if not before or not at_least(before, revision) then
-      redis.call('SET', entity_key, revision, 'EX', ttl)
+    local stale = nil
+    if entity_key ~= '' then
+      local current = redis.call('GET', entity_key)
+      local raise = true
+      if current then
+        local sep = string.find(current, ':', 1, true)
+        local rev = current
+        local holder = ''
+        if sep then
+          rev = string.sub(current, 1, sep - 1)
+          holder = string.sub(current, sep + 1)
+        end
+        if greater(rev, revision) or (rev == revision and holder ~= event_id) then
+          stale = rev
+        end
+        raise = greater(revision, rev)
+      end
+      if not stale and raise then
+        redis.call('SET', entity_key, revision .. ':' .. event_id, 'EX', ttl)
+      end
     end
-    out[i] = 'new:' .. (before or '')
+    if stale then
+      out[i] = 'stale:' .. stale
+    elseif mode == 'check' then
+      redis.call('SET', id_key, 'done', 'EX', ttl)
+      out[i] = 'fresh'
+    else
+      redis.call('SET', id_key, mine, 'PX', lease)
+      out[i] = 'fresh'
+    end
   end
 end
 return out
+";
+
+/// Completes (`done`, with the TTL) or releases (deletes, if still this delivery's
+/// claim) one event. KEYS: its id key. ARGV: `complete` or `release`, the TTL in
+/// seconds, the delivery.
+const SETTLE: &str = r"
+if ARGV[1] == 'complete' then
+  redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
+elseif redis.call('GET', KEYS[1]) == 'c:' .. ARGV[3] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
 ";
 
 /// Settings of a [`RedisGate`].
@@ -50,9 +92,11 @@ return out
 pub struct RedisGateConfig {
     /// Prepended to every key, so several gates (or other users) can share a Redis.
     pub key_prefix: String,
-    /// How long an event id and an entity's revision are remembered. The default,
-    /// 25 hours, covers Comapi's retry horizon of about 24 hours.
+    /// How long a completed event id and an entity's revision are remembered. The
+    /// default, 25 hours, covers Comapi's retry horizon of about 24 hours.
     pub ttl: Duration,
+    /// How long a claim holds when nobody completes or releases it. Default 60 s.
+    pub lease: Duration,
     /// How long to wait for Redis to answer or to connect before the decision fails
     /// with [`Error::StoreUnavailable`].
     pub timeout: Duration,
@@ -67,6 +111,7 @@ impl Default for RedisGateConfig {
         RedisGateConfig {
             key_prefix: "comapi-webhook:".to_owned(),
             ttl: Duration::from_secs(25 * 60 * 60),
+            lease: DEFAULT_LEASE,
             timeout: Duration::from_secs(2),
             replay_window: ReplayWindow::default(),
         }
@@ -88,6 +133,14 @@ impl RedisGateConfig {
         self
     }
 
+    /// The same settings with another [`RedisGateConfig::lease`] (at least one
+    /// millisecond).
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
     /// The same settings with another [`RedisGateConfig::replay_window`]. Keep its
     /// `max_age` no longer than the TTL: a replay older than the TTL but inside the
     /// window would pass as fresh.
@@ -98,34 +151,48 @@ impl RedisGateConfig {
     }
 }
 
-/// The revision gate shared through Redis: every receiver and worker that points at
-/// the same Redis and key prefix makes one consistent decision per event.
+/// The decision store shared through Redis: every receiver and worker that points
+/// at the same Redis and key prefix makes one consistent decision per event.
 ///
-/// Each decision is one round trip running one Lua script, which records the event
-/// id with `SET NX` and a TTL and checks-and-sets the entity's highest revision
-/// atomically. [`RedisGate::check_batch`] decides a whole batch in one round trip.
-/// The rule is the in-memory [`Gate`](crate::Gate)'s, see [`Decision`].
+/// Each claim is one round trip running one Lua script, which checks the event id
+/// and checks-and-sets the entity's highest revision atomically;
+/// [`RedisGate::check_batch`] decides a whole batch in one round trip. The rule is
+/// the in-memory [`Gate`](crate::Gate)'s, see [`Decision`] and [`DecisionStore`].
 ///
 /// A lost connection is an error ([`Error::StoreUnavailable`]), never a silent
-/// [`Decision::Fresh`]; the connection is re-established on later calls. Redis
+/// [`Decision::Fresh`]; the connection is re-established on later calls. When a
+/// reply is lost after Redis ran a claim, claiming again with the same delivery
+/// gets `Fresh` again, so the event is neither lost nor processed twice. Redis
 /// Cluster is not supported (a batch touches keys in many slots).
 ///
 /// ```no_run
 /// # async fn demo(event: &comapi_webhook::Event<'_>) -> Result<(), comapi_webhook::Error> {
-/// use comapi_webhook::{RedisGate, RedisGateConfig};
+/// use comapi_webhook::{DecisionStore, RedisGate, RedisGateConfig};
 /// let gate = RedisGate::connect("redis://127.0.0.1:6379/", RedisGateConfig::default()).await?;
-/// if gate.check(event).await?.is_fresh() {
-///     // process it
+/// if gate.claim(event, "stream:1700000000000-0").await?.is_fresh() {
+///     // process it, then:
+///     gate.complete(event, "stream:1700000000000-0").await?;
 /// }
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisGate {
     connection: ConnectionManager,
-    script: Arc<redis::Script>,
+    claim: Arc<redis::Script>,
+    settle: Arc<redis::Script>,
     key_prefix: Arc<str>,
     ttl_seconds: u64,
+    lease_millis: u64,
     window: ReplayWindow,
+}
+
+/// What a claim script call leaves behind for a fresh event.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// A claim with a lease.
+    Claim,
+    /// The event completed at once.
+    Check,
 }
 
 impl RedisGate {
@@ -145,14 +212,19 @@ impl RedisGate {
             .map_err(|e| unavailable("cannot connect to Redis", e))?;
         Ok(RedisGate {
             connection,
-            script: Arc::new(redis::Script::new(SCRIPT)),
+            claim: Arc::new(redis::Script::new(CLAIM)),
+            settle: Arc::new(redis::Script::new(SETTLE)),
             key_prefix: config.key_prefix.into(),
             ttl_seconds: config.ttl.as_secs().max(1),
+            lease_millis: u64::try_from(config.lease.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
             window: config.replay_window,
         })
     }
 
-    /// Decides on one event. See [`Decision`].
+    /// Claims and completes one event in one step (see
+    /// [`Gate::check`](crate::Gate::check)).
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when Redis cannot answer.
@@ -163,87 +235,128 @@ impl RedisGate {
             .ok_or_else(|| protocol("empty reply from Redis"))
     }
 
-    /// Decides on every event of a batch, in order, in one round trip. Events later
-    /// in the batch see the effect of earlier ones, exactly as if checked one by one.
+    /// Claims and completes every event of a batch, in order, in one round trip.
+    /// Events later in the batch see the effect of earlier ones, exactly as if
+    /// checked one by one.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when Redis cannot answer; then nothing is known
     /// about which events were recorded, and retrying the batch is safe only in the
     /// sense that recorded ones come back as duplicates.
     pub async fn check_batch(&self, events: &[Event<'_>]) -> Result<Vec<Decision>, Error> {
-        // Events outside the replay window are decided here, and never reach Redis.
-        let now = SystemTime::now();
-        let expired: Vec<Option<Decision>> = events
+        let claims: Vec<(&Event<'_>, &str)> = events.iter().map(|e| (e, "check")).collect();
+        self.run_claims(&claims, Mode::Check).await
+    }
+
+    /// Runs the claim script on `claims` (events outside the replay window are
+    /// decided here, and never reach Redis), in one round trip.
+    async fn run_claims(
+        &self,
+        claims: &[(&Event<'_>, &str)],
+        mode: Mode,
+    ) -> Result<Vec<Decision>, Error> {
+        let expired: Vec<Option<Decision>> = claims
             .iter()
-            .map(|event| self.window.expired(event, now))
+            .map(|(event, _)| expired_now(&self.window, event))
             .collect();
-        let keys: Vec<GateKey<'_>> = events
+        let asked: Vec<(GateKey<'_>, &str)> = claims
             .iter()
             .zip(&expired)
             .filter(|(_, expired)| expired.is_none())
-            .map(|(event, _)| GateKey::of(event))
+            .map(|((event, delivery), _)| (GateKey::of(event), *delivery))
             .collect();
-        if keys.is_empty() {
+        if asked.is_empty() {
             return Ok(expired.into_iter().flatten().collect());
         }
-        let mut invocation = self.script.prepare_invoke();
-        for key in &keys {
-            invocation.key(format!("{}event:{}", self.key_prefix, key.event_id));
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .arg(match mode {
+                Mode::Claim => "claim",
+                Mode::Check => "check",
+            })
+            .arg(self.ttl_seconds)
+            .arg(self.lease_millis);
+        for (key, delivery) in &asked {
+            invocation.key(self.id_key(key.event_id));
             match key.ordering {
-                Some((family, entity, _)) => invocation.key(format!(
-                    "{}rev:{}:{}",
-                    self.key_prefix,
-                    family.as_str(),
-                    entity
-                )),
-                None => invocation.key(""),
-            };
-        }
-        invocation.arg(self.ttl_seconds);
-        for key in &keys {
-            match key.ordering {
-                Some((_, _, revision)) => invocation.arg(revision),
-                None => invocation.arg(""),
-            };
+                Some((family, entity, revision)) => {
+                    invocation.key(format!(
+                        "{}rev:{}:{}",
+                        self.key_prefix,
+                        family.as_str(),
+                        entity
+                    ));
+                    invocation.arg(*delivery).arg(revision);
+                }
+                None => {
+                    invocation.key("");
+                    invocation.arg(*delivery).arg("");
+                }
+            }
+            invocation.arg(key.event_id);
         }
         let mut connection = self.connection.clone();
         let replies: Vec<String> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| unavailable("the gate script failed", e))?;
-        if replies.len() != keys.len() {
+        if replies.len() != asked.len() {
             return Err(protocol("reply count does not match the batch"));
         }
-        let mut looked_up = keys.iter().zip(&replies).map(|(key, reply)| {
-            let revision = key.ordering.map(|(_, _, revision)| revision);
-            match reply.as_str() {
-                "seen" => Ok(decide(false, None, revision)),
-                "new" => Ok(decide(true, None, None)),
-                other => match other.strip_prefix("new:") {
-                    Some("") => Ok(decide(true, None, revision)),
-                    Some(before) => before
-                        .parse()
-                        .map(|before| decide(true, Some(before), revision))
-                        .map_err(|_| protocol("unexpected revision in Redis")),
-                    None => Err(protocol("unexpected reply from Redis")),
-                },
-            }
+        let mut replies = replies.iter().map(|reply| match reply.as_str() {
+            "fresh" => Ok(Decision::Fresh),
+            "duplicate" => Ok(Decision::Duplicate),
+            "busy" => Ok(Decision::Busy),
+            other => other
+                .strip_prefix("stale:")
+                .and_then(|current| current.parse().ok())
+                .map(|current| Decision::Stale { current })
+                .ok_or_else(|| protocol("unexpected reply from Redis")),
         });
         expired
             .into_iter()
             .map(|expired| match expired {
                 Some(decision) => Ok(decision),
-                None => looked_up
+                None => replies
                     .next()
                     .unwrap_or_else(|| Err(protocol("reply count does not match the batch"))),
             })
             .collect()
     }
+
+    /// Completes or releases one event's claim, in one round trip.
+    async fn settle(&self, event: &Event<'_>, delivery: &str, how: &str) -> Result<(), Error> {
+        let mut connection = self.connection.clone();
+        self.settle
+            .key(self.id_key(event.event_id()))
+            .arg(how)
+            .arg(self.ttl_seconds)
+            .arg(delivery)
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(|e| unavailable("the gate script failed", e))
+    }
+
+    fn id_key(&self, event_id: &str) -> String {
+        format!("{}event:{}", self.key_prefix, event_id)
+    }
 }
 
 impl DecisionStore for RedisGate {
-    async fn decide(&self, event: &Event<'_>) -> Result<Decision, Error> {
-        self.check(event).await
+    async fn claim(&self, event: &Event<'_>, delivery: &str) -> Result<Decision, Error> {
+        self.run_claims(&[(event, delivery)], Mode::Claim)
+            .await?
+            .pop()
+            .ok_or_else(|| protocol("empty reply from Redis"))
+    }
+
+    async fn complete(&self, event: &Event<'_>, delivery: &str) -> Result<(), Error> {
+        self.settle(event, delivery, "complete").await
+    }
+
+    async fn release(&self, event: &Event<'_>, delivery: &str) -> Result<(), Error> {
+        self.settle(event, delivery, "release").await
     }
 }
 
@@ -252,6 +365,7 @@ impl fmt::Debug for RedisGate {
         f.debug_struct("RedisGate")
             .field("key_prefix", &self.key_prefix)
             .field("ttl_seconds", &self.ttl_seconds)
+            .field("lease_millis", &self.lease_millis)
             .finish_non_exhaustive()
     }
 }
