@@ -1,0 +1,346 @@
+//! The worker's contract with a fallible handler: retries with backoff, the offset
+//! held until an event is processed or dead-lettered, panics caught, the dead letter
+//! and its requeue (through the library and the real `requeue` binary).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use comapi_webhook::{
+    DEAD_LETTER_FILE, Decision, Event, EventHandler, Gate, HandlerError, RetryPolicy, Spool,
+    SpoolConfig, requeue_dead_letters, run_worker,
+};
+use support::{runtime, spool_line, temp_dir};
+
+fn line(id: &str) -> Vec<u8> {
+    spool_line(&format!(
+        r#"{{"eventId":"{id}","name":"message.sent","payload":{{"id":"m-{id}"}},"timestamp":"{}"}}"#,
+        support::now_rfc3339()
+    ))
+}
+
+/// Fast retries for tests: 10 ms doubling to 40 ms, `attempts` in all.
+fn quick(attempts: u32) -> RetryPolicy {
+    RetryPolicy::new(
+        Duration::from_millis(10),
+        Duration::from_millis(40),
+        attempts,
+    )
+}
+
+/// A handler that fails (or panics) on the events it is told to, a number of times
+/// each, and records every attempt and callback.
+#[derive(Default)]
+struct Flaky {
+    /// Event id -> how many more attempts fail.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Fail by panicking rather than by an error.
+    panics: bool,
+    /// Every attempt, in order, with whether it succeeded.
+    attempts: Mutex<Vec<(String, bool)>>,
+    dead: Mutex<Vec<(String, String, u32)>>,
+    skipped: Mutex<Vec<(String, Decision)>>,
+    /// The offset file as it was at each failed attempt.
+    offsets_seen: Mutex<Vec<Option<String>>>,
+    dir: PathBuf,
+}
+
+impl Flaky {
+    fn new(dir: &Path, failures: &[(&str, u32)]) -> Flaky {
+        Flaky {
+            failures: Mutex::new(
+                failures
+                    .iter()
+                    .map(|(id, n)| ((*id).to_owned(), *n))
+                    .collect(),
+            ),
+            dir: dir.to_owned(),
+            ..Flaky::default()
+        }
+    }
+
+    fn succeeded(&self) -> Vec<String> {
+        let attempts = self.attempts.lock().unwrap();
+        attempts
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn attempts_at(&self, id: &str) -> usize {
+        self.attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, _)| i == id)
+            .count()
+    }
+}
+
+impl EventHandler for &Flaky {
+    async fn handle(&mut self, event: Event<'static>) -> Result<(), HandlerError> {
+        let id = event.event_id().to_owned();
+        let fail = {
+            let mut failures = self.failures.lock().unwrap();
+            match failures.get_mut(&id) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        self.attempts.lock().unwrap().push((id.clone(), !fail));
+        if !fail {
+            return Ok(());
+        }
+        let offset = std::fs::read_to_string(self.dir.join("offset")).ok();
+        self.offsets_seen.lock().unwrap().push(offset);
+        tokio::task::yield_now().await;
+        if self.panics {
+            panic!("the handler broke on {id}");
+        }
+        Err(format!("the database is down ({id})").into())
+    }
+
+    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+        let entry = (event.event_id().to_owned(), error.to_owned(), attempts);
+        self.dead.lock().unwrap().push(entry);
+    }
+
+    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+        let entry = (event.event_id().to_owned(), decision);
+        self.skipped.lock().unwrap().push(entry);
+    }
+}
+
+/// The spool position just after the first `n` of `lines`.
+fn offset_after(lines: &[Vec<u8>], n: usize) -> String {
+    let bytes: usize = lines[..n].iter().map(Vec::len).sum();
+    format!("1 {bytes}\n")
+}
+
+#[test]
+fn a_handler_that_fails_twice_then_succeeds_processes_the_event_once() {
+    let dir = temp_dir("worker-retry");
+    let lines = [line("r-1"), line("r-2"), line("r-3")];
+    let flaky = Flaky::new(&dir, &[("r-2", 2)]);
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool.append(lines.concat(), 3).await.unwrap();
+        spool.close().await;
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            &flaky,
+            quick(5),
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(
+        flaky.succeeded(),
+        ["r-1", "r-2", "r-3"],
+        "each once, in order"
+    );
+    assert_eq!(flaky.attempts_at("r-2"), 3);
+    // While r-2 was failing, the offset never passed it.
+    for seen in flaky.offsets_seen.lock().unwrap().iter().flatten() {
+        assert!(
+            *seen <= offset_after(&lines, 1),
+            "offset {seen:?} while r-2 failed"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("offset")).unwrap(),
+        offset_after(&lines, 3)
+    );
+    assert!(!dir.join(DEAD_LETTER_FILE).exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A worker stopped (a crash, here its future dropped) while an event keeps failing
+/// resumes at that event: the offset was held before it.
+#[test]
+fn a_worker_stopped_mid_retry_resumes_at_the_failing_event() {
+    let dir = temp_dir("worker-held");
+    let lines = [line("h-1"), line("h-2"), line("h-3")];
+    let failing = Flaky::new(&dir, &[("h-2", u32::MAX)]);
+    let gate = Gate::in_memory();
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool.append(lines.concat(), 3).await.unwrap();
+        spool.close().await;
+        let slow = RetryPolicy::new(Duration::from_millis(50), Duration::from_millis(50), 1000);
+        let worker = run_worker(spool.reader().unwrap(), &gate, &failing, slow);
+        // Long enough for many failed attempts and for an acknowledgement to be due.
+        let stopped = tokio::time::timeout(Duration::from_millis(1500), worker).await;
+        assert!(stopped.is_err(), "the worker gave up on h-2");
+        assert!(failing.attempts_at("h-2") >= 3);
+
+        let fixed = Flaky::new(&dir, &[]);
+        run_worker(spool.reader().unwrap(), &gate, &fixed, quick(3))
+            .await
+            .unwrap();
+        assert_eq!(fixed.succeeded(), ["h-2", "h-3"]);
+        // h-1 comes again (at least once), and the gate knows it was processed.
+        let skipped = fixed.skipped.lock().unwrap().clone();
+        assert_eq!(skipped, [("h-1".to_owned(), Decision::Duplicate)]);
+    });
+    assert_eq!(failing.succeeded(), ["h-1"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_panicking_handler_is_retried_and_the_worker_survives() {
+    let dir = temp_dir("worker-panic");
+    let flaky = Flaky {
+        panics: true,
+        ..Flaky::new(&dir, &[("p-1", 1)])
+    };
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool
+            .append([line("p-1"), line("p-2")].concat(), 2)
+            .await
+            .unwrap();
+        spool.close().await;
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            &flaky,
+            quick(3),
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(flaky.succeeded(), ["p-1", "p-2"]);
+    assert_eq!(flaky.attempts_at("p-1"), 2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Always failing: dead-lettered after the configured attempts, and the worker goes
+/// on; once the cause is fixed, `requeue_dead_letters` brings it back and the
+/// running worker processes it.
+#[test]
+fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
+    let dir = temp_dir("worker-dead");
+    let flaky = Flaky::new(&dir, &[("d-1", 3)]);
+    let gate = Gate::in_memory();
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool
+            .append([line("d-1"), line("d-2")].concat(), 2)
+            .await
+            .unwrap();
+        let worker = run_worker(spool.reader().unwrap(), &gate, &flaky, quick(3));
+        let operator = async {
+            while flaky.succeeded() != ["d-2"] {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(flaky.attempts_at("d-1"), 3);
+            // Fixed: the failures are used up. Bring the dead letter back.
+            assert_eq!(requeue_dead_letters(&spool).await.unwrap(), 1);
+            assert!(!dir.join(DEAD_LETTER_FILE).exists());
+            assert_eq!(
+                requeue_dead_letters(&spool).await.unwrap(),
+                0,
+                "nothing twice"
+            );
+            while flaky.succeeded().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            spool.close().await;
+        };
+        let (worked, ()) = tokio::join!(worker, operator);
+        worked.unwrap();
+    });
+    assert_eq!(flaky.succeeded(), ["d-2", "d-1"]);
+    let dead = flaky.dead.lock().unwrap().clone();
+    assert_eq!(
+        dead,
+        [("d-1".to_owned(), "the database is down (d-1)".to_owned(), 3)]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The dead letter as the worker writes it, and the `requeue` example binary
+/// bringing it back into the spool.
+#[test]
+fn the_requeue_command_brings_dead_letters_back() {
+    let dir = temp_dir("worker-requeue-cmd");
+    let flaky = Flaky::new(&dir, &[("q-1", 2)]);
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        spool
+            .append([line("q-1"), line("q-2")].concat(), 2)
+            .await
+            .unwrap();
+        spool.close().await;
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            &flaky,
+            quick(2),
+        )
+        .await
+        .unwrap();
+    });
+    let dead = std::fs::read_to_string(dir.join(DEAD_LETTER_FILE)).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(dead.trim_end()).unwrap();
+    assert_eq!(entry["attempts"], 2);
+    assert_eq!(entry["error"], "the database is down (q-1)");
+    assert_eq!(entry["record"]["event"]["eventId"], "q-1");
+    assert!(entry["deadAt"].as_str().is_some_and(|t| t.ends_with('Z')));
+
+    let exe = std::env::current_exe().unwrap();
+    let requeue = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/requeue");
+    assert!(
+        requeue.exists(),
+        "{} is missing: `cargo test` builds the examples",
+        requeue.display()
+    );
+    let output = std::process::Command::new(&requeue)
+        .env("COMAPI_SPOOL_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("requeued 1 event(s)"));
+    assert!(!dir.join(DEAD_LETTER_FILE).exists());
+
+    // The next worker (a restart: a new gate) processes the requeued event.
+    let fixed = Flaky::new(&dir, &[]);
+    runtime().block_on(async {
+        let (spool, recovery) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        assert_eq!(recovery.events, 3);
+        spool.close().await;
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            &fixed,
+            quick(2),
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(fixed.succeeded(), ["q-1"]);
+
+    let missing = std::process::Command::new(&requeue)
+        .env_remove("COMAPI_SPOOL_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("COMAPI_SPOOL_DIR is required"));
+    let _ = std::fs::remove_dir_all(dir);
+}
