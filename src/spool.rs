@@ -7,7 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -148,6 +148,8 @@ struct Shared {
     requests: mpsc::Sender<Request>,
     committed: watch::Receiver<Position>,
     stored: Arc<AtomicU64>,
+    /// Whether a [`SpoolReader`] is alive: the offset file belongs to one reader.
+    reading: Arc<AtomicBool>,
 }
 
 enum Request {
@@ -165,12 +167,20 @@ impl Spool {
     /// Opens (or creates) the spool in `config.dir`, repairs a torn last line, and
     /// starts the writer thread.
     ///
+    /// A spool has one writer: the folder is locked (`spool.lock`, an advisory
+    /// lock) until the spool is closed or every handle on it is dropped, and a
+    /// second open, from this process or another, fails at once.
+    ///
     /// # Errors
-    /// [`Error::Storage`] when the folder or a segment cannot be created or read.
+    /// [`Error::Storage`] when the folder or a segment cannot be created or read,
+    /// and, with [`io::ErrorKind::ResourceBusy`] as its source, when another spool
+    /// has the folder open.
     pub fn open(config: &SpoolConfig) -> Result<(Spool, Recovery), Error> {
-        fs::create_dir_all(&config.dir).map_err(|e| storage("create the spool folder", e))?;
-        let (writer, recovery) =
+        create_folder(&config.dir).map_err(|e| storage("create the spool folder", e))?;
+        let lock = lock_folder(&config.dir)?;
+        let (mut writer, recovery) =
             Writer::recover(config).map_err(|e| storage("open the spool", e))?;
+        writer.lock = Some(lock);
         let stored = Arc::new(AtomicU64::new(recovery.events));
         let (committed_tx, committed) = watch::channel(writer.position());
         let (requests, rx) = mpsc::channel(4096);
@@ -186,6 +196,7 @@ impl Spool {
             requests,
             committed,
             stored,
+            reading: Arc::new(AtomicBool::new(false)),
         };
         Ok((
             Spool {
@@ -195,27 +206,28 @@ impl Spool {
         ))
     }
 
-    /// Appends JSON lines (each ending in `\n`) holding `events` events, and
-    /// resolves once they are on disk.
+    /// Appends spool records, one JSON line each (ending in `\n`), holding `events`
+    /// events, and resolves once they are on disk. Each line must be a record as the
+    /// receive step writes it (`{"receivedAt":…,"secretIndex":…,"event":{…}}`, the
+    /// event an envelope with a string `eventId` and `name`), so that the worker can
+    /// read everything stored.
     ///
     /// # Errors
     /// [`Error::Storage`] when writing or syncing failed (the partial write is cut
     /// off again) or the spool is closed. Nothing was acknowledged then. Also, with
-    /// nothing stored, when `lines` does not end in a line feed or holds a zero byte
-    /// (which JSON text never does): the spool takes zero bytes for the marks of a
-    /// crash, and a line without its end would run into the next.
+    /// nothing stored and [`io::ErrorKind::InvalidInput`] as its source, when
+    /// `lines` does not end in a line feed, holds a zero byte (the spool takes zero
+    /// bytes for the marks of a crash), has a line that is not a spool record, or
+    /// holds a number of lines other than `events`.
     pub async fn append(&self, lines: Vec<u8>, events: u64) -> Result<(), Error> {
+        check_records(&lines, events)?;
+        self.append_unchecked(lines, events).await
+    }
+
+    /// [`Spool::append`] without the check: for lines this crate encoded itself.
+    pub(crate) async fn append_unchecked(&self, lines: Vec<u8>, events: u64) -> Result<(), Error> {
         if lines.is_empty() {
             return Ok(());
-        }
-        if lines.last() != Some(&b'\n') || memchr::memchr(0, &lines).is_some() {
-            return Err(Error::storage(
-                "cannot append",
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "lines must end in a line feed and hold no zero byte",
-                ),
-            ));
         }
         let (done, answer) = oneshot::channel();
         let request = Request::Append {
@@ -264,15 +276,29 @@ impl Spool {
     }
 
     /// A reader that starts where the last reader acknowledged (the `offset` file),
-    /// or at the beginning.
+    /// or at the beginning. The offset belongs to one reader: there is one at a
+    /// time, and the next can be had once it is dropped.
     ///
     /// # Errors
-    /// [`Error::Storage`] when the offset file exists but cannot be read.
+    /// [`Error::Storage`] when the offset file exists but cannot be read, and, with
+    /// [`io::ErrorKind::ResourceBusy`] as its source, while another reader of this
+    /// spool is alive.
     pub fn reader(&self) -> Result<SpoolReader, Error> {
+        if self.shared.reading.swap(true, Ordering::AcqRel) {
+            return Err(Error::storage(
+                format!("cannot read the spool in {}", self.shared.dir.display()),
+                io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "it already has a reader; its offset belongs to one reader at a time",
+                ),
+            ));
+        }
+        let reading = ReadingFlag(Arc::clone(&self.shared.reading));
         SpoolReader::open(
             &self.shared.dir,
             self.shared.remove_processed,
             self.shared.committed.clone(),
+            reading,
         )
     }
 
@@ -343,6 +369,100 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates the spool folder if it is missing, and makes its entry durable in its
+/// parent (and each new parent's in its own).
+fn create_folder(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_folder(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
+/// The file whose advisory lock marks a spool folder as open.
+const LOCK_FILE: &str = "spool.lock";
+
+/// Takes the folder's lock, or says who has it.
+fn lock_folder(dir: &Path) -> Result<File, Error> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| storage("create spool.lock", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::storage(
+            format!("cannot open the spool in {}", dir.display()),
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "another spool (in this process or another) has it open; a spool has one writer",
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(storage("lock spool.lock", e)),
+    }
+}
+
+/// Lowers a spool's "has a reader" flag when its reader is dropped.
+#[derive(Debug)]
+struct ReadingFlag(Arc<AtomicBool>);
+
+impl Drop for ReadingFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// What [`Spool::append`] takes: whole spool records holding `events` events.
+fn check_records(lines: &[u8], events: u64) -> Result<(), Error> {
+    let refuse = |what: String| {
+        Err(Error::storage(
+            "cannot append",
+            io::Error::new(io::ErrorKind::InvalidInput, what),
+        ))
+    };
+    if lines.is_empty() {
+        return if events == 0 {
+            Ok(())
+        } else {
+            refuse(format!("no lines, but {events} events"))
+        };
+    }
+    if lines.last() != Some(&b'\n') || memchr::memchr(0, lines).is_some() {
+        return refuse("lines must end in a line feed and hold no zero byte".to_owned());
+    }
+    let mut count = 0u64;
+    for (number, line) in lines[..lines.len() - 1].split(|&b| b == b'\n').enumerate() {
+        let record = serde_json::from_slice::<Line<'_>>(line)
+            .map_err(|e| e.to_string())
+            .and_then(|record| {
+                serde_json::from_str::<Event<'_>>(record.event.get()).map_err(|e| e.to_string())
+            });
+        if let Err(error) = record {
+            return refuse(format!(
+                "line {} is not a spool record: {error}",
+                number + 1
+            ));
+        }
+        count += 1;
+    }
+    if count != events {
+        return refuse(format!("{count} lines, but {events} events"));
+    }
+    Ok(())
+}
+
 /// One spool line as stored.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -355,25 +475,20 @@ struct Line<'a> {
 }
 
 /// The length of the longest prefix of `data` that a crash cannot have torn, and how
-/// many lines that is: whole lines, each ending in its line feed, with no zero byte.
+/// many lines that is: every whole line, ending in its line feed, before the zero
+/// bytes at the end.
 ///
-/// A crash tears only what was never synced, so never acknowledged: a last line
-/// without its line end, or zero bytes where pages of the preallocated tail (or of a
-/// file's new end) never reached the disk. Everything from there on is cut. A whole
-/// line that is not a valid spool line is kept: it can only be damage done after it
-/// was written, perhaps long after it was acknowledged, so the worker sets it aside
-/// instead of it taking every later line with it.
+/// A crash tears only what was never synced, so never acknowledged: zero bytes at
+/// the end, where pages of the preallocated tail (or of a file's new end) never
+/// reached the disk, and a last line without its line end. Only those are cut. A
+/// whole line that is not a valid spool line is kept, a zero byte in it included,
+/// with every line after it: the worker sets it aside instead of it taking later
+/// lines, perhaps long acknowledged, with it.
 fn valid_prefix(data: &[u8]) -> (usize, u64) {
-    let mut end = 0;
-    let mut lines = 0;
-    for line in data.split_inclusive(|&b| b == b'\n') {
-        if line.last() != Some(&b'\n') || line.contains(&0) {
-            break;
-        }
-        end += line.len();
-        lines += 1;
-    }
-    (end, lines)
+    let data = &data[..data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)];
+    let end = memchr::memrchr(b'\n', data).map_or(0, |i| i + 1);
+    let lines = memchr::memchr_iter(b'\n', &data[..end]).count();
+    (end, lines as u64)
 }
 
 /// The writer thread's state: the open last segment and its committed length.
@@ -388,6 +503,8 @@ struct Writer {
     /// The file's size: `len` plus a zero-filled tail, when preallocating.
     allocated: u64,
     group_linger: Duration,
+    /// The folder's lock, held while the writer runs.
+    lock: Option<File>,
 }
 
 /// Writes every buffer, in order, in as few `writev` calls as the OS allows.
@@ -456,6 +573,7 @@ impl Writer {
             len: valid as u64,
             allocated: valid as u64,
             group_linger: config.group_linger,
+            lock: None,
         };
         Ok((writer, recovery))
     }
@@ -536,6 +654,9 @@ impl Writer {
         drop(rx);
         // A clean segment for other readers; after a crash `recover` does this.
         let _ = self.cut_zero_tail();
+        // Unlocked before the close is answered, so the folder can be opened again
+        // as soon as it is.
+        self.lock = None;
         if let Some(done) = closing {
             let _ = done.send(());
         }
@@ -756,6 +877,8 @@ pub struct SpoolReader {
     file: Option<(u64, File)>,
     /// The last chunk read, reused once every event handed out from it is dropped.
     chunk: Arc<Vec<u8>>,
+    /// Lowered when this reader is dropped, so the spool can hand out another.
+    _reading: ReadingFlag,
 }
 
 const OFFSET_FILE: &str = "offset";
@@ -767,6 +890,7 @@ impl SpoolReader {
         dir: &Path,
         remove_processed: bool,
         committed: watch::Receiver<Position>,
+        reading: ReadingFlag,
     ) -> Result<Self, Error> {
         let position = match fs::read_to_string(dir.join(OFFSET_FILE)) {
             Ok(text) => parse_offset(&text).ok_or_else(|| {
@@ -795,6 +919,7 @@ impl SpoolReader {
             read_towards: position,
             file: None,
             chunk: Arc::default(),
+            _reading: reading,
         })
     }
 

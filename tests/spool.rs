@@ -164,7 +164,14 @@ fn readers_resume_from_the_acknowledged_offset() {
         reader.acknowledge(batch[0].end()).unwrap();
         let second = reader.next_batch(usize::MAX).await.unwrap().unwrap();
         assert_eq!(second.len(), 9);
-        // Not acknowledged: a new reader starts after the first event only.
+        // Not acknowledged: a new reader starts after the first event only. The
+        // offset belongs to one reader at a time.
+        let busy = spool.reader().unwrap_err();
+        let Error::Storage { source, .. } = &busy else {
+            panic!("{busy:?}");
+        };
+        assert_eq!(source.kind(), std::io::ErrorKind::ResourceBusy);
+        drop(reader);
         let mut again = spool.reader().unwrap();
         assert_eq!(again.position(), batch[0].end());
         let rest = again.next_batch(usize::MAX).await.unwrap().unwrap();
@@ -172,6 +179,7 @@ fn readers_resume_from_the_acknowledged_offset() {
         assert_eq!(rest[0].secret_index().unwrap(), 0);
         assert_eq!(rest[0].received_at().unwrap(), "2026-01-01T00:00:00.000Z");
         again.acknowledge(rest[8].end()).unwrap();
+        drop(again);
         assert_eq!(
             spool.reader().unwrap().position(),
             Position {
@@ -256,12 +264,22 @@ fn lines_in_another_key_order_still_read() {
 #[test]
 fn a_stored_line_that_is_not_one_envelope_is_a_storage_error_for_that_event_only() {
     let dir = temp_dir("not-one");
+    let batch = spool_line(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
+    let numeric_id = spool_line(r#"{"eventId":7,"name":"message.sent","payload":{"id":"m"}}"#);
+    let lines = [batch, numeric_id, line("ok-1")].concat();
+    // `append` refuses such lines, so they can only be damage on disk.
+    std::fs::write(dir.join("segment-0000000001.jsonl"), &lines).unwrap();
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        let batch = spool_line(r#"[{"eventId":"b-1","name":"x.y","payload":{}}]"#);
-        let numeric_id = spool_line(r#"{"eventId":7,"name":"message.sent","payload":{"id":"m"}}"#);
-        let lines = [batch, numeric_id, line("ok-1")].concat();
-        spool.append(lines, 3).await.unwrap();
+        let refused = spool.append(lines, 3).await.unwrap_err();
+        assert!(
+            refused
+                .report()
+                .to_string()
+                .contains("line 1 is not a spool record"),
+            "{}",
+            refused.report()
+        );
         let mut reader = spool.reader().unwrap();
         let read = reader.next_batch(usize::MAX).await.unwrap().unwrap();
         for bad in &read[..2] {
@@ -341,16 +359,16 @@ fn the_worker_sets_aside_a_line_that_is_not_an_event_keeps_it_and_goes_on() {
     let numeric_id = spool_line(r#"{"eventId":7,"name":"message.sent","payload":{"id":"m"}}"#);
     let not_a_frame = b"{\"something\":\"else\"}\n".to_vec();
     let gate = Gate::in_memory();
+    let lines = [
+        line("ok-1"),
+        numeric_id.clone(),
+        not_a_frame.clone(),
+        line("ok-2"),
+        line("ok-1"),
+    ];
+    std::fs::write(dir.join("segment-0000000001.jsonl"), lines.concat()).unwrap();
     let (worked, end) = runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        let lines = [
-            line("ok-1"),
-            numeric_id.clone(),
-            not_a_frame.clone(),
-            line("ok-2"),
-            line("ok-1"),
-        ];
-        spool.append(lines.concat(), 5).await.unwrap();
         spool.close().await;
         (Worked::run(&spool, &gate).await, spool.committed())
     });
@@ -453,6 +471,7 @@ fn a_reader_offset_past_the_data_is_brought_back_to_it() {
                 ..end
             })
             .unwrap();
+        drop(reader);
         let mut reader = spool.reader().unwrap();
         assert_eq!(reader.position(), end, "never past the committed data");
         spool.append(line("o-2"), 1).await.unwrap();
