@@ -1,0 +1,360 @@
+//! The durable spool: append-only JSON Lines segments with group commit, crash
+//! recovery, and a reader that resumes from a persisted offset.
+//!
+//! `Spool` and its settings are here; the writer thread in `writer`, what a crash
+//! leaves to repair in `recovery`, the stored line's layout in `record`, the reader in
+//! `reader`, and the folder's files (segments, lock) in `files`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::Error;
+
+mod files;
+mod reader;
+mod record;
+mod recovery;
+mod writer;
+
+pub(crate) use files::sync_dir;
+use files::{ReadingFlag, create_folder, lock_folder};
+pub use reader::SpoolReader;
+pub use record::SpooledEvent;
+use record::check_records;
+pub(crate) use record::encode_lines;
+use writer::Writer;
+
+/// Where and how a [`Spool`] stores events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SpoolConfig {
+    /// The folder holding the segments (`segment-0000000001.jsonl`, …), the
+    /// reader's `offset` file and, if [`run_worker`](crate::run_worker) ever had to set a line aside,
+    /// `rejected.jsonl`. Created if missing.
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+    /// How far ahead of its data the segment being written is filled with zero
+    /// bytes (0 turns this off). Appends then land inside the file instead of
+    /// growing it, so each sync only flushes data and skips the file system's
+    /// journal: on ext4 that halves the cost of a sync. The zero tail is cut off
+    /// when the segment rolls over and when the spool closes; after a crash,
+    /// [`Spool::open`] cuts it. Readers never read past committed data. Each step
+    /// is one longer sync (about 1 ms per MiB here), so larger steps raise tail latency.
+    pub preallocate_bytes: u64,
+    /// Whether [`SpoolReader::acknowledge`] deletes the segments wholly before the
+    /// acknowledged position (off by default: the spool then keeps every event, as
+    /// a log would). Turn it on when the spool is only a queue, or it grows forever.
+    pub remove_processed: bool,
+    /// How long the writer may hold a group before syncing it, waiting for more
+    /// appends to join, while the group is smaller than the previous one (zero turns
+    /// this off). Under load, groups grow and syncs, each a fixed cost, get fewer; a
+    /// spool that gets one append at a time never waits, since its previous group
+    /// was no larger. The writer sleeps while it waits, leaving the CPU to the
+    /// requests it waits for.
+    pub group_linger: Duration,
+}
+
+impl SpoolConfig {
+    /// Segments in `dir`, rolling over at 64 MiB, preallocated 1 MiB at a time,
+    /// groups held up to 100 µs.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SpoolConfig {
+            dir: dir.into(),
+            segment_bytes: 64 * 1024 * 1024,
+            preallocate_bytes: 1024 * 1024,
+            remove_processed: false,
+            group_linger: Duration::from_micros(100),
+        }
+    }
+
+    /// `comapi-webhook-spool` in the OS temp folder, as Comapi's tutorial does. Fine
+    /// for trying things out; in production pick a folder that survives reboots.
+    #[must_use]
+    pub fn in_temp_dir() -> Self {
+        Self::new(std::env::temp_dir().join("comapi-webhook-spool"))
+    }
+
+    /// The same folder with another roll-over size (at least 1 byte).
+    #[must_use]
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(1);
+        self
+    }
+
+    /// The same folder with another preallocation step (0 turns it off, so the
+    /// segment being written never has a zero tail, e.g. for `tail -f`).
+    #[must_use]
+    pub fn with_preallocate_bytes(mut self, bytes: u64) -> Self {
+        self.preallocate_bytes = bytes;
+        self
+    }
+
+    /// The same folder, deleting processed segments or not (see
+    /// [`SpoolConfig::remove_processed`]).
+    #[must_use]
+    pub fn with_remove_processed(mut self, remove: bool) -> Self {
+        self.remove_processed = remove;
+        self
+    }
+
+    /// The same folder with another group linger (see
+    /// [`SpoolConfig::group_linger`]; zero syncs each group as soon as it is taken).
+    #[must_use]
+    pub fn with_group_linger(mut self, linger: Duration) -> Self {
+        self.group_linger = linger;
+        self
+    }
+}
+
+/// A place in the spool: a segment number and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// The segment number (the `N` in `segment-N.jsonl`).
+    pub segment: u64,
+    /// The byte offset in that segment.
+    pub offset: u64,
+}
+
+/// What [`Spool::open`] found and repaired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Events already in the spool: its lines, counting any damaged one that the
+    /// worker will set aside.
+    pub events: u64,
+    /// Segments found.
+    pub segments: u64,
+    /// Bytes cut from the end of the last segment: a line torn by a crash (never
+    /// acknowledged, so Comapi retries it) is removed, never served as an event. The
+    /// preallocated zero tail is cut as well, but not counted here.
+    pub torn_bytes: u64,
+}
+
+/// The durable, append-only event spool (JSON Lines segments in a folder).
+///
+/// [`Spool::append`] resolves only after the lines are written and `fdatasync`ed.
+/// Concurrent appends share one sync (group commit): a dedicated writer thread takes
+/// every append waiting, writes them all, syncs once and answers them all, so the
+/// sync cost is paid per group, not per request. Under load it holds a group a
+/// little while for more ([`SpoolConfig::group_linger`]).
+///
+/// Each line is one event: `{"receivedAt":"…","secretIndex":0,"event":{…}}`, where
+/// `event` is the envelope as received (line breaks between JSON tokens, which can
+/// only be insignificant whitespace, become spaces) and `secretIndex` says which of
+/// the verifier's secrets matched (never the secret).
+///
+/// Cloning is cheap; clones share the writer.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    remove_processed: bool,
+    requests: mpsc::Sender<Request>,
+    committed: watch::Receiver<Position>,
+    stored: Arc<AtomicU64>,
+    /// Whether a [`SpoolReader`] is alive: the offset file belongs to one reader.
+    reading: Arc<AtomicBool>,
+}
+
+enum Request {
+    Append {
+        lines: Vec<u8>,
+        events: u64,
+        /// Answered with the lines' buffer once they are durable, so that it is freed
+        /// on the thread that allocated it, not on the writer's.
+        done: oneshot::Sender<Result<Vec<u8>, Arc<io::Error>>>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `config.dir`, repairs a torn last line, and
+    /// starts the writer thread.
+    ///
+    /// A spool has one writer: the folder is locked (`spool.lock`, an advisory
+    /// lock) until the spool is closed or every handle on it is dropped, and a
+    /// second open, from this process or another, fails at once.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the folder or a segment cannot be created or read,
+    /// and, with [`io::ErrorKind::ResourceBusy`] as its source, when another spool
+    /// has the folder open.
+    pub fn open(config: &SpoolConfig) -> Result<(Spool, Recovery), Error> {
+        create_folder(&config.dir).map_err(|e| storage("create the spool folder", e))?;
+        let lock = lock_folder(&config.dir)?;
+        let (mut writer, recovery) =
+            Writer::recover(config).map_err(|e| storage("open the spool", e))?;
+        writer.lock = Some(lock);
+        let stored = Arc::new(AtomicU64::new(recovery.events));
+        let (committed_tx, committed) = watch::channel(writer.position());
+        let (requests, rx) = mpsc::channel(4096);
+        let counter = Arc::clone(&stored);
+        // Detached: it stops when asked to close, or when every `Spool` is dropped.
+        std::thread::Builder::new()
+            .name("comapi-spool-writer".to_owned())
+            .spawn(move || writer.run(rx, &committed_tx, &counter))
+            .map_err(|e| storage("start the spool writer", e))?;
+        let shared = Shared {
+            dir: config.dir.clone(),
+            remove_processed: config.remove_processed,
+            requests,
+            committed,
+            stored,
+            reading: Arc::new(AtomicBool::new(false)),
+        };
+        Ok((
+            Spool {
+                shared: Arc::new(shared),
+            },
+            recovery,
+        ))
+    }
+
+    /// Appends spool records, one JSON line each (ending in `\n`), holding `events`
+    /// events, and resolves once they are on disk. Each line must be a record as the
+    /// receive step writes it (`{"receivedAt":…,"secretIndex":…,"event":{…}}`, the
+    /// event an envelope with a string `eventId` and `name`), so that the worker can
+    /// read everything stored.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when writing or syncing failed (the partial write is cut
+    /// off again) or the spool is closed. Nothing was acknowledged then. Also, with
+    /// nothing stored and [`io::ErrorKind::InvalidInput`] as its source, when
+    /// `lines` does not end in a line feed, holds a zero byte (the spool takes zero
+    /// bytes for the marks of a crash), has a line that is not a spool record, or
+    /// holds a number of lines other than `events`.
+    pub async fn append(&self, lines: Vec<u8>, events: u64) -> Result<(), Error> {
+        check_records(&lines, events)?;
+        self.append_unchecked(lines, events).await
+    }
+
+    /// [`Spool::append`] without the check: for lines this crate encoded itself.
+    pub(crate) async fn append_unchecked(&self, lines: Vec<u8>, events: u64) -> Result<(), Error> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let (done, answer) = oneshot::channel();
+        let request = Request::Append {
+            lines,
+            events,
+            done,
+        };
+        if self.shared.requests.send(request).await.is_err() {
+            return Err(closed());
+        }
+        match answer.await {
+            Ok(Ok(_lines)) => Ok(()),
+            // Every append of the group shares the one failure: each gets its kind
+            // (a full disk, a permission error) and its text.
+            Ok(Err(error)) => Err(Error::storage(
+                "cannot write the spool",
+                io::Error::new(error.kind(), error),
+            )),
+            Err(_) => Err(closed()),
+        }
+    }
+
+    /// The spool folder.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Whether the spool is closed ([`Spool::close`], or its writer stopped): appends
+    /// fail, and readers finish at the end of what was stored.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.shared.requests.is_closed()
+    }
+
+    /// How many events the spool holds (found at open plus appended since).
+    #[must_use]
+    pub fn stored(&self) -> u64 {
+        self.shared.stored.load(Ordering::Acquire)
+    }
+
+    /// The end of the data that is durably written.
+    #[must_use]
+    pub fn committed(&self) -> Position {
+        *self.shared.committed.borrow()
+    }
+
+    /// A reader that starts where the last reader acknowledged (the `offset` file),
+    /// or at the beginning. The offset belongs to one reader: there is one at a
+    /// time, and the next can be had once it is dropped.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the offset file exists but cannot be read, and, with
+    /// [`io::ErrorKind::ResourceBusy`] as its source, while another reader of this
+    /// spool is alive.
+    pub fn reader(&self) -> Result<SpoolReader, Error> {
+        if self.shared.reading.swap(true, Ordering::AcqRel) {
+            return Err(Error::storage(
+                format!("cannot read the spool in {}", self.shared.dir.display()),
+                io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "it already has a reader; its offset belongs to one reader at a time",
+                ),
+            ));
+        }
+        let reading = ReadingFlag(Arc::clone(&self.shared.reading));
+        SpoolReader::open(
+            &self.shared.dir,
+            self.shared.remove_processed,
+            self.shared.committed.clone(),
+            reading,
+        )
+    }
+
+    /// Stops the writer after the appends already queued, and waits for it. Later
+    /// appends fail. Everything acknowledged was already synced; readers see the
+    /// end of the spool and finish.
+    pub async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self
+            .shared
+            .requests
+            .send(Request::Close(done))
+            .await
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
+    }
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.shared.dir)
+            .field("stored", &self.stored())
+            .field("committed", &self.committed())
+            .finish()
+    }
+}
+
+fn storage(what: &str, error: io::Error) -> Error {
+    Error::storage(format!("cannot {what}"), error)
+}
+
+fn closed() -> Error {
+    Error::storage(
+        "cannot append",
+        io::Error::new(io::ErrorKind::BrokenPipe, "the spool is closed"),
+    )
+}
+
+/// Data read back from the spool that is not what the spool writes.
+fn corrupt(what: String, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::storage(what, io::Error::new(io::ErrorKind::InvalidData, error))
+}

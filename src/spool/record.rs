@@ -1,0 +1,185 @@
+//! The stored line: `{"receivedAt":…,"secretIndex":…,"event":{…}}`, written by the
+//! receive step, checked for `Spool::append`, and read back by the reader.
+
+use std::borrow::Cow;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Position, corrupt};
+use crate::{Error, Event};
+
+/// What [`Spool::append`] takes: whole spool records holding `events` events.
+pub(super) fn check_records(lines: &[u8], events: u64) -> Result<(), Error> {
+    let refuse = |what: String| {
+        Err(Error::storage(
+            "cannot append",
+            io::Error::new(io::ErrorKind::InvalidInput, what),
+        ))
+    };
+    if lines.is_empty() {
+        return if events == 0 {
+            Ok(())
+        } else {
+            refuse(format!("no lines, but {events} events"))
+        };
+    }
+    if lines.last() != Some(&b'\n') || memchr::memchr(0, lines).is_some() {
+        return refuse("lines must end in a line feed and hold no zero byte".to_owned());
+    }
+    let mut count = 0u64;
+    for (number, line) in lines[..lines.len() - 1].split(|&b| b == b'\n').enumerate() {
+        let record = serde_json::from_slice::<Line<'_>>(line)
+            .map_err(|e| e.to_string())
+            .and_then(|record| {
+                serde_json::from_str::<Event<'_>>(record.event.get()).map_err(|e| e.to_string())
+            });
+        if let Err(error) = record {
+            return refuse(format!(
+                "line {} is not a spool record: {error}",
+                number + 1
+            ));
+        }
+        count += 1;
+    }
+    if count != events {
+        return refuse(format!("{count} lines, but {events} events"));
+    }
+    Ok(())
+}
+
+/// One spool line as stored.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Line<'a> {
+    #[serde(borrow)]
+    received_at: Cow<'a, str>,
+    secret_index: usize,
+    #[serde(borrow)]
+    event: &'a RawValue,
+}
+
+/// One event read back from the spool.
+#[derive(Debug, Clone)]
+pub struct SpooledEvent {
+    /// The batch this line was read in, shared by its events: one read, no copies.
+    pub(super) chunk: Arc<Vec<u8>>,
+    pub(super) line: std::ops::Range<usize>,
+    pub(super) end: Position,
+}
+
+/// A spool line's parts: `receivedAt`, `secretIndex` and the raw event.
+struct Parts<'a> {
+    received_at: Cow<'a, str>,
+    secret_index: usize,
+    event: &'a str,
+}
+
+impl SpooledEvent {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.chunk.get(self.line.clone()).unwrap_or_default()
+    }
+
+    fn parts(&self) -> Result<Parts<'_>, Error> {
+        let line = self.bytes();
+        // The layout this crate writes, taken apart without a second JSON scan; any
+        // other valid line goes through serde.
+        if let Some(parts) = split_line(line) {
+            return Ok(parts);
+        }
+        let parsed: Line<'_> = serde_json::from_slice(line)
+            .map_err(|e| corrupt(format!("corrupt spool line before {:?}", self.end), e))?;
+        Ok(Parts {
+            received_at: parsed.received_at,
+            secret_index: parsed.secret_index,
+            event: parsed.event.get(),
+        })
+    }
+
+    /// The event, parsed from the envelope as it was received (it was verified
+    /// before it was stored).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the line is corrupt.
+    pub fn event(&self) -> Result<Event<'_>, Error> {
+        let raw = self.parts()?.event;
+        // One envelope, already valid UTF-8: parsed straight, without the batch check.
+        serde_json::from_str(raw).map_err(|e| {
+            corrupt(
+                format!("corrupt event in the spool before {:?}", self.end),
+                e,
+            )
+        })
+    }
+
+    /// When the receiver stored it (RFC 3339, UTC).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the line is corrupt.
+    pub fn received_at(&self) -> Result<String, Error> {
+        Ok(self.parts()?.received_at.into_owned())
+    }
+
+    /// Which of the verifier's secrets matched when it arrived (0 is the primary).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the line is corrupt.
+    pub fn secret_index(&self) -> Result<usize, Error> {
+        Ok(self.parts()?.secret_index)
+    }
+
+    /// The spool position just after this event; acknowledge it once processed.
+    #[must_use]
+    pub fn end(&self) -> Position {
+        self.end
+    }
+}
+
+/// One spool line per event, in the layout [`split_line`] reads back: the envelope's raw bytes with line breaks (which in
+/// valid JSON can only be insignificant whitespace) turned into spaces.
+pub(crate) fn encode_lines(events: &[&str], secret_index: usize) -> Vec<u8> {
+    // `{"receivedAt":"<24 bytes>","secretIndex":<up to 20 digits>,"event":` and `}\n`.
+    const FRAME: usize = 84 + 2;
+    let received_at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+    let mut lines = Vec::with_capacity(events.iter().map(|e| FRAME + e.len()).sum());
+    let mut prefix = 0..0;
+    for (i, event) in events.iter().enumerate() {
+        if i == 0 {
+            // Writing to a Vec cannot fail.
+            let _ = write!(
+                lines,
+                "{{\"receivedAt\":\"{received_at}\",\"secretIndex\":{secret_index},\"event\":"
+            );
+            prefix = 0..lines.len();
+        } else {
+            lines.extend_from_within(prefix.clone());
+        }
+        let start = lines.len();
+        lines.extend_from_slice(event.as_bytes());
+        if let Some(raw) = lines.get_mut(start..) {
+            raw.iter_mut()
+                .filter(|b| matches!(**b, b'\n' | b'\r'))
+                .for_each(|b| *b = b' ');
+        }
+        lines.extend_from_slice(b"}\n");
+    }
+    lines
+}
+
+/// `{"receivedAt":"…","secretIndex":N,"event":…}\n`, exactly as [`encode_lines`] writes it.
+fn split_line(line: &[u8]) -> Option<Parts<'_>> {
+    let rest = line.strip_prefix(b"{\"receivedAt\":\"")?;
+    let quote = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    let (received_at, rest) = rest.split_at(quote);
+    let rest = rest.strip_prefix(b"\",\"secretIndex\":")?;
+    let comma = rest.iter().position(|&b| b == b',')?;
+    let (index, rest) = rest.split_at(comma);
+    let event = rest.strip_prefix(b",\"event\":")?.strip_suffix(b"}\n")?;
+    Some(Parts {
+        received_at: Cow::Borrowed(std::str::from_utf8(received_at).ok()?),
+        secret_index: std::str::from_utf8(index).ok()?.parse().ok()?,
+        event: std::str::from_utf8(event).ok()?,
+    })
+}
