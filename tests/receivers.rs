@@ -6,11 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
-use support::{runtime, spool_line, temp_dir};
+use support::{example_binary, runtime, spool_line, temp_dir};
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,19 +26,6 @@ use hyper_util::rt::TokioExecutor;
 const SECRET: &str = "the-current-secret-0123456789";
 const PREVIOUS: &str = "the-previous-secret-0123456789";
 const MAX_BODY: usize = 64 * 1024;
-
-fn example_binary(name: &str) -> PathBuf {
-    // target/<profile>/deps/receivers-<hash> -> target/<profile>/examples/<name>
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test` builds the examples",
-        path.display()
-    );
-    path
-}
 
 /// A running receiver binary; killed on drop.
 struct Receiver {

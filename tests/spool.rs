@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
-use support::{runtime, spool_line, temp_dir};
+use support::{recorder, runtime, spool_line, temp_dir};
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -529,17 +529,10 @@ fn a_plain_function_or_typed_closure_is_an_event_handler() {
             .await
             .unwrap();
         spool.close().await;
-        let handler = |event: Event<'static>| {
-            let seen = &seen;
-            async move {
-                seen.lock().unwrap().push(event.event_id().to_owned());
-                Ok::<(), std::io::Error>(())
-            }
-        };
         run_worker(
             spool.reader().unwrap(),
             &Gate::in_memory(),
-            handler,
+            recorder(&seen),
             RetryPolicy::default(),
         )
         .await

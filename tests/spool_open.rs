@@ -7,10 +7,8 @@ mod support;
 
 use std::io::ErrorKind;
 
-use comapi_webhook::{
-    Error, Event, Gate, HandlerError, RetryPolicy, Spool, SpoolConfig, run_worker,
-};
-use support::{runtime, spool_line, temp_dir};
+use comapi_webhook::{Error, Gate, RetryPolicy, Spool, SpoolConfig, run_worker};
+use support::{example_binary, recorder, runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {
     spool_line(&format!(
@@ -27,19 +25,7 @@ fn source_kind(error: &Error) -> ErrorKind {
 
 /// The `requeue` example binary opens the spool: a process of its own.
 fn requeue_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/requeue");
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test` builds the examples",
-        path.display()
-    );
-    path
+    example_binary("requeue")
 }
 
 #[test]
@@ -91,17 +77,10 @@ fn a_zero_byte_mid_segment_keeps_the_lines_after_it() {
         assert_eq!(recovery.events, 3);
         assert_eq!(recovery.torn_bytes, 0, "only the zero tail was cut");
         spool.close().await;
-        let handler = |event: Event<'static>| {
-            let seen = &seen;
-            async move {
-                seen.lock().unwrap().push(event.event_id().to_owned());
-                Ok::<(), HandlerError>(())
-            }
-        };
         run_worker(
             spool.reader().unwrap(),
             &Gate::in_memory(),
-            handler,
+            recorder(&seen),
             RetryPolicy::default(),
         )
         .await

@@ -15,7 +15,7 @@ use comapi_webhook::{
     DEAD_LETTER_FILE, Decision, Event, EventHandler, Gate, HandlerError, RetryPolicy, Spool,
     SpoolConfig, requeue_dead_letters, run_worker,
 };
-use support::{runtime, spool_line, temp_dir};
+use support::{example_binary, runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {
     spool_line(&format!(
@@ -120,6 +120,20 @@ impl EventHandler for &Flaky {
     }
 }
 
+/// Stores `lines` in a new spool in `dir`, closes it, and runs the worker over it
+/// with `handler` to the end.
+fn work(dir: &Path, lines: &[Vec<u8>], handler: &Flaky, retry: RetryPolicy) {
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(dir)).unwrap();
+        let count = lines.len() as u64;
+        spool.append(lines.concat(), count).await.unwrap();
+        spool.close().await;
+        run_worker(spool.reader().unwrap(), &Gate::in_memory(), handler, retry)
+            .await
+            .unwrap();
+    });
+}
+
 /// The spool position just after the first `n` of `lines`.
 fn offset_after(lines: &[Vec<u8>], n: usize) -> String {
     let bytes: usize = lines[..n].iter().map(Vec::len).sum();
@@ -131,19 +145,7 @@ fn a_handler_that_fails_twice_then_succeeds_processes_the_event_once() {
     let dir = temp_dir("worker-retry");
     let lines = [line("r-1"), line("r-2"), line("r-3")];
     let flaky = Flaky::new(&dir, &[("r-2", 2)]);
-    runtime().block_on(async {
-        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        spool.append(lines.concat(), 3).await.unwrap();
-        spool.close().await;
-        run_worker(
-            spool.reader().unwrap(),
-            &Gate::in_memory(),
-            &flaky,
-            quick(5),
-        )
-        .await
-        .unwrap();
-    });
+    work(&dir, &lines, &flaky, quick(5));
     assert_eq!(
         flaky.succeeded(),
         ["r-1", "r-2", "r-3"],
@@ -204,22 +206,7 @@ fn a_panicking_handler_is_retried_and_the_worker_survives() {
         panics: true,
         ..Flaky::new(&dir, &[("p-1", 1)])
     };
-    runtime().block_on(async {
-        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        spool
-            .append([line("p-1"), line("p-2")].concat(), 2)
-            .await
-            .unwrap();
-        spool.close().await;
-        run_worker(
-            spool.reader().unwrap(),
-            &Gate::in_memory(),
-            &flaky,
-            quick(3),
-        )
-        .await
-        .unwrap();
-    });
+    work(&dir, &[line("p-1"), line("p-2")], &flaky, quick(3));
     assert_eq!(flaky.succeeded(), ["p-1", "p-2"]);
     assert_eq!(flaky.attempts_at("p-1"), 2);
     let _ = std::fs::remove_dir_all(dir);
@@ -276,22 +263,7 @@ fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
 fn the_requeue_command_brings_dead_letters_back() {
     let dir = temp_dir("worker-requeue-cmd");
     let flaky = Flaky::new(&dir, &[("q-1", 2)]);
-    runtime().block_on(async {
-        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        spool
-            .append([line("q-1"), line("q-2")].concat(), 2)
-            .await
-            .unwrap();
-        spool.close().await;
-        run_worker(
-            spool.reader().unwrap(),
-            &Gate::in_memory(),
-            &flaky,
-            quick(2),
-        )
-        .await
-        .unwrap();
-    });
+    work(&dir, &[line("q-1"), line("q-2")], &flaky, quick(2));
     let dead = std::fs::read_to_string(dir.join(DEAD_LETTER_FILE)).unwrap();
     let entry: serde_json::Value = serde_json::from_str(dead.trim_end()).unwrap();
     assert_eq!(entry["attempts"], 2);
@@ -299,18 +271,7 @@ fn the_requeue_command_brings_dead_letters_back() {
     assert_eq!(entry["record"]["event"]["eventId"], "q-1");
     assert!(entry["deadAt"].as_str().is_some_and(|t| t.ends_with('Z')));
 
-    let exe = std::env::current_exe().unwrap();
-    let requeue = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/requeue");
-    assert!(
-        requeue.exists(),
-        "{} is missing: `cargo test` builds the examples",
-        requeue.display()
-    );
+    let requeue = example_binary("requeue");
     let output = std::process::Command::new(&requeue)
         .env("COMAPI_SPOOL_DIR", &dir)
         .output()

@@ -77,6 +77,30 @@ pub fn event(
         .into_owned()
 }
 
+/// The built example binary `name`: `cargo test` builds the examples beside the
+/// test binaries (target/<profile>/deps/<test>-<hash> -> target/<profile>/examples).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds the examples",
+        path.display()
+    );
+    path
+}
+
+/// A worker handler that records each event's id in `seen` and succeeds.
+pub fn recorder(
+    seen: &std::sync::Mutex<Vec<String>>,
+) -> impl FnMut(Event<'static>) -> std::future::Ready<Result<(), std::io::Error>> + Send + '_ {
+    move |event| {
+        seen.lock().unwrap().push(event.event_id().to_owned());
+        std::future::ready(Ok(()))
+    }
+}
+
 /// A fresh folder under the OS temp folder; the caller removes it.
 pub fn temp_dir(label: &str) -> std::path::PathBuf {
     let nanos = std::time::SystemTime::now()
