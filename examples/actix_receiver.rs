@@ -23,7 +23,7 @@ async fn main() {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_inbox.clone())
-            // actix stops reading past the limit and answers 413 itself.
+            // actix stops reading past the limit; `receive` answers the 413.
             .app_data(web::PayloadConfig::new(max_body_bytes))
             .route("/", web::get().to(status_page))
             .route("/", web::post().to(receive))
@@ -59,7 +59,19 @@ async fn status_page(inbox: web::Data<Inbox>) -> HttpResponse {
         .body(inbox.status_page())
 }
 
-async fn receive(inbox: web::Data<Inbox>, request: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn receive(
+    inbox: web::Data<Inbox>,
+    request: HttpRequest,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> HttpResponse {
+    let body = match body {
+        Ok(body) => body,
+        // actix stopped reading past the limit: answer (and log) the inbox's 413.
+        Err(error) if error.as_response_error().status_code() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return from_reply(&inbox.too_large());
+        }
+        Err(error) => return error.error_response(),
+    };
     let signatures = request
         .headers()
         .get_all("x-comapi-signature")
@@ -68,6 +80,7 @@ async fn receive(inbox: web::Data<Inbox>, request: HttpRequest, body: web::Bytes
 }
 
 fn from_reply(reply: &Reply) -> HttpResponse {
+    common::log_refusal(reply);
     let status =
         StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     HttpResponse::build(status)

@@ -112,6 +112,7 @@ async fn handle(
 }
 
 fn from_reply(reply: &Reply) -> Response<Full<Bytes>> {
+    common::log_refusal(reply);
     let mut response = text(reply.status(), reply.body());
     if reply.status() == StatusCode::PAYLOAD_TOO_LARGE {
         // The rest of the body was never read, so this connection cannot carry

@@ -13,14 +13,17 @@ use crate::{DEFAULT_MAX_BODY_BYTES, Error, SIGNATURE_HEADER, Verifier};
 pub struct Reply {
     status: StatusCode,
     body: Cow<'static, str>,
+    reason: Cow<'static, str>,
     events: usize,
 }
 
 impl Reply {
     fn new(status: StatusCode, body: impl Into<Cow<'static, str>>) -> Self {
+        let body = body.into();
         Reply {
             status,
-            body: body.into(),
+            reason: Cow::Owned(body.trim_end().to_owned()),
+            body,
             events: 0,
         }
     }
@@ -31,7 +34,10 @@ impl Reply {
             StatusCode::BAD_REQUEST => Cow::Owned(format!("{error}\n")),
             _ => Cow::Borrowed("cannot store events now, retry later\n"),
         };
-        Reply::new(error.status(), body)
+        Reply {
+            reason: Cow::Owned(error.report().to_string()),
+            ..Reply::new(error.status(), body)
+        }
     }
 
     /// The HTTP status: 200, 400, 401, 413 or 503.
@@ -44,6 +50,15 @@ impl Reply {
     #[must_use]
     pub fn body(&self) -> &str {
         &self.body
+    }
+
+    /// Why, for your logs, in more detail than [`Reply::body`] tells the sender: which
+    /// signature error it was (`signature mismatch` when the secret differs from the
+    /// portal's), where a body failed, and the cause of a storage failure. It never
+    /// holds the signature or the body.
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 
     /// How many events were stored (0 unless the status is 200).

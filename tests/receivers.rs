@@ -360,6 +360,60 @@ fn answers(name: &str) {
     let rotated = lines.lines().find(|l| l.contains("rotated-1")).unwrap();
     assert!(rotated.contains("\"secretIndex\":1"), "{rotated}");
     assert!(!lines.contains(SECRET) && !lines.contains(PREVIOUS));
+
+    // Every refusal is logged at warn with its status and reason, never the
+    // signature or the body; a wrong secret reads as such.
+    let log = receiver.log.lock().unwrap().clone();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    assert!(refusals.iter().all(|l| l.contains("WARN")), "{log}");
+    for (status, reason) in [
+        ("401", "signature mismatch"),
+        ("401", "missing X-Comapi-Signature header"),
+        ("400", "[1].eventId"),
+        ("413", "over the limit"),
+    ] {
+        assert!(
+            refusals
+                .iter()
+                .any(|l| l.contains(&format!("status={status}")) && l.contains(reason)),
+            "no {status} refusal saying {reason:?} in:\n{log}"
+        );
+    }
+    let wrong = Verifier::new("a-wrong-secret-0123456789")
+        .unwrap()
+        .sign(event_json("bad-2").as_bytes())
+        .to_string();
+    assert!(
+        !log.contains(&wrong[..20]) && !log.contains("café"),
+        "{log}"
+    );
+
+    // A flood of refusals is logged at most ten lines a second, and the next line
+    // says how many were left out.
+    runtime().block_on(async {
+        let client = client();
+        for _ in 0..60 {
+            let sent = post(&client, &url, None, b"{}".to_vec()).await.unwrap();
+            assert_eq!(sent.0, 401);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            post(&client, &url, None, b"{}".to_vec()).await.unwrap().0,
+            401
+        );
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let log = receiver.log.lock().unwrap().clone();
+    let flood = log.matches("request refused").count() - refusals.len();
+    assert!(flood <= 21, "{flood} lines for 61 refusals:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request refused") && !l.contains("suppressed_before=0")),
+        "no line said how many were left out:\n{log}"
+    );
     drop(receiver);
     let _ = std::fs::remove_dir_all(dir);
 }

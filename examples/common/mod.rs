@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use comapi_webhook::{
-    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, RetryPolicy, Spool,
+    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, Reply, RetryPolicy, Spool,
     SpoolConfig, Verifier, run_worker,
 };
 
@@ -72,6 +72,51 @@ impl EventHandler for Processing {
             "a stored line is not an event: kept in rejected.jsonl in the spool folder, skipped"
         );
     }
+}
+
+/// At most this many refused requests are logged a second; the rest are counted.
+const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
+
+/// Logs an answer other than 200 at `warn`: its status and reason (a wrong secret
+/// shows as `signature mismatch`), never the signature or the body. At most
+/// [`REFUSALS_LOGGED_PER_SECOND`] lines a second, so a flood cannot fill a disk; the
+/// next line says how many were left out.
+pub(crate) fn log_refusal(reply: &Reply) {
+    struct Window {
+        start: std::time::Instant,
+        logged: u32,
+        suppressed: u64,
+    }
+    static WINDOW: std::sync::Mutex<Option<Window>> = std::sync::Mutex::new(None);
+    if reply.status().is_success() {
+        return;
+    }
+    let mut window = WINDOW
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = std::time::Instant::now();
+    let current = window.get_or_insert(Window {
+        start: now,
+        logged: 0,
+        suppressed: 0,
+    });
+    if now.duration_since(current.start) >= Duration::from_secs(1) {
+        current.start = now;
+        current.logged = 0;
+    }
+    if current.logged >= REFUSALS_LOGGED_PER_SECOND {
+        current.suppressed += 1;
+        return;
+    }
+    current.logged += 1;
+    let suppressed = std::mem::take(&mut current.suppressed);
+    drop(window);
+    tracing::warn!(
+        status = reply.status().as_u16(),
+        reason = %reply.reason(),
+        suppressed_before = suppressed,
+        "request refused"
+    );
 }
 
 /// The receiver's settings, from the environment.
