@@ -34,8 +34,7 @@ async fn main() {
     let server = match server {
         Ok(server) => server,
         Err(error) => {
-            eprintln!("error: cannot listen on {}: {error}", config.addr);
-            std::process::exit(1);
+            common::cannot_listen(config.addr, &error);
         }
     };
     let addr = server.addrs().first().copied().unwrap_or(config.addr);

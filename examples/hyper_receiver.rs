@@ -29,8 +29,7 @@ async fn main() {
     let listener = match TcpListener::bind(config.addr).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("error: cannot listen on {}: {error}", config.addr);
-            std::process::exit(1);
+            common::cannot_listen(config.addr, &error);
         }
     };
     let (inbox, worker) = common::start(&config);

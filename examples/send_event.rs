@@ -2,11 +2,12 @@
 //! without the Comapi portal.
 //!
 //! ```sh
-//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --example send_event -- [--url URL] [--file EVENT.json] [--curl]
+//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --release --features receiver --example send_event -- [--url URL] [--file EVENT.json] [--curl]
 //! ```
 //!
-//! Without `--file` it sends Comapi's documented `message.sent` example with a fresh
-//! `eventId`, raised now. `--curl` also prints the equivalent `curl` command (use that for
+//! Without `--file` it sends Comapi's documented `message.sent` example as a new
+//! message: a fresh `eventId` and message id, raised now. `--file` sends the file
+//! exactly as it is. `--curl` also prints the equivalent `curl` command (use that for
 //! `https://` URLs, which this small sender does not speak).
 
 use std::process::ExitCode;
@@ -31,7 +32,8 @@ struct Args {
     curl: bool,
 }
 
-fn parse_args() -> Result<Args, String> {
+/// The arguments, or `None` when asked for help.
+fn parse_args() -> Result<Option<Args>, String> {
     let mut url = "http://127.0.0.1:8080/".to_owned();
     let mut secret = std::env::var("COMAPI_WEBHOOK_SECRET").ok();
     let mut file = None;
@@ -44,7 +46,7 @@ fn parse_args() -> Result<Args, String> {
             "--secret" => secret = Some(value()?),
             "--file" => file = Some(value()?),
             "--curl" => curl = true,
-            "-h" | "--help" => return Err(String::new()),
+            "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -56,33 +58,42 @@ fn parse_args() -> Result<Args, String> {
         Some(path) => std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?,
         None => sample_event().into_bytes(),
     };
-    Ok(Args {
+    Ok(Some(Args {
         url,
         secret,
         body,
         curl,
-    })
+    }))
 }
 
-/// The documented sample with a fresh `eventId`, so a receiver's gate sees a new event.
-fn sample_event() -> String {
+/// A uuid-shaped id unique to this run: `salt` tells apart two ids of one run.
+fn unique_id(salt: u128) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let unique = nanos ^ (u128::from(std::process::id()) << 64);
+    let unique = (nanos ^ (u128::from(std::process::id()) << 64)).wrapping_add(salt << 100);
     let hex = format!("{unique:032x}");
-    let id = format!(
+    format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],
         &hex[8..12],
         &hex[12..16],
         &hex[16..20],
         &hex[20..]
-    );
+    )
+}
+
+/// The documented sample as a new message: a fresh `eventId` and message id, raised
+/// now, so a receiver's gate takes every run as a new event rather than a retry or
+/// an older state of the last run's message.
+fn sample_event() -> String {
+    let id = unique_id(0);
+    let message_id = unique_id(1);
     // Raised now, so the receiver's replay window takes it as a new delivery.
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     SAMPLE
         .replacen("0dceaf0d-93ea-4314-a6f8-b0cffe69799a", &id, 1)
+        .replace("e9f154c8-4011-493f-bb73-09cfcf8a1411", &message_id)
         .replacen(
             "\"timestamp\":\"2017-08-31T09:26:14.604Z\"",
             &format!("\"timestamp\":\"{now}\""),
@@ -97,7 +108,11 @@ fn shell_quote(text: &str) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = match parse_args() {
-        Ok(args) => args,
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
             if !message.is_empty() {
                 eprintln!("error: {message}");

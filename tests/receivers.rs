@@ -693,33 +693,53 @@ fn output_within(mut command: Command, timeout: Duration) -> std::process::Outpu
 
 fn refuses_bad_configuration(name: &str) {
     let dir = temp_dir(&format!("{name}-config"));
-    for (secret, keep, message) in [
-        (None, "false", "COMAPI_WEBHOOK_SECRET is required"),
-        (Some("short"), "false", "secret too short"),
+    let a_file = dir.join("not-a-folder");
+    std::fs::write(&a_file, b"").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
+    let spool = dir.join("spool").display().to_string();
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (&[], "COMAPI_WEBHOOK_SECRET is required"),
         (
-            Some(SECRET),
-            "sometimes",
+            &[("COMAPI_WEBHOOK_SECRET", "short")],
+            "COMAPI_WEBHOOK_SECRET: entry 1 of 1 is 5 bytes",
+        ),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", "the-current-secret-0123456789, ,x")],
+            "COMAPI_WEBHOOK_SECRET: entry 2 of 3 is empty",
+        ),
+        (
+            &[("COMAPI_SPOOL_KEEP", "sometimes")],
             "COMAPI_SPOOL_KEEP must be true or false",
         ),
-    ] {
+        (
+            &[("COMAPI_SPOOL_DIR", a_file.to_str().unwrap())],
+            "COMAPI_SPOOL_DIR",
+        ),
+        (&[("PORT", taken_port.as_str())], "PORT"),
+    ];
+    for (env, message) in cases {
         let mut command = Command::new(example_binary(name));
         command
-            .env_remove("COMAPI_WEBHOOK_SECRET")
+            .env("COMAPI_WEBHOOK_SECRET", SECRET)
             .env("PORT", "0")
-            .env("COMAPI_SPOOL_DIR", &dir)
-            .env("COMAPI_SPOOL_KEEP", keep);
-        if let Some(secret) = secret {
-            command.env("COMAPI_WEBHOOK_SECRET", secret);
+            .env("COMAPI_SPOOL_DIR", &spool)
+            .env("COMAPI_SPOOL_KEEP", "false");
+        if message.contains("is required") {
+            command.env_remove("COMAPI_WEBHOOK_SECRET");
+        }
+        for (key, value) in env {
+            command.env(key, value);
         }
         let output = output_within(command, Duration::from_secs(30));
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            !output.status.success(),
-            "{name} started without a valid secret"
-        );
-        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-        assert!(stderr.contains(message), "{stderr}");
+        assert!(!output.status.success(), "{name} started with {env:?}");
+        let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(error.len(), 1, "one error line: {stderr}");
+        assert!(error[0].contains(message), "{env:?}: {stderr}");
+        assert!(!stderr.contains(SECRET), "{stderr}");
     }
+    drop(taken);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -749,6 +769,21 @@ fn the_sender_signs_and_posts() {
         stdout.lines().nth(1).unwrap().starts_with("200"),
         "{stdout}"
     );
+    // A second run is a new message, not a retry or an older state of the first.
+    assert!(send(SECRET, &[]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.processed().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "both samples were not processed as fresh:\n{}",
+            receiver.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!receiver.log.lock().unwrap().contains("decision=stale"));
+    let help = send(SECRET, &["--help"]);
+    assert!(help.status.success(), "{help:?}");
+    assert!(String::from_utf8_lossy(&help.stdout).starts_with("usage: send_event"));
     let file = dir.join("batch.json");
     std::fs::write(
         &file,
@@ -766,8 +801,8 @@ fn the_sender_signs_and_posts() {
     let stored = spooled(&dir);
     assert_eq!(
         stored.len(),
-        3,
-        "the sample and the two from the file: {stored:?}"
+        4,
+        "the two samples and the two from the file: {stored:?}"
     );
     assert!(stored.contains_key("file-1") && stored.contains_key("file-2"));
     drop(receiver);

@@ -148,8 +148,26 @@ fn try_config() -> Result<Config, String> {
         "COMAPI_WEBHOOK_SECRET is required: the secret entered for this webhook in the Comapi portal \
          (comma-separated for rotation, primary first)",
     )?);
-    let verifier = Verifier::with_secrets(secrets.split(',').map(str::trim))
-        .map_err(|e| format!("COMAPI_WEBHOOK_SECRET: {e}"))?;
+    let entries: Vec<&str> = secrets.split(',').map(str::trim).collect();
+    for (i, entry) in entries.iter().enumerate() {
+        let which = format!(
+            "COMAPI_WEBHOOK_SECRET: entry {} of {}",
+            i + 1,
+            entries.len()
+        );
+        if entry.is_empty() {
+            return Err(format!("{which} is empty"));
+        }
+        if entry.len() < comapi_webhook::MIN_SECRET_LEN {
+            return Err(format!(
+                "{which} is {} bytes; Comapi requires at least {} (36 or more recommended)",
+                entry.len(),
+                comapi_webhook::MIN_SECRET_LEN
+            ));
+        }
+    }
+    let verifier =
+        Verifier::with_secrets(entries).map_err(|e| format!("COMAPI_WEBHOOK_SECRET: {e}"))?;
     let port: u16 = match var("PORT") {
         Some(port) => port
             .trim()
@@ -218,7 +236,7 @@ pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
         Ok(opened) => opened,
         Err(error) => {
             eprintln!(
-                "error: spool {}: {}",
+                "error: COMAPI_SPOOL_DIR={}: {}",
                 config.spool.dir.display(),
                 error.report()
             );
@@ -334,6 +352,12 @@ pub(crate) async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// Exits with one line naming the variables to change when `addr` cannot be bound.
+pub(crate) fn cannot_listen(addr: SocketAddr, error: &std::io::Error) -> ! {
+    eprintln!("error: cannot listen on {addr} (PORT, BIND): {error}");
+    std::process::exit(1);
 }
 
 /// Prints the line that says the receiver is ready.
