@@ -11,7 +11,7 @@ mod common;
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
-use comapi_webhook::{Inbox, Reply};
+use comapi_webhook::{Inbox, METRICS_CONTENT_TYPE, Reply};
 
 #[actix_web::main]
 async fn main() {
@@ -26,6 +26,7 @@ async fn main() {
             // actix stops reading past the limit; `receive` answers the 413.
             .app_data(web::PayloadConfig::new(max_body_bytes))
             .route("/", web::get().to(status_page))
+            .route("/metrics", web::get().to(metrics))
             .route("/", web::post().to(receive))
     })
     .disable_signals()
@@ -50,6 +51,12 @@ async fn main() {
         tracing::error!(%error, "server failed");
     }
     common::finish(&inbox, worker).await;
+}
+
+async fn metrics(inbox: web::Data<Inbox>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(METRICS_CONTENT_TYPE)
+        .body(inbox.metrics_text().unwrap_or_default())
 }
 
 async fn status_page(inbox: web::Data<Inbox>) -> HttpResponse {

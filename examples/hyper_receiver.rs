@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::pin::pin;
 use std::time::Duration;
 
-use comapi_webhook::{Inbox, Reply};
+use comapi_webhook::{Inbox, METRICS_CONTENT_TYPE, Reply};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -74,6 +74,15 @@ async fn handle(
     inbox: Inbox,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.uri().path() == "/metrics" && request.method() == Method::GET {
+        let metrics = inbox.metrics_text().unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(metrics)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(METRICS_CONTENT_TYPE),
+        );
+        return Ok(response);
+    }
     if request.uri().path() != "/" {
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
     }

@@ -6,7 +6,8 @@ use http::{HeaderMap, StatusCode};
 
 use crate::event::split_already_verified;
 use crate::spool::{Spool, encode_lines};
-use crate::{DEFAULT_MAX_BODY_BYTES, Error, SIGNATURE_HEADER, Verifier};
+use crate::{DEFAULT_MAX_BODY_BYTES, Error, Metrics, SIGNATURE_HEADER, Verifier};
+use std::sync::Arc;
 
 /// What a receiver answers Comapi: a status and a short text body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +88,7 @@ pub struct Inbox {
     verifier: Verifier,
     spool: Spool,
     max_body_bytes: usize,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Inbox {
@@ -97,7 +99,16 @@ impl Inbox {
             verifier,
             spool,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            metrics: None,
         }
+    }
+
+    /// The same inbox, counting every answer, the events stored and how long storing
+    /// took into `metrics` (see [`Metrics`]).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The same inbox with another body limit.
@@ -134,10 +145,22 @@ impl Inbox {
     /// The 413 to answer when the body turned out to be over the limit.
     #[must_use]
     pub fn too_large(&self) -> Reply {
+        self.counted(self.over_the_limit(), None)
+    }
+
+    fn over_the_limit(&self) -> Reply {
         Reply::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("body over the limit of {} bytes\n", self.max_body_bytes),
         )
+    }
+
+    /// `reply`, counted into the metrics if there are any.
+    fn counted(&self, reply: Reply, stored_in: Option<std::time::Duration>) -> Reply {
+        if let Some(metrics) = &self.metrics {
+            metrics.answered(reply.status, reply.events, stored_in);
+        }
+        reply
     }
 
     /// Runs the receive step on a request with `http` 1.x headers.
@@ -156,8 +179,19 @@ impl Inbox {
         signatures: impl IntoIterator<Item = &'v [u8]>,
         body: &[u8],
     ) -> Reply {
+        let started = self.metrics.is_some().then(std::time::Instant::now);
+        let reply = self.receive_uncounted(signatures, body).await;
+        let stored_in = started.filter(|_| reply.events > 0).map(|t| t.elapsed());
+        self.counted(reply, stored_in)
+    }
+
+    async fn receive_uncounted<'v>(
+        &self,
+        signatures: impl IntoIterator<Item = &'v [u8]>,
+        body: &[u8],
+    ) -> Reply {
         if body.len() > self.max_body_bytes {
-            return self.too_large();
+            return self.over_the_limit();
         }
         let verified = match self.verifier.verify_header_values(signatures, body) {
             Ok(verified) => verified,
@@ -181,16 +215,42 @@ impl Inbox {
         }
     }
 
-    /// A small HTML page for `GET`: the receiver is up, and how many events it
-    /// has stored.
+    /// A small HTML page for `GET`: the receiver is up, which store it uses, how many
+    /// events are stored, how many of them wait to be processed (the backlog) and how
+    /// many are in the dead letter.
     #[must_use]
     pub fn status_page(&self) -> String {
         format!(
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
              <title>Comapi webhook receiver</title></head>\n<body><h1>Comapi webhook receiver is up</h1>\n\
              <p>Events stored: <strong>{}</strong></p>\n\
+             <p>Waiting to be processed: <strong>{}</strong></p>\n\
+             <p>In the dead letter: <strong>{}</strong></p>\n\
+             <p>Store: the local spool in <code>{}</code></p>\n\
              <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
-            self.spool.stored()
+            self.spool.stored(),
+            self.spool.backlog(),
+            self.spool.dead_letters(),
+            html_text(&self.spool.dir().display().to_string()),
         )
     }
+
+    /// The metrics given to [`Inbox::with_metrics`], with the backlog and dead-letter
+    /// gauges read from the spool now, in the OpenMetrics text format (answer it with
+    /// [`METRICS_CONTENT_TYPE`](crate::METRICS_CONTENT_TYPE)); `None` without metrics.
+    #[must_use]
+    pub fn metrics_text(&self) -> Option<String> {
+        let metrics = self.metrics.as_ref()?;
+        metrics.set_backlog(self.spool.backlog());
+        metrics.set_dead_letters(self.spool.dead_letters());
+        Some(metrics.encode())
+    }
+}
+
+/// `text` with the characters HTML gives a meaning escaped.
+fn html_text(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

@@ -9,6 +9,8 @@ mod extract;
 mod gate;
 #[cfg(feature = "receiver")]
 mod inbox;
+#[cfg(feature = "receiver")]
+mod metrics;
 mod signature;
 #[cfg(feature = "receiver")]
 mod spool;
@@ -32,6 +34,8 @@ pub use gate::{Decision, DecisionStore, Gate, GateConfig, ReplayWindow};
 pub use gate::{RedisGate, RedisGateConfig};
 #[cfg(feature = "receiver")]
 pub use inbox::{Inbox, Reply};
+#[cfg(feature = "receiver")]
+pub use metrics::{METRICS_CONTENT_TYPE, Metered, Metrics};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
 #[cfg(feature = "receiver")]
 pub use spool::{Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent};

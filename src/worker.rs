@@ -304,6 +304,9 @@ async fn process<S: DecisionStore, H: EventHandler>(
             .to_line();
             let dir = dir.to_owned();
             blocking(move || append_synced(&dir, DEAD_LETTER_FILE, &record)).await?;
+            if let Some(reader) = reader.as_ref() {
+                reader.note_dead_letter();
+            }
             handler.dead_lettered(&event, &error, attempt);
             return Ok(());
         }
@@ -457,6 +460,7 @@ pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
             .map_err(|e| Error::storage("cannot remove the requeued dead letter", e))
     })
     .await?;
+    spool.dead_letters_requeued();
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 

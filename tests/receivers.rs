@@ -174,6 +174,20 @@ fn spooled(dir: &Path) -> HashMap<String, usize> {
     counts
 }
 
+/// The value of the sample `name` (with its labels, as written) in OpenMetrics
+/// text; every other line must be a comment or a sample too.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (sample, value) = line.rsplit_once(' ').expect("a sample line");
+        let value: f64 = value.parse().expect("a number");
+        if sample == name {
+            found = Some(value);
+        }
+    }
+    found
+}
+
 /// A `message.sent` event raised now (inside the gate's replay window).
 fn event_json(id: &str) -> String {
     let now = support::now_rfc3339();
@@ -339,6 +353,47 @@ fn answers(name: &str) {
         let response = client.get(url.parse().unwrap()).await.unwrap();
         let page = response.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&page).contains("Events stored: <strong>12</strong>"));
+
+        // 8. Once the worker has processed them all, the status page says so, and
+        // /metrics agrees with what was sent: 6 answers 200, 3 401, 3 400, 1 413;
+        // 12 events stored, 6 fresh (the drifted fixtures are dated 2017: expired).
+        let get = |path: &str| {
+            let client = client.clone();
+            let uri = format!("{}{path}", receiver.url);
+            async move {
+                let response = client.get(uri.parse().unwrap()).await.unwrap();
+                let kind = response.headers()["content-type"].to_str().unwrap().to_owned();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (kind, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !get("/").await.1.contains("Waiting to be processed: <strong>0</strong>") {
+            assert!(Instant::now() < deadline, "{}", get("/").await.1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let page = get("/").await.1;
+        assert!(page.contains("In the dead letter: <strong>0</strong>"), "{page}");
+        assert!(page.contains("Store: the local spool in"), "{page}");
+        let (kind, metrics) = get("/metrics").await;
+        assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+        assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+        for (name, want) in [
+            ("comapi_webhook_requests_total{status=\"200\"}", 6.0),
+            ("comapi_webhook_requests_total{status=\"401\"}", 3.0),
+            ("comapi_webhook_requests_total{status=\"400\"}", 3.0),
+            ("comapi_webhook_requests_total{status=\"413\"}", 1.0),
+            ("comapi_webhook_events_stored_total", 12.0),
+            ("comapi_webhook_store_seconds_count", 5.0),
+            ("comapi_webhook_decisions_total{decision=\"fresh\"}", 6.0),
+            ("comapi_webhook_decisions_total{decision=\"expired\"}", 6.0),
+            ("comapi_webhook_handler_total{outcome=\"success\"}", 6.0),
+            ("comapi_webhook_handler_seconds_count", 6.0),
+            ("comapi_webhook_backlog_events", 0.0),
+            ("comapi_webhook_dead_letter_events", 0.0),
+        ] {
+            assert_eq!(metric(&metrics, name), Some(want), "{name} in:\n{metrics}");
+        }
     });
     let stored = spooled(&dir);
     let drifted_ids = (3000..3006).map(|n| format!("5eed0000-0000-4000-8000-{n:012x}"));

@@ -8,12 +8,12 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use comapi_webhook::{
-    DEAD_LETTER_FILE, Decision, Event, EventHandler, Gate, HandlerError, RetryPolicy, Spool,
-    SpoolConfig, requeue_dead_letters, run_worker,
+    DEAD_LETTER_FILE, Decision, Event, EventHandler, Gate, HandlerError, Metrics, RetryPolicy,
+    Spool, SpoolConfig, requeue_dead_letters, run_worker,
 };
 use support::{example_binary, runtime, spool_line, temp_dir};
 
@@ -220,21 +220,29 @@ fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
     let dir = temp_dir("worker-dead");
     let flaky = Flaky::new(&dir, &[("d-1", 3)]);
     let gate = Gate::in_memory();
+    let metrics = Arc::new(Metrics::new());
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         spool
             .append([line("d-1"), line("d-2")].concat(), 2)
             .await
             .unwrap();
-        let worker = run_worker(spool.reader().unwrap(), &gate, &flaky, quick(3));
+        let worker = run_worker(
+            spool.reader().unwrap(),
+            &gate,
+            metrics.meter(&flaky),
+            quick(3),
+        );
         let operator = async {
             while flaky.succeeded() != ["d-2"] {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             assert_eq!(flaky.attempts_at("d-1"), 3);
+            assert_eq!(spool.dead_letters(), 1);
             // Fixed: the failures are used up. Bring the dead letter back.
             assert_eq!(requeue_dead_letters(&spool).await.unwrap(), 1);
             assert!(!dir.join(DEAD_LETTER_FILE).exists());
+            assert_eq!(spool.dead_letters(), 0);
             assert_eq!(
                 requeue_dead_letters(&spool).await.unwrap(),
                 0,
@@ -247,8 +255,24 @@ fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
         };
         let (worked, ()) = tokio::join!(worker, operator);
         worked.unwrap();
+        assert_eq!((spool.stored(), spool.backlog()), (3, 0));
     });
     assert_eq!(flaky.succeeded(), ["d-2", "d-1"]);
+    // d-1: three failed attempts (two retries, then the dead letter); d-2; d-1 again.
+    let text = metrics.encode();
+    for sample in [
+        "comapi_webhook_decisions_total{decision=\"fresh\"} 5",
+        "comapi_webhook_handler_total{outcome=\"failure\"} 3",
+        "comapi_webhook_handler_total{outcome=\"retry\"} 2",
+        "comapi_webhook_handler_total{outcome=\"dead_letter\"} 1",
+        "comapi_webhook_handler_total{outcome=\"success\"} 2",
+        "comapi_webhook_handler_seconds_count 5",
+    ] {
+        assert!(
+            text.lines().any(|l| l == sample),
+            "no {sample:?} in:\n{text}"
+        );
+    }
     let dead = flaky.dead.lock().unwrap().clone();
     assert_eq!(
         dead,

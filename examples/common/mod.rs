@@ -6,12 +6,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use comapi_webhook::{
-    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, Reply, RetryPolicy, Spool,
-    SpoolConfig, Verifier, run_worker,
+    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, Metrics, Reply, RetryPolicy,
+    Spool, SpoolConfig, Verifier, run_worker,
 };
 
 /// Your processing: called for each stored event the gate calls fresh, in order.
@@ -250,9 +251,11 @@ pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
         torn_bytes = recovery.torn_bytes,
         "spool opened"
     );
-    let worker = spawn_worker(&spool);
-    let inbox =
-        Inbox::new(config.verifier.clone(), spool).with_max_body_bytes(config.max_body_bytes);
+    let metrics = Arc::new(Metrics::new());
+    let worker = spawn_worker(&spool, &metrics);
+    let inbox = Inbox::new(config.verifier.clone(), spool)
+        .with_max_body_bytes(config.max_body_bytes)
+        .with_metrics(metrics);
     (inbox, worker)
 }
 
@@ -260,8 +263,9 @@ pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
 /// starts again a second later from the last acknowledged position, until the
 /// spool is closed: events already processed since then come again, and the gate,
 /// kept across restarts, calls them duplicates.
-fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
+fn spawn_worker(spool: &Spool, metrics: &Arc<Metrics>) -> JoinHandle<()> {
     let spool = spool.clone();
+    let metrics = Arc::clone(metrics);
     let worker = std::thread::Builder::new()
         .name("comapi-worker".to_owned())
         .spawn(move || {
@@ -282,7 +286,7 @@ fn spawn_worker(spool: &Spool) -> JoinHandle<()> {
                     runtime.block_on(run_worker(
                         reader,
                         &gate,
-                        Processing,
+                        metrics.meter(Processing),
                         RetryPolicy::default(),
                     ))
                 });

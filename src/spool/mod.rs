@@ -162,6 +162,10 @@ struct Shared {
     requests: mpsc::Sender<Request>,
     committed: watch::Receiver<Position>,
     stored: Arc<AtomicU64>,
+    /// Events the reader acknowledged (those before the offset at open included).
+    acknowledged: Arc<AtomicU64>,
+    /// Events in the dead letter.
+    dead_letters: Arc<AtomicU64>,
     /// Whether a [`SpoolReader`] is alive: the offset file belongs to one reader.
     reading: Arc<AtomicBool>,
 }
@@ -196,6 +200,8 @@ impl Spool {
             Writer::recover(config).map_err(|e| storage("open the spool", e))?;
         writer.lock = Some(lock);
         let stored = Arc::new(AtomicU64::new(recovery.events));
+        let (acknowledged, dead_letters) = reader::counts_at_open(&config.dir)
+            .map_err(|e| storage("count the processed events", e))?;
         let (committed_tx, committed) = watch::channel(writer.position());
         let (requests, rx) = mpsc::channel(4096);
         let counter = Arc::clone(&stored);
@@ -211,6 +217,8 @@ impl Spool {
             committed,
             stored,
             reading: Arc::new(AtomicBool::new(false)),
+            acknowledged: Arc::new(AtomicU64::new(acknowledged)),
+            dead_letters: Arc::new(AtomicU64::new(dead_letters)),
         };
         Ok((
             Spool {
@@ -283,6 +291,25 @@ impl Spool {
         self.shared.stored.load(Ordering::Acquire)
     }
 
+    /// Events stored but not yet processed: not yet acknowledged by the reader (the
+    /// worker acknowledges within about a second of processing).
+    #[must_use]
+    pub fn backlog(&self) -> u64 {
+        self.stored()
+            .saturating_sub(self.shared.acknowledged.load(Ordering::Acquire))
+    }
+
+    /// Events in the dead letter (`dead-letter.jsonl` in the spool folder).
+    #[must_use]
+    pub fn dead_letters(&self) -> u64 {
+        self.shared.dead_letters.load(Ordering::Acquire)
+    }
+
+    /// The dead letter was emptied (requeued).
+    pub(crate) fn dead_letters_requeued(&self) {
+        self.shared.dead_letters.store(0, Ordering::Release);
+    }
+
     /// The end of the data that is durably written.
     #[must_use]
     pub fn committed(&self) -> Position {
@@ -312,7 +339,11 @@ impl Spool {
             &self.shared.dir,
             self.shared.remove_processed,
             self.shared.committed.clone(),
-            reading,
+            reader::Counters {
+                _reading: reading,
+                acknowledged: Arc::clone(&self.shared.acknowledged),
+                dead_letters: Arc::clone(&self.shared.dead_letters),
+            },
         )
     }
 

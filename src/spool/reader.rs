@@ -1,9 +1,11 @@
 //! `SpoolReader`: reads committed lines in order and keeps the `offset` file.
 
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 
@@ -26,8 +28,54 @@ pub struct SpoolReader {
     file: Option<(u64, File)>,
     /// The last chunk read, reused once every event handed out from it is dropped.
     chunk: Arc<Vec<u8>>,
-    /// Lowered when this reader is dropped, so the spool can hand out another.
-    _reading: ReadingFlag,
+    /// The end of each event handed out and not yet acknowledged, in order.
+    unacknowledged: VecDeque<Position>,
+    counters: Counters,
+}
+
+/// What a reader shares with its spool.
+#[derive(Debug)]
+pub(super) struct Counters {
+    /// Lowered when the reader is dropped (its `Drop` does it), so the spool can
+    /// hand out another.
+    pub(super) _reading: ReadingFlag,
+    /// Events acknowledged: [`Spool::backlog`](super::Spool::backlog) is what is
+    /// stored and not yet among them.
+    pub(super) acknowledged: Arc<AtomicU64>,
+    /// Events in the dead letter.
+    pub(super) dead_letters: Arc<AtomicU64>,
+}
+
+/// How many stored events lie before the persisted offset (processed already), and
+/// how many lines the dead letter holds, when a spool opens.
+pub(super) fn counts_at_open(dir: &Path) -> io::Result<(u64, u64)> {
+    let dead_letters = match fs::read(dir.join(crate::worker::DEAD_LETTER_FILE)) {
+        Ok(data) => memchr::memchr_iter(b'\n', &data).count() as u64,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let Some(upto) = fs::read_to_string(dir.join(OFFSET_FILE))
+        .ok()
+        .and_then(|text| parse_offset(&text))
+    else {
+        return Ok((0, dead_letters));
+    };
+    let mut processed = 0;
+    for n in segment_numbers(dir)?
+        .into_iter()
+        .take_while(|&n| n <= upto.segment)
+    {
+        let data = fs::read(segment_path(dir, n))?;
+        let end = if n == upto.segment {
+            usize::try_from(upto.offset)
+                .unwrap_or(usize::MAX)
+                .min(data.len())
+        } else {
+            data.len()
+        };
+        processed += memchr::memchr_iter(b'\n', &data[..end]).count() as u64;
+    }
+    Ok((processed, dead_letters))
 }
 
 const OFFSET_FILE: &str = "offset";
@@ -39,7 +87,7 @@ impl SpoolReader {
         dir: &Path,
         remove_processed: bool,
         committed: watch::Receiver<Position>,
-        reading: ReadingFlag,
+        counters: Counters,
     ) -> Result<Self, Error> {
         let position = match fs::read_to_string(dir.join(OFFSET_FILE)) {
             Ok(text) => parse_offset(&text).ok_or_else(|| {
@@ -68,7 +116,8 @@ impl SpoolReader {
             read_towards: position,
             file: None,
             chunk: Arc::default(),
-            _reading: reading,
+            unacknowledged: VecDeque::new(),
+            counters,
         })
     }
 
@@ -196,6 +245,11 @@ impl SpoolReader {
         let mut start = 0;
         let ends = memchr::memchr_iter(b'\n', &self.chunk).map(|newline| newline + 1);
         for end in ends.chain((!self.chunk.ends_with(b"\n")).then_some(whole)) {
+            let event_end = Position {
+                segment,
+                offset: self.position.offset + end as u64,
+            };
+            self.unacknowledged.push_back(event_end);
             events.push(SpooledEvent {
                 chunk: Arc::clone(&self.chunk),
                 line: start..end,
@@ -212,6 +266,11 @@ impl SpoolReader {
 
     /// Appends `line` (without its line end) to `rejected.jsonl` in the spool folder
     /// and syncs it, so that it outlives its segment.
+    /// Counts an event written to the dead letter.
+    pub(crate) fn note_dead_letter(&self) {
+        self.counters.dead_letters.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(crate) fn set_aside(&self, line: &[u8]) -> Result<(), Error> {
         crate::worker::append_synced(&self.dir, REJECTED_FILE, &[line, b"\n"].concat())
     }
@@ -233,6 +292,12 @@ impl SpoolReader {
             sync_dir(&self.dir)
         };
         write().map_err(|e| storage("write the offset file", e))?;
+        let mut done = 0;
+        while self.unacknowledged.front().is_some_and(|&end| end <= upto) {
+            self.unacknowledged.pop_front();
+            done += 1;
+        }
+        self.counters.acknowledged.fetch_add(done, Ordering::AcqRel);
         if self.remove_processed {
             // Only after the offset is durable: a restart never looks for them.
             for n in segment_numbers(&self.dir).unwrap_or_default() {

@@ -1,0 +1,273 @@
+//! `Metrics`: what the receive step and the worker count, served in the OpenMetrics
+//! text format (which Prometheus scrapes) through `prometheus-client`.
+
+use std::fmt;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::worker::{EventHandler, HandlerError};
+use crate::{Decision, Error, Event};
+
+/// The content type of [`Metrics::encode`]'s text, for the `/metrics` answer.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The counters, histograms and gauges of one receiver and its worker, each named
+/// `comapi_webhook_…`:
+///
+/// | metric | what |
+/// |---|---|
+/// | `requests_total{status}` | answers by HTTP status ([`Inbox::with_metrics`](crate::Inbox::with_metrics)) |
+/// | `events_stored_total` | events stored durably |
+/// | `store_seconds` | how long storing a request's events took |
+/// | `decisions_total{decision}` | gate decisions, one per claim (a retried event is claimed again) |
+/// | `handler_total{outcome}` | handler `success`, `failure` (an error or a panic), `retry` and `dead_letter` |
+/// | `handler_seconds` | how long each handler attempt took |
+/// | `backlog_events` | events stored but not yet processed ([`Metrics::set_backlog`]) |
+/// | `dead_letter_events` | events in the dead letter ([`Metrics::set_dead_letters`]) |
+///
+/// The worker's figures come from wrapping its handler: [`Metrics::meter`].
+///
+/// ```
+/// use comapi_webhook::Metrics;
+/// let metrics = Metrics::new();
+/// metrics.set_backlog(3);
+/// let text = metrics.encode();
+/// assert!(text.contains("comapi_webhook_backlog_events 3"));
+/// assert!(text.ends_with("# EOF\n"));
+/// ```
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<StatusLabel, Counter>,
+    events_stored: Counter,
+    store_seconds: Histogram,
+    decisions: Family<DecisionLabel, Counter>,
+    handler: Family<OutcomeLabel, Counter>,
+    handler_seconds: Histogram,
+    backlog: Gauge,
+    dead_letters: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: DecisionKind,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values as Prometheus shows them
+enum DecisionKind {
+    fresh,
+    duplicate,
+    stale,
+    busy,
+    expired,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values as Prometheus shows them
+enum Outcome {
+    success,
+    failure,
+    retry,
+    dead_letter,
+}
+
+impl Metrics {
+    /// Every metric at zero, registered under the prefix `comapi_webhook`.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("comapi_webhook");
+        // 0.5 ms to about 8 s, doubling.
+        let seconds = || Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        let metrics = Metrics {
+            requests: Family::default(),
+            events_stored: Counter::default(),
+            store_seconds: seconds(),
+            decisions: Family::default(),
+            handler: Family::default(),
+            handler_seconds: seconds(),
+            backlog: Gauge::default(),
+            dead_letters: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Answers by HTTP status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "events_stored",
+            "Events stored durably",
+            metrics.events_stored.clone(),
+        );
+        registry.register(
+            "store_seconds",
+            "How long storing a request's events took",
+            metrics.store_seconds.clone(),
+        );
+        registry.register(
+            "decisions",
+            "Gate decisions, one per claim",
+            metrics.decisions.clone(),
+        );
+        registry.register("handler", "Handler outcomes", metrics.handler.clone());
+        registry.register(
+            "handler_seconds",
+            "How long each handler attempt took",
+            metrics.handler_seconds.clone(),
+        );
+        registry.register(
+            "backlog_events",
+            "Events stored but not yet processed",
+            metrics.backlog.clone(),
+        );
+        registry.register(
+            "dead_letter_events",
+            "Events in the dead letter",
+            metrics.dead_letters.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Every metric, in the OpenMetrics text format ([`METRICS_CONTENT_TYPE`]).
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Sets the number of events stored but not yet processed.
+    pub fn set_backlog(&self, events: u64) {
+        self.backlog.set(i64::try_from(events).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of events in the dead letter.
+    pub fn set_dead_letters(&self, events: u64) {
+        self.dead_letters
+            .set(i64::try_from(events).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an answer, and the events it stored and how long that took.
+    pub(crate) fn answered(&self, status: StatusCode, events: usize, stored_in: Option<Duration>) {
+        let label = StatusLabel {
+            status: status.as_u16(),
+        };
+        self.requests.get_or_create(&label).inc();
+        self.events_stored.inc_by(events as u64);
+        if let Some(took) = stored_in {
+            self.store_seconds.observe(took.as_secs_f64());
+        }
+    }
+
+    fn decided(&self, decision: Decision) {
+        let decision = match decision {
+            Decision::Fresh => DecisionKind::fresh,
+            Decision::Duplicate => DecisionKind::duplicate,
+            Decision::Stale { .. } => DecisionKind::stale,
+            Decision::Busy => DecisionKind::busy,
+            Decision::Expired { .. } => DecisionKind::expired,
+        };
+        self.decisions
+            .get_or_create(&DecisionLabel { decision })
+            .inc();
+    }
+
+    fn outcome(&self, outcome: Outcome) {
+        self.handler.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// `handler`, counted: decisions, outcomes and attempt times go to these
+    /// metrics, and every call goes on to `handler`.
+    pub fn meter<H: EventHandler>(self: &std::sync::Arc<Self>, handler: H) -> Metered<H> {
+        Metered {
+            metrics: std::sync::Arc::clone(self),
+            handler,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// An [`EventHandler`] that counts into [`Metrics`] what it passes on to the handler
+/// it wraps: made by [`Metrics::meter`].
+#[derive(Debug)]
+pub struct Metered<H> {
+    metrics: std::sync::Arc<Metrics>,
+    handler: H,
+}
+
+impl<H: EventHandler> EventHandler for Metered<H> {
+    fn handle(
+        &mut self,
+        event: Event<'static>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let metrics = std::sync::Arc::clone(&self.metrics);
+        metrics.decided(Decision::Fresh);
+        let attempt = self.handler.handle(event);
+        async move {
+            let started = Instant::now();
+            let result = attempt.await;
+            metrics
+                .handler_seconds
+                .observe(started.elapsed().as_secs_f64());
+            // A failure (an error or a panic) is counted where the worker reports it.
+            if result.is_ok() {
+                metrics.outcome(Outcome::success);
+            }
+            result
+        }
+    }
+
+    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+        self.metrics.decided(decision);
+        self.handler.skipped(event, decision);
+    }
+
+    fn attempt_failed(&mut self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
+        self.metrics.outcome(Outcome::failure);
+        self.metrics.outcome(Outcome::retry);
+        self.handler.attempt_failed(event, error, attempt, retry_in);
+    }
+
+    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+        self.metrics.outcome(Outcome::failure);
+        self.metrics.outcome(Outcome::dead_letter);
+        self.handler.dead_lettered(event, error, attempts);
+    }
+
+    fn set_aside(&mut self, line: &[u8], error: &Error) {
+        self.handler.set_aside(line, error);
+    }
+}
