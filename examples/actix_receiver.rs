@@ -11,7 +11,7 @@ mod common;
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
-use comapi_webhook::{Inbox, METRICS_CONTENT_TYPE, Reply};
+use comapi_webhook::{Inbox, METRICS_CONTENT_TYPE, Reply, SIGNATURE_HEADER};
 
 #[actix_web::main]
 async fn main() {
@@ -80,7 +80,7 @@ async fn receive(
     };
     let signatures = request
         .headers()
-        .get_all("x-comapi-signature")
+        .get_all(SIGNATURE_HEADER.as_str())
         .map(|v| v.as_bytes());
     from_reply(&inbox.receive_with_signatures(signatures, &body).await)
 }

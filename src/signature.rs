@@ -17,7 +17,7 @@ use crate::Error;
 /// ```
 /// let mut headers = http::HeaderMap::new();
 /// headers.insert(comapi_webhook::SIGNATURE_HEADER, http::HeaderValue::from_static("00"));
-/// assert!(headers.contains_key("x-comapi-signature"));
+/// assert!(headers.contains_key("X-Comapi-Signature")); // header names ignore case
 /// ```
 pub const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-comapi-signature");
 

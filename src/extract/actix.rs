@@ -8,6 +8,7 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use futures_core::Stream;
 
 use super::{Rejection, VerifiedEvents, WebhookConfig};
+use crate::SIGNATURE_HEADER;
 
 /// Reads the body up to the limit from the app's [`WebhookConfig`] (registered with
 /// `App::app_data(web::Data::new(config))` or `app_data(config)`), verifies and
@@ -37,7 +38,7 @@ impl FromRequest for VerifiedEvents {
             .or_else(|| request.app_data::<WebhookConfig>().cloned());
         let signatures: Vec<Vec<u8>> = request
             .headers()
-            .get_all("x-comapi-signature")
+            .get_all(SIGNATURE_HEADER.as_str())
             .map(|v| v.as_bytes().to_vec())
             .collect();
         let content_length = request
