@@ -419,6 +419,12 @@ fn answers(name: &str) {
     // Every refusal is logged at warn with its status and reason, never the
     // signature or the body; a wrong secret reads as such.
     let log = receiver.log.lock().unwrap().clone();
+    // The drifted fixtures are dated 2017: skipped as expired, and said loudly.
+    let expired = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("dated outside the replay window"))
+        .count();
+    assert_eq!(expired, 6, "{log}");
     let refusals: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("request refused"))

@@ -44,6 +44,18 @@ impl EventHandler for Processing {
     }
 
     fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+        if let Decision::Expired { age_secs } = decision {
+            // A replay, or this machine's clock is off: live events dated hours away
+            // from it would all be skipped, so say it loudly.
+            tracing::warn!(
+                event_id = %event.event_id(),
+                name = %event.name(),
+                age_secs,
+                decision = %decision.as_str(),
+                "event skipped: dated outside the replay window (a replay, or check this machine's clock)"
+            );
+            return;
+        }
         tracing::info!(
             event_id = %event.event_id(),
             name = %event.name(),
