@@ -14,17 +14,17 @@ use std::sync::Arc;
 pub struct Reply {
     status: StatusCode,
     body: Cow<'static, str>,
-    reason: Cow<'static, str>,
+    /// Set for errors; otherwise the body says it all.
+    reason: Option<String>,
     events: usize,
 }
 
 impl Reply {
     fn new(status: StatusCode, body: impl Into<Cow<'static, str>>) -> Self {
-        let body = body.into();
         Reply {
             status,
-            reason: Cow::Owned(body.trim_end().to_owned()),
-            body,
+            body: body.into(),
+            reason: None,
             events: 0,
         }
     }
@@ -36,7 +36,7 @@ impl Reply {
             _ => Cow::Borrowed("cannot store events now, retry later\n"),
         };
         Reply {
-            reason: Cow::Owned(error.report().to_string()),
+            reason: Some(error.report().to_string()),
             ..Reply::new(error.status(), body)
         }
     }
@@ -59,7 +59,9 @@ impl Reply {
     /// holds the signature or the body.
     #[must_use]
     pub fn reason(&self) -> &str {
-        &self.reason
+        self.reason
+            .as_deref()
+            .unwrap_or_else(|| self.body.trim_end())
     }
 
     /// How many events were stored (0 unless the status is 200).
