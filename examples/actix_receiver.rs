@@ -11,13 +11,17 @@ mod common;
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
-use comapi_webhook::{Inbox, METRICS_CONTENT_TYPE, Reply, SIGNATURE_HEADER};
+use comapi_webhook::store::Store;
+use comapi_webhook::{METRICS_CONTENT_TYPE, Reply, SIGNATURE_HEADER};
+
+type Inbox = comapi_webhook::Inbox<Store>;
 
 #[actix_web::main]
 async fn main() {
     common::init_logging();
     let config = common::config_from_env();
-    let (inbox, worker) = common::start(&config);
+    let running = common::start(&config).await;
+    let inbox = running.inbox.clone();
     let app_inbox = web::Data::new(inbox.clone());
     let max_body_bytes = inbox.max_body_bytes();
     let server = HttpServer::new(move || {
@@ -50,19 +54,19 @@ async fn main() {
     if let Err(error) = server.await {
         tracing::error!(%error, "server failed");
     }
-    common::finish(&inbox, worker).await;
+    common::finish(running).await;
 }
 
 async fn metrics(inbox: web::Data<Inbox>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(METRICS_CONTENT_TYPE)
-        .body(inbox.metrics_text().unwrap_or_default())
+        .body(inbox.metrics_text().await.unwrap_or_default())
 }
 
 async fn status_page(inbox: web::Data<Inbox>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
-        .body(inbox.status_page())
+        .body(inbox.status_page().await)
 }
 
 async fn receive(

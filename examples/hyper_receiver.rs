@@ -12,7 +12,10 @@ use std::convert::Infallible;
 use std::pin::pin;
 use std::time::Duration;
 
-use comapi_webhook::{Inbox, METRICS_CONTENT_TYPE, Reply};
+use comapi_webhook::store::Store;
+use comapi_webhook::{METRICS_CONTENT_TYPE, Reply};
+
+type Inbox = comapi_webhook::Inbox<Store>;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -32,7 +35,8 @@ async fn main() {
             common::cannot_listen(config.addr, &error);
         }
     };
-    let (inbox, worker) = common::start(&config);
+    let running = common::start(&config).await;
+    let inbox = running.inbox.clone();
     let addr = listener.local_addr().unwrap_or(config.addr);
     common::announce(addr);
 
@@ -67,7 +71,7 @@ async fn main() {
     {
         tracing::warn!("requests still in flight after 30 s; stopping anyway");
     }
-    common::finish(&inbox, worker).await;
+    common::finish(running).await;
 }
 
 async fn handle(
@@ -75,7 +79,7 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path() == "/metrics" && request.method() == Method::GET {
-        let metrics = inbox.metrics_text().unwrap_or_default();
+        let metrics = inbox.metrics_text().await.unwrap_or_default();
         let mut response = Response::new(Full::new(Bytes::from(metrics)));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -88,7 +92,7 @@ async fn handle(
     }
     Ok(match *request.method() {
         Method::GET => {
-            let mut response = Response::new(Full::new(Bytes::from(inbox.status_page())));
+            let mut response = Response::new(Full::new(Bytes::from(inbox.status_page().await)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),

@@ -5,7 +5,8 @@ use std::borrow::Cow;
 use http::{HeaderMap, StatusCode};
 
 use crate::event::split_already_verified;
-use crate::spool::{Spool, encode_lines};
+use crate::store::spool::{Spool, encode_lines};
+use crate::store::{EventStore, Records};
 use crate::{DEFAULT_MAX_BODY_BYTES, Error, Metrics, SIGNATURE_HEADER, Verifier};
 use std::sync::Arc;
 
@@ -73,7 +74,8 @@ impl Reply {
 
 /// The receive step of a webhook endpoint, independent of the HTTP framework:
 /// given a request's headers and raw body, it verifies, parses, stores every event
-/// durably in a [`Spool`], and says what to answer.
+/// durably in its [`EventStore`] (a local [`Spool`] by default, or a Redis stream),
+/// and says what to answer.
 ///
 /// | answer | when |
 /// |---|---|
@@ -86,20 +88,20 @@ impl Reply {
 /// Cap the body while you read it: check [`Inbox::check_content_length`] first, stop
 /// reading past [`Inbox::max_body_bytes`], and answer [`Inbox::too_large`] then.
 #[derive(Debug, Clone)]
-pub struct Inbox {
+pub struct Inbox<S = Spool> {
     verifier: Verifier,
-    spool: Spool,
+    store: S,
     max_body_bytes: usize,
     metrics: Option<Arc<Metrics>>,
 }
 
-impl Inbox {
-    /// An inbox that verifies with `verifier` and stores into `spool`.
+impl<S: EventStore> Inbox<S> {
+    /// An inbox that verifies with `verifier` and stores into `store`.
     #[must_use]
-    pub fn new(verifier: Verifier, spool: Spool) -> Self {
+    pub fn new(verifier: Verifier, store: S) -> Self {
         Inbox {
             verifier,
-            spool,
+            store,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             metrics: None,
         }
@@ -126,10 +128,10 @@ impl Inbox {
         self.max_body_bytes
     }
 
-    /// The spool events are stored in.
+    /// The store events go to.
     #[must_use]
-    pub fn spool(&self) -> &Spool {
-        &self.spool
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     /// A 413 before reading the body, when its `Content-Length` is over the limit.
@@ -208,7 +210,7 @@ impl Inbox {
             return Reply::new(StatusCode::OK, "ok: no events\n");
         }
         let lines = encode_lines(&events, verified.secret_index());
-        match self.spool.append_unchecked(lines, count as u64).await {
+        match self.store.store(Records::new(lines, count as u64)).await {
             Ok(()) => Reply {
                 events: count,
                 ..Reply::new(StatusCode::OK, "ok\n")
@@ -220,31 +222,36 @@ impl Inbox {
     /// A small HTML page for `GET`: the receiver is up, which store it uses, how many
     /// events are stored, how many of them wait to be processed (the backlog) and how
     /// many are in the dead letter.
-    #[must_use]
-    pub fn status_page(&self) -> String {
+    pub async fn status_page(&self) -> String {
+        let status = self.store.status().await;
+        let figure = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+        let pending = status.pending.map_or_else(String::new, |n| {
+            format!(" ({n} of them handed to a worker, not yet acknowledged)")
+        });
+        let error = status.error.as_deref().map_or_else(String::new, |e| {
+            format!("<p>The store cannot be asked now: {}</p>\n", html_text(e))
+        });
         format!(
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
              <title>Comapi webhook receiver</title></head>\n<body><h1>Comapi webhook receiver is up</h1>\n\
+             <p>Store: {}</p>\n{error}\
              <p>Events stored: <strong>{}</strong></p>\n\
-             <p>Waiting to be processed: <strong>{}</strong></p>\n\
+             <p>Waiting to be processed: <strong>{}</strong>{pending}</p>\n\
              <p>In the dead letter: <strong>{}</strong></p>\n\
-             <p>Store: the local spool in <code>{}</code></p>\n\
              <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
-            self.spool.stored(),
-            self.spool.backlog(),
-            self.spool.dead_letters(),
-            html_text(&self.spool.dir().display().to_string()),
+            html_text(&status.store),
+            figure(status.stored),
+            figure(status.backlog),
+            figure(status.dead_letters),
         )
     }
 
     /// The metrics given to [`Inbox::with_metrics`], with the backlog and dead-letter
-    /// gauges read from the spool now, in the OpenMetrics text format (answer it with
+    /// gauges read from the store now, in the OpenMetrics text format (answer it with
     /// [`METRICS_CONTENT_TYPE`](crate::METRICS_CONTENT_TYPE)); `None` without metrics.
-    #[must_use]
-    pub fn metrics_text(&self) -> Option<String> {
+    pub async fn metrics_text(&self) -> Option<String> {
         let metrics = self.metrics.as_ref()?;
-        metrics.set_backlog(self.spool.backlog());
-        metrics.set_dead_letters(self.spool.dead_letters());
+        metrics.set_store_status(&self.store.status().await);
         Some(metrics.encode())
     }
 }

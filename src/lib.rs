@@ -13,7 +13,7 @@ mod inbox;
 mod metrics;
 mod signature;
 #[cfg(feature = "receiver")]
-mod spool;
+pub mod store;
 mod timestamp;
 #[cfg(feature = "receiver")]
 mod worker;
@@ -38,8 +38,9 @@ pub use inbox::{Inbox, Reply};
 pub use metrics::{METRICS_CONTENT_TYPE, Metered, Metrics};
 pub use signature::{MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verified, Verifier};
 #[cfg(feature = "receiver")]
-pub use spool::{Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent};
-#[cfg(feature = "receiver")]
-pub use worker::{
-    DEAD_LETTER_FILE, EventHandler, HandlerError, RetryPolicy, requeue_dead_letters, run_worker,
+pub use store::spool::{
+    DEAD_LETTER_FILE, Position, Recovery, Spool, SpoolConfig, SpoolReader, SpooledEvent,
+    requeue_dead_letters,
 };
+#[cfg(feature = "receiver")]
+pub use worker::{EventHandler, HandlerError, RetryPolicy, run_worker};

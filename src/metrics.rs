@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::store::StoreStatus;
 use crate::worker::{EventHandler, HandlerError};
 use crate::{Decision, Error, Event};
 
@@ -30,8 +31,12 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// | `decisions_total{decision}` | gate decisions, one per claim (a retried event is claimed again) |
 /// | `handler_total{outcome}` | handler `success`, `failure` (an error or a panic), `retry` and `dead_letter` |
 /// | `handler_seconds` | how long each handler attempt took |
-/// | `backlog_events` | events stored but not yet processed ([`Metrics::set_backlog`]) |
-/// | `dead_letter_events` | events in the dead letter ([`Metrics::set_dead_letters`]) |
+/// | `stored_events` | events in the store, processed or not (a spool's events, a stream's length) |
+/// | `backlog_events` | events stored but not yet processed |
+/// | `pending_events` | of the backlog, events handed to a worker and not yet acknowledged (Redis) |
+/// | `dead_letter_events` | events in the dead letter |
+///
+/// The gauges are read from a store's [`StoreStatus`] ([`Metrics::set_store_status`]).
 ///
 /// The worker's figures come from wrapping its handler: [`Metrics::meter`].
 ///
@@ -53,7 +58,9 @@ pub struct Metrics {
     decisions: Family<DecisionLabel, Counter>,
     handler: Family<OutcomeLabel, Counter>,
     handler_seconds: Histogram,
+    stored: Gauge,
     backlog: Gauge,
+    pending: Gauge,
     dead_letters: Gauge,
 }
 
@@ -120,7 +127,9 @@ impl Metrics {
             decisions: Family::default(),
             handler: Family::default(),
             handler_seconds: seconds(),
+            stored: Gauge::default(),
             backlog: Gauge::default(),
+            pending: Gauge::default(),
             dead_letters: Gauge::default(),
             registry: Registry::default(),
         };
@@ -151,9 +160,19 @@ impl Metrics {
             metrics.handler_seconds.clone(),
         );
         registry.register(
+            "stored_events",
+            "Events in the store, processed or not",
+            metrics.stored.clone(),
+        );
+        registry.register(
             "backlog_events",
             "Events stored but not yet processed",
             metrics.backlog.clone(),
+        );
+        registry.register(
+            "pending_events",
+            "Events handed to a worker and not yet acknowledged",
+            metrics.pending.clone(),
         );
         registry.register(
             "dead_letter_events",
@@ -184,6 +203,21 @@ impl Metrics {
     pub fn set_dead_letters(&self, events: u64) {
         self.dead_letters
             .set(i64::try_from(events).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the store's gauges from `status`; a figure it lacks keeps its last value.
+    pub fn set_store_status(&self, status: &StoreStatus) {
+        let gauges = [
+            (&self.stored, status.stored),
+            (&self.backlog, status.backlog),
+            (&self.pending, status.pending),
+            (&self.dead_letters, status.dead_letters),
+        ];
+        for (gauge, figure) in gauges {
+            if let Some(n) = figure {
+                gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Counts an answer, and the events it stored and how long that took.

@@ -10,24 +10,14 @@
 //! threads, never on the runtime's worker threads.
 
 use std::any::Any;
-use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Write};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::value::RawValue;
-
-use crate::spool::{Position, SpoolReader, SpooledEvent, sync_dir};
-use crate::{Decision, DecisionStore, Error, Event, Spool};
-
-/// The file in the spool folder that holds events given up after their last
-/// attempt, one JSON object a line: `deadAt`, `attempts`, `error`, `delivery`, and
-/// `record`, the spool line as it was stored.
-pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
+use crate::store::{Delivery, EventSource};
+use crate::{Decision, DecisionStore, Error, Event};
 
 /// What a handler's failure is: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -72,18 +62,19 @@ pub trait EventHandler: Send {
         let _ = (event, error, attempt, retry_in);
     }
 
-    /// `event` failed its last attempt with `error`, and is now in the dead letter
-    /// ([`DEAD_LETTER_FILE`], synced). The default does nothing: override it to
-    /// raise an alert. Once the cause is fixed, [`requeue_dead_letters`] brings the
-    /// events back.
+    /// `event` failed its last attempt with `error`, and is now in the source's
+    /// dead letter, durably (a spool's [`DEAD_LETTER_FILE`](crate::DEAD_LETTER_FILE),
+    /// a stream's `…:dead` stream). The default does nothing: override it to raise
+    /// an alert. Once the cause is fixed, requeueing brings the events back
+    /// ([`requeue_dead_letters`](crate::requeue_dead_letters) for a spool).
     fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
         let _ = (event, error, attempts);
     }
 
-    /// A stored line that cannot be read as an event: damaged on disk, or written
-    /// in a form this version does not parse. [`run_worker`] has already copied it,
-    /// byte for byte, to `rejected.jsonl` in the spool folder and synced it, and goes
-    /// on with the next line; `error` says what is wrong with it. The default does
+    /// A stored record that cannot be read as an event: damaged on disk, or written
+    /// in a form this version does not parse. [`run_worker`] has already had the
+    /// source keep it, byte for byte and durably (`rejected.jsonl` in a spool's
+    /// folder, the `…:dead` stream), and goes on with the next one; `error` says what is wrong with it. The default does
     /// nothing more. Like events, a line may come here again after a crash.
     fn set_aside(&mut self, line: &[u8], error: &Error) {
         let _ = (line, error);
@@ -149,36 +140,35 @@ impl RetryPolicy {
     }
 }
 
-/// Runs the processing loop over `reader`, in spool order, until the spool is
-/// closed and everything stored was processed.
+/// Runs the processing loop over `source` (a [`SpoolReader`](crate::SpoolReader),
+/// or a Redis stream consumer), in the order it hands events out, until it is
+/// finished: a closed spool read to its end, or a consumer asked to stop.
 ///
-/// For each stored event it claims the event from `store`, with the event's spool
-/// position as the delivery (see [`DecisionStore`]):
+/// For each stored event it claims the event from `store`, with the delivery's id
+/// (a spool position, a stream entry id) as the delivery (see [`DecisionStore`]):
 /// - [`Decision::Fresh`]: `handler.handle`; on success the claim is completed. On
 ///   an error or a panic the claim is released and the event retried after the
-///   policy's delay; after the last attempt it is written to the dead letter
-///   ([`DEAD_LETTER_FILE`], synced), the claim released, and processing goes on.
+///   policy's delay; after the last attempt it goes to the source's dead letter,
+///   the claim is released, and processing goes on.
 /// - [`Decision::Busy`] (another copy is being processed elsewhere): claimed again
 ///   a second later, until completed there (`Duplicate`) or its lease passes
 ///   (`Fresh`).
 /// - Anything else: [`EventHandler::skipped`].
 ///
-/// While the decision store is unavailable (Redis down), it waits a second and asks
-/// again: no event is skipped. A stored line that cannot be read as an event is
-/// copied to `rejected.jsonl` and [`EventHandler::set_aside`] is told.
+/// A copy handed out more times than the policy's attempts (workers crashed while
+/// processing it) goes to the dead letter without another attempt. While the
+/// decision store is unavailable (Redis down), it waits a second and asks again: no
+/// event is skipped. A stored record that cannot be read as an event is set aside
+/// by the source and [`EventHandler::set_aside`] is told.
 ///
-/// The position is acknowledged (the `offset` file, synced) at most once a second,
-/// and within a second of the last event, and never past an event that was neither
-/// processed nor dead-lettered: after a crash, processing resumes from there, and
-/// the same delivery claims its event again.
-///
-/// Under load the worker reads at most every 10 ms and takes everything stored
-/// meanwhile; while it is behind, it reads on without pausing.
+/// Each event is acknowledged to the source only once it was processed, skipped,
+/// dead-lettered or set aside: after a crash, processing resumes from the first
+/// one that was not, and the same delivery claims its event again.
 ///
 /// # Errors
-/// [`Error::Storage`] when the spool cannot be read, a line not set aside, an event
-/// not dead-lettered, or the offset not written. Everything before the last
-/// acknowledged position was processed; run it again with a new reader to resume.
+/// When the source cannot be read, or a record not set aside, an event not
+/// dead-lettered, or an acknowledgement not stored. What was acknowledged was
+/// processed; run it again with a new source to resume.
 ///
 /// ```no_run
 /// use comapi_webhook::{Event, Gate, RetryPolicy, Spool, SpoolConfig, run_worker};
@@ -193,91 +183,58 @@ impl RetryPolicy {
 /// run_worker(spool.reader()?, &Gate::in_memory(), process, RetryPolicy::default()).await?;
 /// # Ok(()) }
 /// ```
-pub async fn run_worker<S, H>(
-    reader: SpoolReader,
+pub async fn run_worker<Src, S, H>(
+    mut source: Src,
     store: &S,
     mut handler: H,
     retry: RetryPolicy,
 ) -> Result<(), Error>
 where
+    Src: EventSource,
     S: DecisionStore,
     H: EventHandler,
 {
-    const ACK_EVERY: Duration = Duration::from_secs(1);
-    const READ_EVERY: Duration = Duration::from_millis(10);
-    const MAX_BATCH_BYTES: usize = 1 << 20;
-    let dir = reader.dir().to_owned();
-    let mut reader = Some(reader);
-    let mut last_ack = Instant::now();
-    let mut last_read: Option<Instant> = None;
-    let mut pending: Option<Position> = None;
-    loop {
-        if let Some(wait) = last_read.and_then(|at| READ_EVERY.checked_sub(at.elapsed())) {
-            tokio::time::sleep(wait).await;
-        }
-        let waiting = reader.as_mut().ok_or_else(lost_reader)?.wait_for_data();
-        let committed = match pending {
-            // Something to acknowledge: wait for more only until it is due.
-            Some(upto) => {
-                let due = ACK_EVERY.saturating_sub(last_ack.elapsed());
-                match tokio::time::timeout(due, waiting).await {
-                    Ok(committed) => committed,
-                    Err(_) => {
-                        off_thread(&mut reader, move |r| r.acknowledge(upto)).await?;
-                        pending = None;
-                        last_ack = Instant::now();
-                        continue;
-                    }
-                }
+    'batches: while let Some(batch) = source.next_batch().await? {
+        for delivery in &batch {
+            process(delivery, &mut source, store, &mut handler, &retry).await?;
+            source.finished(delivery).await?;
+            if source.stopping() {
+                break 'batches;
             }
-            None => waiting.await,
-        };
-        let Some(committed) = committed else { break };
-        let batch =
-            off_thread(&mut reader, move |r| r.read_now(committed, MAX_BATCH_BYTES)).await?;
-        // Behind (the batch stopped short of what was committed): read on at once.
-        let caught_up = reader.as_ref().is_some_and(SpoolReader::caught_up);
-        last_read = caught_up.then(Instant::now);
-        for spooled in &batch {
-            process(spooled, store, &mut handler, &retry, &dir, &mut reader).await?;
-        }
-        pending = batch.last().map(SpooledEvent::end).or(pending);
-        if let Some(upto) = pending.filter(|_| last_ack.elapsed() >= ACK_EVERY) {
-            off_thread(&mut reader, move |r| r.acknowledge(upto)).await?;
-            pending = None;
-            last_ack = Instant::now();
         }
     }
-    if let Some(upto) = pending {
-        off_thread(&mut reader, move |r| r.acknowledge(upto)).await?;
-    }
-    Ok(())
+    source.flush().await
 }
 
-/// One stored line, to the end: processed, skipped, dead-lettered or set aside.
-async fn process<S: DecisionStore, H: EventHandler>(
-    spooled: &SpooledEvent,
+/// One stored event, to the end: processed, skipped, dead-lettered or set aside.
+async fn process<Src: EventSource, S: DecisionStore, H: EventHandler>(
+    delivery: &Src::Delivery,
+    source: &mut Src,
     store: &S,
     handler: &mut H,
     retry: &RetryPolicy,
-    dir: &Path,
-    reader: &mut Option<SpoolReader>,
 ) -> Result<(), Error> {
-    let event = match spooled.event() {
+    let event = match delivery.event() {
         Ok(event) => event,
         Err(error) => {
-            let line = trimmed(spooled.bytes()).to_vec();
-            let kept = line.clone();
-            off_thread(reader, move |r| r.set_aside(&kept)).await?;
-            handler.set_aside(&line, &error);
+            source.set_aside(delivery, &error).await?;
+            handler.set_aside(delivery.record(), &error);
             return Ok(());
         }
     };
-    let end = spooled.end();
-    let delivery = format!("spool:{}:{}", end.segment, end.offset);
+    let id = delivery.id();
+    let times = delivery.times_delivered();
+    if times > retry.attempts {
+        let error = format!(
+            "handed to a worker {times} times without being finished (did workers crash processing it?)"
+        );
+        source.dead_letter(delivery, &error, times - 1).await?;
+        handler.dead_lettered(&event, &error, times - 1);
+        return Ok(());
+    }
     let mut attempt = 0;
     loop {
-        match claim(store, &event, &delivery).await {
+        match claim(store, &event, &id).await {
             Decision::Fresh => {}
             decision => {
                 handler.skipped(&event, decision);
@@ -287,26 +244,15 @@ async fn process<S: DecisionStore, H: EventHandler>(
         attempt += 1;
         let error = match attempt_once(handler, event.clone().into_owned()).await {
             Ok(()) => {
-                until_done(|| store.complete(&event, &delivery)).await;
+                until_done(|| store.complete(&event, &id)).await;
                 return Ok(());
             }
             Err(error) => error,
         };
         // Best effort: if the store cannot hear it, the claim expires with its lease.
-        let _ = store.release(&event, &delivery).await;
+        let _ = store.release(&event, &id).await;
         if attempt >= retry.attempts {
-            let record = DeadLetter {
-                error: &error,
-                attempts: attempt,
-                delivery: &delivery,
-                record: trimmed(spooled.bytes()),
-            }
-            .to_line();
-            let dir = dir.to_owned();
-            blocking(move || append_synced(&dir, DEAD_LETTER_FILE, &record)).await?;
-            if let Some(reader) = reader.as_ref() {
-                reader.note_dead_letter();
-            }
+            source.dead_letter(delivery, &error, attempt).await?;
             handler.dead_lettered(&event, &error, attempt);
             return Ok(());
         }
@@ -379,148 +325,6 @@ fn panic_text(panic: &(dyn Any + Send)) -> &str {
         .unwrap_or("a non-text panic")
 }
 
-/// One line of the dead letter.
-struct DeadLetter<'a> {
-    error: &'a str,
-    attempts: u32,
-    delivery: &'a str,
-    record: &'a [u8],
-}
-
-impl DeadLetter<'_> {
-    fn to_line(&self) -> Vec<u8> {
-        let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-        // The stored line was read as an event, so it is JSON; kept as it is.
-        let record = serde_json::from_slice::<&RawValue>(self.record)
-            .map(|raw| raw.get().to_owned())
-            .unwrap_or_else(|_| json_string(&String::from_utf8_lossy(self.record)));
-        format!(
-            "{{\"deadAt\":\"{dead_at}\",\"attempts\":{},\"error\":{},\"delivery\":{},\"record\":{record}}}\n",
-            self.attempts,
-            json_string(self.error),
-            json_string(self.delivery),
-        )
-        .into_bytes()
-    }
-}
-
-fn json_string(text: &str) -> String {
-    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
-}
-
-/// Brings the events in the spool's dead letter back: appends each one's stored
-/// line to the spool, as a new delivery, and then removes the dead letter. Run it
-/// once the cause of the failures is fixed; the worker then processes them again
-/// (the gate gives each a fresh claim, since a dead-lettered claim is released).
-/// Returns how many events came back.
-///
-/// A crash between the append and the removal brings them back a second time at
-/// the next call: at least once, like everything the worker does.
-///
-/// # Errors
-/// [`Error::Storage`] when the dead letter cannot be read, a line of it is not one
-/// this crate wrote (nothing is appended then), or the append or the removal fails.
-pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
-    let path = spool.dir().join(DEAD_LETTER_FILE);
-    let read_path = path.clone();
-    let text = blocking(move || match fs::read_to_string(&read_path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::storage("cannot read the dead letter", e)),
-    })
-    .await?;
-    let Some(text) = text else { return Ok(0) };
-    let mut lines = Vec::new();
-    let mut count = 0;
-    for (number, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        #[derive(serde::Deserialize)]
-        struct Entry<'a> {
-            #[serde(borrow)]
-            record: &'a RawValue,
-        }
-        let entry: Entry<'_> = serde_json::from_str(line).map_err(|e| {
-            Error::storage(
-                format!("cannot read line {} of the dead letter", number + 1),
-                io::Error::new(io::ErrorKind::InvalidData, e),
-            )
-        })?;
-        lines.extend_from_slice(entry.record.get().as_bytes());
-        lines.push(b'\n');
-        count += 1;
-    }
-    spool.append(lines, count).await?;
-    let dir = spool.dir().to_owned();
-    blocking(move || {
-        fs::remove_file(&path)
-            .and_then(|()| sync_dir(&dir))
-            .map_err(|e| Error::storage("cannot remove the requeued dead letter", e))
-    })
-    .await?;
-    spool.dead_letters_requeued();
-    Ok(usize::try_from(count).unwrap_or(usize::MAX))
-}
-
-/// A stored line without its line end.
-fn trimmed(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\n").unwrap_or(line)
-}
-
-/// Appends `line` to `name` in `dir` and syncs it (and the folder, when the file is
-/// new), so that it outlives the spool's segments.
-pub(crate) fn append_synced(dir: &Path, name: &str, line: &[u8]) -> Result<(), Error> {
-    let path: PathBuf = dir.join(name);
-    let write = || -> io::Result<()> {
-        let created = !path.exists();
-        let mut file: File = OpenOptions::new().append(true).create(true).open(&path)?;
-        file.write_all(line)?;
-        file.sync_data()?;
-        if created {
-            sync_dir(dir)?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| Error::storage(format!("cannot append to {name}"), e))
-}
-
-/// Runs blocking file work on tokio's blocking threads.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
-        Err(Error::storage(
-            "the worker's file thread failed",
-            io::Error::other(e),
-        ))
-    })
-}
-
-/// Runs `work` on the reader on tokio's blocking threads, and puts it back.
-async fn off_thread<T: Send + 'static>(
-    reader: &mut Option<SpoolReader>,
-    work: impl FnOnce(&mut SpoolReader) -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    let mut taken = reader.take().ok_or_else(lost_reader)?;
-    let (taken, result) = tokio::task::spawn_blocking(move || {
-        let result = work(&mut taken);
-        (taken, result)
-    })
-    .await
-    .map_err(|e| Error::storage("the worker's file thread failed", io::Error::other(e)))?;
-    *reader = Some(taken);
-    result
-}
-
-fn lost_reader() -> Error {
-    Error::storage(
-        "the spool reader was lost",
-        io::Error::other("a file operation of the worker failed; start it again with a new reader"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,24 +339,5 @@ mod tests {
             RetryPolicy::new(Duration::ZERO, Duration::ZERO, 0).attempts,
             1
         );
-    }
-
-    #[test]
-    fn a_dead_letter_line_keeps_the_record_as_it_was() {
-        let record =
-            br#"{"receivedAt":"2026-01-01T00:00:00.000Z","secretIndex":0,"event":{"eventId":"e"}}"#;
-        let line = DeadLetter {
-            error: "database \"down\"",
-            attempts: 3,
-            delivery: "spool:1:0",
-            record,
-        }
-        .to_line();
-        let text = String::from_utf8(line).unwrap_or_default();
-        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        assert_eq!(value["error"], "database \"down\"");
-        assert_eq!(value["attempts"], 3);
-        assert_eq!(value["record"]["event"]["eventId"], "e");
-        assert!(text.ends_with("}\n") && text.contains(std::str::from_utf8(record).unwrap_or("!")));
     }
 }

@@ -105,5 +105,5 @@ fn a_body_that_is_not_utf8_is_refused_single_or_batch() {
             reply.body()
         );
     }
-    assert_eq!(inbox.spool().stored(), 0, "nothing stored");
+    assert_eq!(inbox.store().stored(), 0, "nothing stored");
 }

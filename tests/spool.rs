@@ -220,6 +220,7 @@ fn the_receive_step_answers_503_when_storing_fails() {
         assert!(
             inbox
                 .status_page()
+                .await
                 .contains("Events stored: <strong>1</strong>")
         );
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use comapi_webhook::store::{EventStore, Store};
 use comapi_webhook::{
     Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, Metrics, Reply, RetryPolicy,
     Spool, SpoolConfig, Verifier, run_worker,
@@ -74,7 +75,7 @@ impl EventHandler for Processing {
             event_id = %event.event_id(),
             %error,
             attempts,
-            "processing failed for good: kept in dead-letter.jsonl in the spool folder (requeue it once fixed)"
+            "processing failed for good: kept in the dead letter (requeue it once fixed)"
         );
     }
 
@@ -82,7 +83,7 @@ impl EventHandler for Processing {
         tracing::error!(
             error = %error.report(),
             bytes = line.len(),
-            "a stored line is not an event: kept in rejected.jsonl in the spool folder, skipped"
+            "a stored record is not an event: kept in rejected.jsonl in the spool folder (on Redis, in the dead-letter stream), skipped"
         );
     }
 }
@@ -133,17 +134,23 @@ pub(crate) fn log_refusal(reply: &Reply) {
 }
 
 /// The receiver's settings, from the environment.
+#[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) verifier: Verifier,
     pub(crate) addr: SocketAddr,
     pub(crate) spool: SpoolConfig,
     pub(crate) max_body_bytes: usize,
+    /// `COMAPI_REDIS_URL`, `COMAPI_REDIS_PREFIX`, `COMAPI_LEASE`.
+    pub(crate) redis: RedisEnv,
+    /// `COMAPI_WORKER`: run a worker in this process (default: without Redis only).
+    pub(crate) worker: bool,
 }
 
 /// Reads `COMAPI_WEBHOOK_SECRET` (required; comma-separated for rotation, primary
 /// first), `PORT` (default 8080, 0 for any free port), `BIND` (default 127.0.0.1),
-/// `COMAPI_SPOOL_DIR`, `COMAPI_SPOOL_KEEP` and `COMAPI_MAX_BODY_BYTES`. On a bad value it prints one line
-/// and exits with status 2.
+/// `COMAPI_SPOOL_DIR`, `COMAPI_SPOOL_KEEP`, `COMAPI_MAX_BODY_BYTES`,
+/// `COMAPI_REDIS_URL`, `COMAPI_REDIS_PREFIX`, `COMAPI_LEASE` and `COMAPI_WORKER`. On
+/// a bad value it prints one line and exits with status 2.
 pub(crate) fn config_from_env() -> Config {
     match try_config() {
         Ok(config) => config,
@@ -221,11 +228,58 @@ fn try_config() -> Result<Config, String> {
             })?,
         None => comapi_webhook::DEFAULT_MAX_BODY_BYTES,
     };
+    let redis = redis_from_env()?;
+    let worker = match var("COMAPI_WORKER").as_deref().map(str::trim) {
+        None => redis.url.is_none(),
+        Some("1" | "true" | "yes" | "on") => true,
+        Some("0" | "false" | "no" | "off") => false,
+        Some(other) => {
+            return Err(format!(
+                "COMAPI_WORKER must be true or false, not {other:?}"
+            ));
+        }
+    };
     Ok(Config {
         verifier,
         addr: SocketAddr::new(ip, port),
         spool,
         max_body_bytes,
+        redis,
+        worker,
+    })
+}
+
+/// The Redis settings from the environment: `COMAPI_REDIS_URL`,
+/// `COMAPI_REDIS_PREFIX` (default `comapi-webhook:`) and `COMAPI_LEASE` (default
+/// 60s: how long a worker may hold an event before another takes it over).
+#[derive(Clone)]
+pub(crate) struct RedisEnv {
+    pub(crate) url: Option<String>,
+    pub(crate) key_prefix: String,
+    pub(crate) lease: Duration,
+}
+
+pub(crate) fn redis_from_env() -> Result<RedisEnv, String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let url = var("COMAPI_REDIS_URL").map(|url| url.trim().to_owned());
+    if url.is_some() && !cfg!(feature = "redis") {
+        return Err(
+            "COMAPI_REDIS_URL is set, but this binary was built without Redis: build it with \
+             --features receiver,redis"
+                .to_owned(),
+        );
+    }
+    let lease = match var("COMAPI_LEASE") {
+        Some(lease) => humantime::parse_duration(lease.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("COMAPI_LEASE must be a duration such as 60s, not {lease:?}"))?,
+        None => Duration::from_secs(60),
+    };
+    Ok(RedisEnv {
+        url,
+        key_prefix: var("COMAPI_REDIS_PREFIX").unwrap_or_else(|| "comapi-webhook:".to_owned()),
+        lease,
     })
 }
 
@@ -242,76 +296,190 @@ pub(crate) fn init_logging() {
         .init();
 }
 
-/// Opens the spool (repairing a torn last line) and starts the worker on a thread
-/// of its own. Exits with status 1 if the spool cannot be opened.
-pub(crate) fn start(config: &Config) -> (Inbox, JoinHandle<()>) {
-    let (spool, recovery) = match Spool::open(&config.spool) {
+/// What a receiver runs: its inbox and, if it has one, its worker.
+pub(crate) struct Running {
+    pub(crate) inbox: Inbox<Store>,
+    worker: Option<(JoinHandle<()>, Stop)>,
+}
+
+/// How a worker is told to stop: a spool is closed (the worker drains it first), a
+/// stream consumer is asked to stop.
+#[derive(Clone)]
+pub(crate) enum Stop {
+    Spool(Spool),
+    #[cfg(feature = "redis")]
+    Redis(comapi_webhook::store::redis_stream::StopHandle),
+}
+
+impl Stop {
+    fn is_stopped(&self) -> bool {
+        match self {
+            Stop::Spool(spool) => spool.is_closed(),
+            #[cfg(feature = "redis")]
+            Stop::Redis(handle) => handle.is_stopped(),
+        }
+    }
+}
+
+/// Opens the store (the spool, repairing a torn last line, or the Redis stream)
+/// and starts the worker on a thread of its own if asked to. Exits with status 1
+/// if the store cannot be opened.
+pub(crate) async fn start(config: &Config) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let (store, stop): (Store, Stop) = match &config.redis.url {
+        None => {
+            let spool = open_spool(&config.spool);
+            (Store::Spool(spool.clone()), Stop::Spool(spool))
+        }
+        #[cfg(feature = "redis")]
+        Some(url) => {
+            let stream = connect_stream(url, &config.redis).await;
+            let stop = comapi_webhook::store::redis_stream::StopHandle::default();
+            (Store::Redis(stream), Stop::Redis(stop))
+        }
+        #[cfg(not(feature = "redis"))]
+        Some(_) => unreachable!("refused by config_from_env"),
+    };
+    let worker = config.worker.then(|| {
+        let thread = spawn_worker_thread(&config.redis, stop.clone(), Arc::clone(&metrics));
+        (thread, stop)
+    });
+    let inbox = Inbox::new(config.verifier.clone(), store)
+        .with_max_body_bytes(config.max_body_bytes)
+        .with_metrics(metrics);
+    Running { inbox, worker }
+}
+
+fn open_spool(config: &SpoolConfig) -> Spool {
+    let (spool, recovery) = match Spool::open(config) {
         Ok(opened) => opened,
         Err(error) => {
             eprintln!(
                 "error: COMAPI_SPOOL_DIR={}: {}",
-                config.spool.dir.display(),
+                config.dir.display(),
                 error.report()
             );
             std::process::exit(1);
         }
     };
     tracing::info!(
-        dir = %config.spool.dir.display(),
+        dir = %config.dir.display(),
         events = recovery.events,
         segments = recovery.segments,
         torn_bytes = recovery.torn_bytes,
         "spool opened"
     );
-    let metrics = Arc::new(Metrics::new());
-    let worker = spawn_worker(&spool, &metrics);
-    let inbox = Inbox::new(config.verifier.clone(), spool)
-        .with_max_body_bytes(config.max_body_bytes)
-        .with_metrics(metrics);
-    (inbox, worker)
+    spool
 }
 
-/// Starts the worker thread. When the worker fails (the disk is full, say), it
-/// starts again a second later from the last acknowledged position, until the
-/// spool is closed: events already processed since then come again, and the gate,
-/// kept across restarts, calls them duplicates.
-fn spawn_worker(spool: &Spool, metrics: &Arc<Metrics>) -> JoinHandle<()> {
-    let spool = spool.clone();
-    let metrics = Arc::clone(metrics);
+/// The stream's settings from the environment.
+#[cfg(feature = "redis")]
+pub(crate) fn stream_config(
+    redis: &RedisEnv,
+) -> comapi_webhook::store::redis_stream::RedisStreamConfig {
+    comapi_webhook::store::redis_stream::RedisStreamConfig::default()
+        .with_key_prefix(redis.key_prefix.clone())
+        .with_lease(redis.lease)
+}
+
+/// Connects the receive step's store to Redis, warning once if Redis's persistence
+/// is weaker than fsync-before-reply. Exits with status 1 if Redis cannot be reached.
+#[cfg(feature = "redis")]
+pub(crate) async fn connect_stream(
+    url: &str,
+    redis: &RedisEnv,
+) -> comapi_webhook::store::redis_stream::RedisStream {
+    use comapi_webhook::store::redis_stream::RedisStream;
+    match RedisStream::connect(url, stream_config(redis)).await {
+        Ok(stream) => {
+            if let Some(warning) = stream.durability().warning() {
+                tracing::warn!("{warning}");
+            }
+            tracing::info!(stream = %stream.key(), "storing into Redis");
+            stream
+        }
+        Err(error) => {
+            eprintln!("error: COMAPI_REDIS_URL: {}", error.report());
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs the worker until `stop` says so. When it fails (the disk is full, Redis
+/// is down), it starts again a second later from what was last acknowledged:
+/// events processed since then come again, and the gate calls them duplicates.
+pub(crate) async fn supervise(redis: &RedisEnv, stop: &Stop, metrics: &Arc<Metrics>) {
+    let gate = Gate::in_memory();
+    loop {
+        let handler = metrics.meter(Processing);
+        let run = match stop {
+            Stop::Spool(spool) => match spool.reader() {
+                Ok(reader) => run_worker(reader, &gate, handler, RetryPolicy::default()).await,
+                Err(error) => Err(error),
+            },
+            #[cfg(feature = "redis")]
+            Stop::Redis(handle) => run_stream_worker(redis, handle, handler).await,
+        };
+        let error = match run {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        if stop.is_stopped() {
+            tracing::error!(error = %error.report(), "worker stopped");
+            return;
+        }
+        tracing::error!(error = %error.report(), "worker failed; resuming in 1 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One run of a worker on the Redis stream, deciding through the Redis gate.
+#[cfg(feature = "redis")]
+async fn run_stream_worker(
+    redis: &RedisEnv,
+    stop: &comapi_webhook::store::redis_stream::StopHandle,
+    handler: impl EventHandler,
+) -> Result<(), Error> {
+    use comapi_webhook::store::redis_stream::StreamConsumer;
+    use comapi_webhook::{RedisGate, RedisGateConfig};
+    let url = redis.url.as_deref().unwrap_or_default();
+    let name = consumer_name();
+    let consumer = StreamConsumer::connect(url, stream_config(redis), &name)
+        .await?
+        .stopped_by(stop);
+    let gate_config = RedisGateConfig::default()
+        .with_key_prefix(redis.key_prefix.clone())
+        .with_lease(redis.lease);
+    let gate = RedisGate::connect(url, gate_config).await?;
+    tracing::info!(consumer = %name, "worker reading the Redis stream");
+    run_worker(consumer, &gate, handler, RetryPolicy::default()).await
+}
+
+/// A consumer name unique to this process: host, process id and start time.
+#[cfg(feature = "redis")]
+fn consumer_name() -> String {
+    let host = std::env::var("DYNO")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "worker".to_owned());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{host}-{}-{started}", std::process::id())
+}
+
+/// Starts the worker on a thread of its own, at idle CPU priority.
+fn spawn_worker_thread(redis: &RedisEnv, stop: Stop, metrics: Arc<Metrics>) -> JoinHandle<()> {
+    let redis = redis.clone();
     let worker = std::thread::Builder::new()
         .name("comapi-worker".to_owned())
         .spawn(move || {
             yield_to_requests();
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "worker could not start");
-                    return;
-                }
-            };
-            let gate = Gate::in_memory();
-            loop {
-                let run = spool.reader().map(|reader| {
-                    runtime.block_on(run_worker(
-                        reader,
-                        &gate,
-                        metrics.meter(Processing),
-                        RetryPolicy::default(),
-                    ))
-                });
-                let error = match run {
-                    Ok(Ok(())) => return,
-                    Ok(Err(error)) | Err(error) => error,
-                };
-                if spool.is_closed() {
-                    tracing::error!(error = %error.report(), "worker stopped");
-                    return;
-                }
-                tracing::error!(error = %error.report(), "worker failed; resuming in 1 s");
-                std::thread::sleep(Duration::from_secs(1));
+                Ok(runtime) => runtime.block_on(supervise(&redis, &stop, &metrics)),
+                Err(error) => tracing::error!(%error, "worker could not start"),
             }
         });
     match worker {
@@ -345,12 +513,23 @@ fn yield_to_requests() {
     }
 }
 
-/// Closes the spool (everything acknowledged is already synced) and waits for the
-/// worker to process what is stored.
-pub(crate) async fn finish(inbox: &Inbox, worker: JoinHandle<()>) {
-    inbox.spool().close().await;
-    let _ = worker.join();
-    tracing::info!(stored = inbox.spool().stored(), "stopped");
+/// Stops the worker and waits for it: a spool is closed (everything acknowledged
+/// is already synced) and the worker processes what is stored; a stream consumer
+/// finishes the event in hand.
+pub(crate) async fn finish(running: Running) {
+    if let Store::Spool(spool) = running.inbox.store() {
+        spool.close().await;
+    }
+    if let Some((thread, stop)) = running.worker {
+        #[cfg(feature = "redis")]
+        if let Stop::Redis(handle) = &stop {
+            handle.stop();
+        }
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        drop(stop);
+    }
+    let status = running.inbox.store().status().await;
+    tracing::info!(stored = ?status.stored, backlog = ?status.backlog, "stopped");
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -87,3 +87,23 @@ pub(super) fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
     numbers.sort_unstable();
     Ok(numbers)
 }
+
+/// Appends `line` to `name` in `dir` and syncs it (and the folder, when the file is
+/// new), so that it outlives the spool's segments.
+pub(super) fn append_synced(dir: &Path, name: &str, line: &[u8]) -> Result<(), Error> {
+    let path = dir.join(name);
+    let write = || -> io::Result<()> {
+        let created = !path.exists();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        std::io::Write::write_all(&mut file, line)?;
+        file.sync_data()?;
+        if created {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| Error::storage(format!("cannot append to {name}"), e))
+}

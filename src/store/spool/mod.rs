@@ -15,19 +15,25 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
+use crate::store::{EventStore, Records, StoreStatus};
 
+mod dead_letter;
 mod files;
 mod reader;
 mod record;
 mod recovery;
+mod source;
 mod writer;
 
-pub(crate) use files::sync_dir;
+pub use dead_letter::{DEAD_LETTER_FILE, requeue_dead_letters};
 use files::{ReadingFlag, create_folder, lock_folder};
-pub use reader::SpoolReader;
+use reader::Cursor;
 pub use record::SpooledEvent;
 use record::check_records;
 pub(crate) use record::encode_lines;
+#[cfg(feature = "redis")]
+pub(crate) use record::record_event;
+pub use source::SpoolReader;
 use writer::Writer;
 
 /// Where and how a [`Spool`] stores events.
@@ -35,8 +41,8 @@ use writer::Writer;
 #[non_exhaustive]
 pub struct SpoolConfig {
     /// The folder holding the segments (`segment-0000000001.jsonl`, …), the
-    /// reader's `offset` file and, if [`run_worker`](crate::run_worker) ever had to set a line aside,
-    /// `rejected.jsonl`. Created if missing.
+    /// reader's `offset` file, the dead letter ([`DEAD_LETTER_FILE`]) and, if
+    /// [`run_worker`](crate::run_worker) ever had to set a line aside, `rejected.jsonl`. Created if missing.
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
     pub segment_bytes: u64,
@@ -114,7 +120,7 @@ impl SpoolConfig {
 }
 
 /// A place in the spool: a segment number and a byte offset in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
     /// The segment number (the `N` in `segment-N.jsonl`).
     pub segment: u64,
@@ -335,7 +341,7 @@ impl Spool {
             ));
         }
         let reading = ReadingFlag(Arc::clone(&self.shared.reading));
-        SpoolReader::open(
+        Cursor::open(
             &self.shared.dir,
             self.shared.remove_processed,
             self.shared.committed.clone(),
@@ -345,6 +351,7 @@ impl Spool {
                 dead_letters: Arc::clone(&self.shared.dead_letters),
             },
         )
+        .map(SpoolReader::new)
     }
 
     /// Stops the writer after the appends already queued, and waits for it. Later
@@ -360,6 +367,24 @@ impl Spool {
             .is_ok()
         {
             let _ = finished.await;
+        }
+    }
+}
+
+impl EventStore for Spool {
+    async fn store(&self, records: Records) -> Result<(), Error> {
+        let events = records.len();
+        self.append_unchecked(records.into_lines(), events).await
+    }
+
+    async fn status(&self) -> StoreStatus {
+        StoreStatus {
+            store: format!("the local spool in {}", self.dir().display()),
+            stored: Some(self.stored()),
+            backlog: Some(self.backlog()),
+            pending: None,
+            dead_letters: Some(self.dead_letters()),
+            error: None,
         }
     }
 }

@@ -83,18 +83,8 @@ impl SpooledEvent {
     }
 
     fn parts(&self) -> Result<Parts<'_>, Error> {
-        let line = self.bytes();
-        // The layout this crate writes, taken apart without a second JSON scan; any
-        // other valid line goes through serde.
-        if let Some(parts) = split_line(line) {
-            return Ok(parts);
-        }
-        let parsed: Line<'_> = serde_json::from_slice(line)
-            .map_err(|e| corrupt(format!("corrupt spool line before {:?}", self.end), e))?;
-        Ok(Parts {
-            received_at: parsed.received_at,
-            secret_index: parsed.secret_index,
-            event: parsed.event.get(),
+        parts(self.bytes(), || {
+            format!("in the spool before {:?}", self.end)
         })
     }
 
@@ -104,13 +94,8 @@ impl SpooledEvent {
     /// # Errors
     /// [`Error::Storage`] if the line is corrupt.
     pub fn event(&self) -> Result<Event<'_>, Error> {
-        let raw = self.parts()?.event;
-        // One envelope, already valid UTF-8: parsed straight, without the batch check.
-        serde_json::from_str(raw).map_err(|e| {
-            corrupt(
-                format!("corrupt event in the spool before {:?}", self.end),
-                e,
-            )
+        record_event(self.bytes(), || {
+            format!("in the spool before {:?}", self.end)
         })
     }
 
@@ -135,6 +120,30 @@ impl SpooledEvent {
     pub fn end(&self) -> Position {
         self.end
     }
+}
+
+/// A record's parts, with or without its line end; `at` says where it was stored.
+fn parts(record: &[u8], at: impl Fn() -> String) -> Result<Parts<'_>, Error> {
+    // The layout this crate writes, taken apart without a second JSON scan; any
+    // other valid record goes through serde.
+    if let Some(parts) = split_line(record) {
+        return Ok(parts);
+    }
+    let parsed: Line<'_> = serde_json::from_slice(record)
+        .map_err(|e| corrupt(format!("corrupt record {}", at()), e))?;
+    Ok(Parts {
+        received_at: parsed.received_at,
+        secret_index: parsed.secret_index,
+        event: parsed.event.get(),
+    })
+}
+
+/// The event of a stored record (a spool line, a stream entry's `record`), with or
+/// without its line end; `at` says where it was stored.
+pub(crate) fn record_event(record: &[u8], at: impl Fn() -> String) -> Result<Event<'_>, Error> {
+    let raw = parts(record, &at)?.event;
+    // One envelope, already valid UTF-8: parsed straight, without the batch check.
+    serde_json::from_str(raw).map_err(|e| corrupt(format!("corrupt event {}", at()), e))
 }
 
 /// One spool line per event, in the layout [`split_line`] reads back: the envelope's raw bytes with line breaks (which in
@@ -168,15 +177,17 @@ pub(crate) fn encode_lines(events: &[&str], secret_index: usize) -> Vec<u8> {
     lines
 }
 
-/// `{"receivedAt":"…","secretIndex":N,"event":…}\n`, exactly as [`encode_lines`] writes it.
+/// `{"receivedAt":"…","secretIndex":N,"event":…}\n`, exactly as [`encode_lines`]
+/// writes it, with or without the line end.
 fn split_line(line: &[u8]) -> Option<Parts<'_>> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
     let rest = line.strip_prefix(b"{\"receivedAt\":\"")?;
     let quote = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
     let (received_at, rest) = rest.split_at(quote);
     let rest = rest.strip_prefix(b"\",\"secretIndex\":")?;
     let comma = rest.iter().position(|&b| b == b',')?;
     let (index, rest) = rest.split_at(comma);
-    let event = rest.strip_prefix(b",\"event\":")?.strip_suffix(b"}\n")?;
+    let event = rest.strip_prefix(b",\"event\":")?.strip_suffix(b"}")?;
     Some(Parts {
         received_at: Cow::Borrowed(std::str::from_utf8(received_at).ok()?),
         secret_index: std::str::from_utf8(index).ok()?.parse().ok()?,

@@ -1,4 +1,4 @@
-//! `SpoolReader`: reads committed lines in order and keeps the `offset` file.
+//! The reader's cursor: reads committed lines in order and keeps the `offset` file.
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
@@ -16,9 +16,10 @@ use crate::Error;
 
 /// Reads committed events from a [`Spool`](super::Spool), in order, and remembers how far it got
 /// in the spool's `offset` file. Delivery to the reader is at least once: after a
-/// crash it resumes from the last acknowledged position.
+/// crash it resumes from the last acknowledged position. Its file I/O blocks; the
+/// [`SpoolReader`](super::SpoolReader) around it runs that on tokio's blocking threads.
 #[derive(Debug)]
-pub struct SpoolReader {
+pub(super) struct Cursor {
     dir: PathBuf,
     remove_processed: bool,
     position: Position,
@@ -49,7 +50,7 @@ pub(super) struct Counters {
 /// How many stored events lie before the persisted offset (processed already), and
 /// how many lines the dead letter holds, when a spool opens.
 pub(super) fn counts_at_open(dir: &Path) -> io::Result<(u64, u64)> {
-    let dead_letters = match fs::read(dir.join(crate::worker::DEAD_LETTER_FILE)) {
+    let dead_letters = match fs::read(dir.join(super::dead_letter::DEAD_LETTER_FILE)) {
         Ok(data) => memchr::memchr_iter(b'\n', &data).count() as u64,
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e),
@@ -80,9 +81,9 @@ pub(super) fn counts_at_open(dir: &Path) -> io::Result<(u64, u64)> {
 
 const OFFSET_FILE: &str = "offset";
 /// Where [`run_worker`](crate::run_worker) sets aside stored lines that cannot be read as events.
-const REJECTED_FILE: &str = "rejected.jsonl";
+pub(super) const REJECTED_FILE: &str = "rejected.jsonl";
 
-impl SpoolReader {
+impl Cursor {
     pub(super) fn open(
         dir: &Path,
         remove_processed: bool,
@@ -108,7 +109,7 @@ impl SpoolReader {
         // Never past the data: had damage cut acknowledged lines off the end, new
         // events would land behind the reader, unseen.
         let position = position.min(*committed.borrow());
-        Ok(SpoolReader {
+        Ok(Cursor {
             dir: dir.to_owned(),
             remove_processed,
             position,
@@ -123,14 +124,14 @@ impl SpoolReader {
 
     /// Where the reader is: everything before it was handed out.
     #[must_use]
-    pub fn position(&self) -> Position {
+    pub(super) fn position(&self) -> Position {
         self.position
     }
 
     /// Whether the last batch reached what was committed when it was read (a batch
     /// cut short by its size limit or a segment's end did not). What was committed
     /// since is the next batch's business.
-    pub(crate) fn caught_up(&self) -> bool {
+    pub(super) fn caught_up(&self) -> bool {
         self.position >= self.read_towards
     }
 
@@ -140,7 +141,7 @@ impl SpoolReader {
     ///
     /// # Errors
     /// [`Error::Storage`] when a segment cannot be read.
-    pub async fn next_batch(
+    pub(super) async fn next_batch(
         &mut self,
         max_bytes: usize,
     ) -> Result<Option<Vec<SpooledEvent>>, Error> {
@@ -172,7 +173,7 @@ impl SpoolReader {
 
     /// Reads up to about `max_bytes` of the events before `committed` (blocking
     /// file I/O).
-    pub(crate) fn read_now(
+    pub(super) fn read_now(
         &mut self,
         committed: Position,
         max_bytes: usize,
@@ -182,7 +183,7 @@ impl SpoolReader {
     }
 
     /// The spool folder.
-    pub(crate) fn dir(&self) -> &Path {
+    pub(super) fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -264,15 +265,9 @@ impl SpoolReader {
         Ok(events)
     }
 
-    /// Appends `line` (without its line end) to `rejected.jsonl` in the spool folder
-    /// and syncs it, so that it outlives its segment.
     /// Counts an event written to the dead letter.
-    pub(crate) fn note_dead_letter(&self) {
+    pub(super) fn note_dead_letter(&self) {
         self.counters.dead_letters.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub(crate) fn set_aside(&self, line: &[u8]) -> Result<(), Error> {
-        crate::worker::append_synced(&self.dir, REJECTED_FILE, &[line, b"\n"].concat())
     }
 
     /// Persists `upto` as the point to resume from (written to a temporary file,
@@ -282,7 +277,7 @@ impl SpoolReader {
     ///
     /// # Errors
     /// [`Error::Storage`] when the offset cannot be written.
-    pub fn acknowledge(&mut self, upto: Position) -> Result<(), Error> {
+    pub(super) fn acknowledge(&mut self, upto: Position) -> Result<(), Error> {
         let tmp = self.dir.join(format!("{OFFSET_FILE}.tmp"));
         let write = || -> io::Result<()> {
             let mut file = File::create(&tmp)?;

@@ -1,0 +1,406 @@
+//! `StreamConsumer`: one worker's place in the consumer group, as the worker's
+//! [`EventSource`].
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+
+use super::{RECORD_FIELD, RedisStreamConfig, connect, unavailable};
+use crate::store::spool::record_event;
+use crate::store::{Delivery, EventSource};
+use crate::{Error, Event};
+
+/// How long one read waits for new entries before it looks at the stop flag and
+/// for entries to take over.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+/// How often finished entries are trimmed from the stream, at most.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Trims the stream (KEYS[1]) up to what every consumer group acknowledged: the
+/// oldest of each group's first pending entry, or its last delivered entry when
+/// nothing is pending. Stream ids compare as `ms-seq` number pairs.
+const TRIM: &str = r"
+local function less(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local floor = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  local id = f['last-delivered-id']
+  local summary = redis.call('XPENDING', KEYS[1], f['name'])
+  if summary[1] > 0 then id = summary[2] end
+  if floor == nil or less(id, floor) then floor = id end
+end
+if floor == nil then return 0 end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+";
+
+static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TRIM));
+
+/// One worker's consumer in the stream's consumer group: the worker's
+/// [`EventSource`] on Redis.
+///
+/// It reads new entries (`XREADGROUP`), takes over entries another consumer held
+/// longer than the lease without acknowledging them (`XAUTOCLAIM`: a crashed
+/// worker's events), acknowledges finished ones (`XACK`, one round trip per
+/// batch), keeps dead letters in `<prefix>events:dead`, and trims what every group
+/// acknowledged. Decide with [`RedisGate`](crate::RedisGate): the entry id is the
+/// delivery, so across any number of workers each event is processed once,
+/// barring a lease expiry.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), comapi_webhook::Error> {
+/// use comapi_webhook::store::redis_stream::{RedisStreamConfig, StreamConsumer};
+/// use comapi_webhook::{Event, RedisGate, RedisGateConfig, RetryPolicy, run_worker};
+///
+/// let url = "redis://127.0.0.1:6379/";
+/// let consumer = StreamConsumer::connect(url, RedisStreamConfig::default(), "worker-1").await?;
+/// let stop = consumer.stop_handle(); // stop.stop() on SIGTERM
+/// let gate = RedisGate::connect(url, RedisGateConfig::default()).await?;
+/// run_worker(consumer, &gate, |event: Event<'static>| async move {
+///     println!("{} {:?}", event.name(), event.message_id());
+///     Ok::<(), std::io::Error>(())
+/// }, RetryPolicy::default()).await?;
+/// # Ok(()) }
+/// ```
+pub struct StreamConsumer {
+    connection: ConnectionManager,
+    key: String,
+    dead_key: String,
+    group: String,
+    name: String,
+    lease: Duration,
+    batch: usize,
+    stop: StopHandle,
+    /// Finished entries not yet acknowledged.
+    finished: Vec<String>,
+    /// Where the next take-over scan starts (`0-0`: from the beginning).
+    claim_from: String,
+    last_claim: Option<Instant>,
+    last_trim: Instant,
+}
+
+/// Asks a [`StreamConsumer`] to stop: the worker finishes the event in hand,
+/// acknowledges it and returns (within about a second when it is waiting for
+/// events). Entries it read and did not start are taken over
+/// by another worker after the lease.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle {
+    stopped: Arc<AtomicBool>,
+}
+
+impl StopHandle {
+    /// Asks the consumer to stop.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether [`StopHandle::stop`] was called.
+    #[must_use]
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
+/// One stream entry handed to the worker.
+#[derive(Debug, Clone)]
+pub struct StreamDelivery {
+    id: String,
+    record: Vec<u8>,
+    times_delivered: u32,
+}
+
+impl Delivery for StreamDelivery {
+    fn id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.id)
+    }
+
+    fn record(&self) -> &[u8] {
+        &self.record
+    }
+
+    fn event(&self) -> Result<Event<'_>, Error> {
+        record_event(&self.record, || format!("in stream entry {}", self.id))
+    }
+
+    fn times_delivered(&self) -> u32 {
+        self.times_delivered
+    }
+}
+
+impl StreamConsumer {
+    /// Joins the consumer group as `name` (unique per worker process: a host name
+    /// and process id do), creating the group, and the stream, if missing. A new
+    /// group starts at the beginning of the stream, so nothing stored before the
+    /// first worker started is missed.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] if Redis cannot be reached or refuses the group.
+    pub async fn connect(
+        url: &str,
+        config: RedisStreamConfig,
+        name: impl Into<String>,
+    ) -> Result<Self, Error> {
+        // A read blocks its connection for up to READ_BLOCK: leave room for it.
+        let connection = connect(url, config.deadline.max(READ_BLOCK * 2)).await?;
+        let consumer = StreamConsumer {
+            connection,
+            key: config.stream_key(),
+            dead_key: config.dead_key(),
+            group: config.group,
+            name: name.into(),
+            lease: config.lease,
+            batch: config.batch.max(1),
+            stop: StopHandle::default(),
+            finished: Vec::new(),
+            claim_from: "0-0".to_owned(),
+            last_claim: None,
+            last_trim: Instant::now(),
+        };
+        let created: Result<(), _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&consumer.key)
+            .arg(&consumer.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut consumer.connection.clone())
+            .await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => {
+                Err(unavailable("cannot create the consumer group", e))
+            }
+            _ => Ok(consumer),
+        }
+    }
+
+    /// The same consumer, stopped by `stop` (a handle shared with consumers made
+    /// before it, such as the one a restarted worker replaces) instead of its own.
+    #[must_use]
+    pub fn stopped_by(mut self, stop: &StopHandle) -> Self {
+        self.stop = stop.clone();
+        self
+    }
+
+    /// A handle that asks this consumer to stop (for a signal handler).
+    #[must_use]
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// This consumer's name in the group.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn millis(duration: Duration) -> u64 {
+        u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Acknowledges the finished entries, and now and then trims the stream.
+    async fn acknowledge(&mut self) -> Result<(), Error> {
+        if !self.finished.is_empty() {
+            let _: i64 = redis::cmd("XACK")
+                .arg(&self.key)
+                .arg(&self.group)
+                .arg(&self.finished)
+                .query_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot acknowledge stream entries", e))?;
+            self.finished.clear();
+        }
+        if self.last_trim.elapsed() >= TRIM_EVERY {
+            self.last_trim = Instant::now();
+            // Best effort: what is not trimmed now is trimmed next time.
+            let _: Result<i64, _> = TRIM_SCRIPT
+                .key(&self.key)
+                .invoke_async(&mut self.connection)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Entries other consumers held longer than the lease, now this one's.
+    async fn take_over(&mut self) -> Result<Vec<StreamDelivery>, Error> {
+        let due = self
+            .last_claim
+            .is_none_or(|at| at.elapsed() >= self.lease / 2);
+        if !due {
+            return Ok(Vec::new());
+        }
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(Self::millis(self.lease))
+            .arg(&self.claim_from)
+            .arg("COUNT")
+            .arg(self.batch)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot take over stream entries", e))?;
+        self.claim_from = reply.next_stream_id;
+        if self.claim_from == "0-0" {
+            // A full pass: the next one after half a lease.
+            self.last_claim = Some(Instant::now());
+        }
+        let (Some(first), Some(last)) = (reply.claimed.first(), reply.claimed.last()) else {
+            return Ok(Vec::new());
+        };
+        let counts: StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&first.id)
+            .arg(&last.id)
+            .arg(reply.claimed.len())
+            .arg(&self.name)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot read stream delivery counts", e))?;
+        let times: HashMap<String, usize> = counts
+            .ids
+            .into_iter()
+            .map(|p| (p.id, p.times_delivered))
+            .collect();
+        Ok(reply
+            .claimed
+            .into_iter()
+            .map(|entry| {
+                let count = times.get(&entry.id).copied().unwrap_or(2);
+                delivery(entry, u32::try_from(count).unwrap_or(u32::MAX))
+            })
+            .collect())
+    }
+
+    /// New entries, waiting up to [`READ_BLOCK`] for some.
+    async fn read_new(&mut self) -> Result<Vec<StreamDelivery>, Error> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(self.batch)
+            .arg("BLOCK")
+            .arg(Self::millis(READ_BLOCK))
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot read the stream", e))?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(|entry| delivery(entry, 1))
+            .collect())
+    }
+
+    async fn add_dead(
+        &mut self,
+        delivery: &StreamDelivery,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), Error> {
+        let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let _: String = redis::cmd("XADD")
+            .arg(&self.dead_key)
+            .arg("*")
+            .arg(RECORD_FIELD)
+            .arg(&delivery.record)
+            .arg("error")
+            .arg(error)
+            .arg("attempts")
+            .arg(attempts)
+            .arg("delivery")
+            .arg(&delivery.id)
+            .arg("deadAt")
+            .arg(dead_at)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot write the dead-letter stream", e))?;
+        Ok(())
+    }
+}
+
+fn delivery(entry: StreamId, times_delivered: u32) -> StreamDelivery {
+    let record = entry.get::<Vec<u8>>(RECORD_FIELD).unwrap_or_default();
+    StreamDelivery {
+        id: entry.id,
+        record,
+        times_delivered,
+    }
+}
+
+impl EventSource for StreamConsumer {
+    type Delivery = StreamDelivery;
+
+    async fn next_batch(&mut self) -> Result<Option<Vec<StreamDelivery>>, Error> {
+        loop {
+            self.acknowledge().await?;
+            if self.stop.is_stopped() {
+                return Ok(None);
+            }
+            let taken = self.take_over().await?;
+            if !taken.is_empty() {
+                return Ok(Some(taken));
+            }
+            let new = self.read_new().await?;
+            if !new.is_empty() {
+                return Ok(Some(new));
+            }
+        }
+    }
+
+    async fn finished(&mut self, delivery: &StreamDelivery) -> Result<(), Error> {
+        self.finished.push(delivery.id.clone());
+        if self.stop.is_stopped() || self.finished.len() >= self.batch {
+            self.acknowledge().await?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        delivery: &StreamDelivery,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), Error> {
+        self.add_dead(delivery, error, attempts).await
+    }
+
+    async fn set_aside(&mut self, delivery: &StreamDelivery, error: &Error) -> Result<(), Error> {
+        self.add_dead(delivery, &error.report().to_string(), 0)
+            .await
+    }
+
+    async fn flush(&mut self) -> Result<(), Error> {
+        self.acknowledge().await
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.is_stopped()
+    }
+}
+
+impl fmt::Debug for StreamConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamConsumer")
+            .field("key", &self.key)
+            .field("group", &self.group)
+            .field("name", &self.name)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,123 @@
+//! The spool's dead letter: `dead-letter.jsonl` in its folder, and bringing its
+//! events back.
+
+use std::fs;
+use std::io;
+
+use serde_json::value::RawValue;
+
+use super::Spool;
+use super::files::sync_dir;
+use crate::Error;
+use crate::store::json_string;
+
+/// The file in the spool folder that holds events given up after their last
+/// attempt, one JSON object a line: `deadAt`, `attempts`, `error`, `delivery`, and
+/// `record`, the spool line as it was stored.
+pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
+
+/// One line of the dead letter for `record` (a stored line without its line end).
+pub(super) fn dead_letter_line(
+    record: &[u8],
+    error: &str,
+    attempts: u32,
+    delivery: &str,
+) -> Vec<u8> {
+    let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+    // The stored line was read as an event, so it is JSON; kept as it is.
+    let record = serde_json::from_slice::<&RawValue>(record)
+        .map(|raw| raw.get().to_owned())
+        .unwrap_or_else(|_| json_string(&String::from_utf8_lossy(record)));
+    format!(
+        "{{\"deadAt\":\"{dead_at}\",\"attempts\":{attempts},\"error\":{},\"delivery\":{},\"record\":{record}}}\n",
+        json_string(error),
+        json_string(delivery),
+    )
+    .into_bytes()
+}
+
+/// Brings the events in the spool's dead letter back: appends each one's stored
+/// line to the spool, as a new delivery, and then removes the dead letter. Run it
+/// once the cause of the failures is fixed; the worker then processes them again
+/// (the gate gives each a fresh claim, since a dead-lettered claim is released).
+/// Returns how many events came back.
+///
+/// A crash between the append and the removal brings them back a second time at
+/// the next call: at least once, like everything the worker does.
+///
+/// # Errors
+/// [`Error::Storage`] when the dead letter cannot be read, a line of it is not one
+/// this crate wrote (nothing is appended then), or the append or the removal fails.
+pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
+    let path = spool.dir().join(DEAD_LETTER_FILE);
+    let read_path = path.clone();
+    let text = blocking(move || match fs::read_to_string(&read_path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::storage("cannot read the dead letter", e)),
+    })
+    .await?;
+    let Some(text) = text else { return Ok(0) };
+    let mut lines = Vec::new();
+    let mut count = 0;
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        #[derive(serde::Deserialize)]
+        struct Entry<'a> {
+            #[serde(borrow)]
+            record: &'a RawValue,
+        }
+        let entry: Entry<'_> = serde_json::from_str(line).map_err(|e| {
+            Error::storage(
+                format!("cannot read line {} of the dead letter", number + 1),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        })?;
+        lines.extend_from_slice(entry.record.get().as_bytes());
+        lines.push(b'\n');
+        count += 1;
+    }
+    spool.append(lines, count).await?;
+    let dir = spool.dir().to_owned();
+    blocking(move || {
+        fs::remove_file(&path)
+            .and_then(|()| sync_dir(&dir))
+            .map_err(|e| Error::storage("cannot remove the requeued dead letter", e))
+    })
+    .await?;
+    spool.dead_letters_requeued();
+    Ok(usize::try_from(count).unwrap_or(usize::MAX))
+}
+
+/// Runs blocking file work on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(Error::storage(
+            "the worker's file thread failed",
+            io::Error::other(e),
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_line_keeps_the_record_as_it_was() {
+        let record =
+            br#"{"receivedAt":"2026-01-01T00:00:00.000Z","secretIndex":0,"event":{"eventId":"e"}}"#;
+        let line = dead_letter_line(record, "database \"down\"", 3, "spool:1:0");
+        let text = String::from_utf8(line).unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        assert_eq!(value["error"], "database \"down\"");
+        assert_eq!(value["attempts"], 3);
+        assert_eq!(value["record"]["event"]["eventId"], "e");
+        assert!(text.ends_with("}\n") && text.contains(std::str::from_utf8(record).unwrap_or("!")));
+    }
+}
