@@ -88,7 +88,8 @@ pub struct StreamConsumer {
     /// Where the next take-over scan starts (`0-0`: from the beginning).
     claim_from: String,
     last_claim: Option<Instant>,
-    last_trim: Instant,
+    /// `None` until the first trim, which comes with the first acknowledgement.
+    last_trim: Option<Instant>,
 }
 
 /// Asks a [`StreamConsumer`] to stop: the worker finishes the event in hand,
@@ -166,7 +167,7 @@ impl StreamConsumer {
             finished: Vec::new(),
             claim_from: "0-0".to_owned(),
             last_claim: None,
-            last_trim: Instant::now(),
+            last_trim: None,
         };
         let created: Result<(), _> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -220,8 +221,8 @@ impl StreamConsumer {
                 .map_err(|e| unavailable("cannot acknowledge stream entries", e))?;
             self.finished.clear();
         }
-        if self.last_trim.elapsed() >= TRIM_EVERY {
-            self.last_trim = Instant::now();
+        if self.last_trim.is_none_or(|at| at.elapsed() >= TRIM_EVERY) {
+            self.last_trim = Some(Instant::now());
             // Best effort: what is not trimmed now is trimmed next time.
             let _: Result<i64, _> = TRIM_SCRIPT
                 .key(&self.key)

@@ -1,0 +1,433 @@
+//! The Redis stream backend on a real Redis: the receive step stores into the
+//! stream, workers on a consumer group process each event once, take over what a
+//! dropped consumer held, dead-letter and requeue, trim only what was
+//! acknowledged, and a store that gets no answer gives up at its deadline (a TCP
+//! proxy of the test's own stalls the connection) and recovers after.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use comapi_webhook::store::redis_stream::{
+    Durability, RedisStream, RedisStreamConfig, StreamConsumer,
+};
+use comapi_webhook::store::{Delivery, EventSource, EventStore};
+use comapi_webhook::{
+    Event, Inbox, RedisGate, RedisGateConfig, RetryPolicy, SIGNATURE_HEADER, Verifier, run_worker,
+};
+use support::{recorder, redis_url, runtime, unique_prefix};
+
+const SECRET: &str = "a-comapi-webhook-secret-of-36-chars!";
+
+fn config(prefix: &str) -> RedisStreamConfig {
+    RedisStreamConfig::default().with_key_prefix(prefix)
+}
+
+fn body(ids: &[&str]) -> Vec<u8> {
+    let events: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::json!({"eventId": id, "name": "message.sent", "payload": {"id": format!("m-{id}")},
+                "timestamp": support::now_rfc3339()})
+        })
+        .collect();
+    serde_json::to_vec(&events).unwrap()
+}
+
+async fn post(inbox: &Inbox<RedisStream>, ids: &[&str]) -> u16 {
+    let body = body(ids);
+    let verifier = Verifier::new(SECRET).unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        SIGNATURE_HEADER,
+        verifier.sign(&body).to_string().parse().unwrap(),
+    );
+    inbox.receive(&headers, &body).await.status().as_u16()
+}
+
+async fn gate(url: &str, prefix: &str) -> RedisGate {
+    RedisGate::connect(url, RedisGateConfig::default().with_key_prefix(prefix))
+        .await
+        .unwrap()
+}
+
+async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Runs a worker on `consumer` until `expected` events were handled, then stops it.
+async fn process_until(
+    consumer: StreamConsumer,
+    gate: &RedisGate,
+    seen: &Mutex<Vec<String>>,
+    expected: usize,
+) {
+    let stop = consumer.stop_handle();
+    let worker = run_worker(consumer, gate, recorder(seen), RetryPolicy::default());
+    let watch = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.lock().unwrap().len() < expected {
+            assert!(Instant::now() < deadline, "only {:?}", seen.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.stop();
+    };
+    let (done, ()) = tokio::join!(worker, watch);
+    done.unwrap();
+}
+
+#[test]
+fn stored_events_are_processed_once_acknowledged_and_trimmed() {
+    let Some(url) = redis_url("stored_events_are_processed_once_acknowledged_and_trimmed") else {
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = unique_prefix("stream");
+        let stream = RedisStream::connect(&url, config(&prefix)).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
+        assert_eq!(post(&inbox, &["a", "b"]).await, 200);
+        assert_eq!(post(&inbox, &["c"]).await, 200);
+        // A retried delivery: a second copy of "a".
+        assert_eq!(post(&inbox, &["a"]).await, 200);
+        let status = stream.status().await;
+        assert_eq!((status.stored, status.backlog), (Some(4), Some(4)));
+        assert!(inbox.status_page().await.contains("the Redis stream"));
+
+        let gate = gate(&url, &prefix).await;
+        let seen = Mutex::new(Vec::new());
+        let consumer = StreamConsumer::connect(&url, config(&prefix), "w1")
+            .await
+            .unwrap();
+        process_until(consumer, &gate, &seen, 3).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["a", "b", "c"],
+            "the copy is a duplicate"
+        );
+        let status = stream.status().await;
+        assert_eq!(
+            (status.backlog, status.pending, status.dead_letters),
+            (Some(0), Some(0), Some(0))
+        );
+        // A second group that has read nothing keeps every entry from being trimmed.
+        let mut conn = redis(&url).await;
+        let key = config(&prefix).stream_key();
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("audit")
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(post(&inbox, &["d"]).await, 200);
+        let seen = Mutex::new(Vec::new());
+        let consumer = StreamConsumer::connect(&url, config(&prefix), "w2")
+            .await
+            .unwrap();
+        process_until(consumer, &gate, &seen, 1).await;
+        let length: u64 = redis::cmd("XLEN")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            length, 5,
+            "nothing trimmed that the audit group has not read"
+        );
+        // Once it has read and acknowledged everything, a trim leaves at most the last entry.
+        let _: () = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(&key)
+            .arg("audit")
+            .query_async(&mut conn)
+            .await
+            .map(|_: i64| ())
+            .unwrap();
+        assert_eq!(post(&inbox, &["e"]).await, 200);
+        let seen = Mutex::new(Vec::new());
+        let consumer = StreamConsumer::connect(&url, config(&prefix), "w3")
+            .await
+            .unwrap();
+        process_until(consumer, &gate, &seen, 1).await;
+        let length: u64 = redis::cmd("XLEN")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(length <= 2, "acknowledged entries trimmed, {length} left");
+    });
+}
+
+#[test]
+fn a_dropped_consumers_entries_are_taken_over_after_the_lease() {
+    let Some(url) = redis_url("a_dropped_consumers_entries_are_taken_over_after_the_lease") else {
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = unique_prefix("takeover");
+        let config = config(&prefix).with_lease(Duration::from_millis(300));
+        let stream = RedisStream::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
+        assert_eq!(post(&inbox, &["x", "y"]).await, 200);
+        // The first consumer reads both and crashes before finishing either.
+        let mut crashed = StreamConsumer::connect(&url, config.clone(), "crashed")
+            .await
+            .unwrap();
+        let read = crashed.next_batch().await.unwrap().unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[0].times_delivered(), 1);
+        drop(crashed);
+        assert_eq!(stream.status().await.pending, Some(2));
+
+        let mut heir = StreamConsumer::connect(&url, config.clone(), "heir")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let taken = heir.next_batch().await.unwrap().unwrap();
+        let ids: Vec<String> = taken
+            .iter()
+            .map(|d| d.event().unwrap().event_id().to_owned())
+            .collect();
+        assert_eq!(ids, ["x", "y"]);
+        assert!(taken.iter().all(|d| d.times_delivered() == 2));
+        assert_eq!(
+            taken[0].id(),
+            read[0].id(),
+            "the same entry, the same delivery"
+        );
+        for delivery in &taken {
+            heir.finished(delivery).await.unwrap();
+        }
+        heir.flush().await.unwrap();
+        assert_eq!(stream.status().await.pending, Some(0));
+    });
+}
+
+#[test]
+fn failures_go_to_the_dead_stream_and_requeue_brings_them_back() {
+    let Some(url) = redis_url("failures_go_to_the_dead_stream_and_requeue_brings_them_back") else {
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = unique_prefix("dead");
+        let config = config(&prefix).with_lease(Duration::from_millis(200));
+        let stream = RedisStream::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
+        assert_eq!(post(&inbox, &["bad", "good"]).await, 200);
+        // A record that is not an event, written by someone else.
+        let mut conn = redis(&url).await;
+        let _: String = redis::cmd("XADD")
+            .arg(config.stream_key())
+            .arg("*")
+            .arg("record")
+            .arg("not json")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let gate = gate(&url, &prefix).await;
+        let seen = Mutex::new(Vec::new());
+        let failing = |event: Event<'static>| {
+            let fails = event.event_id() == "bad";
+            seen.lock().unwrap().push(event.event_id().to_owned());
+            async move {
+                if fails {
+                    Err(std::io::Error::other("the database is down"))
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        let consumer = StreamConsumer::connect(&url, config.clone(), "w")
+            .await
+            .unwrap();
+        let stop = consumer.stop_handle();
+        let quick = RetryPolicy::new(Duration::from_millis(5), Duration::from_millis(5), 2);
+        let worker = run_worker(consumer, &gate, failing, quick);
+        let watch = async {
+            while stream.status().await.dead_letters != Some(2) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.stop();
+        };
+        let (done, ()) = tokio::join!(worker, watch);
+        done.unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["bad", "bad", "good"]);
+        let dead: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(config.dead_key())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(dead[0].1["error"], "the database is down");
+        assert_eq!(dead[0].1["attempts"], "2");
+        assert!(
+            dead[1].1["error"].contains("corrupt record"),
+            "{:?}",
+            dead[1].1
+        );
+        assert_eq!(
+            stream.status().await.pending,
+            Some(0),
+            "dead letters are acknowledged"
+        );
+
+        assert_eq!(stream.requeue_dead_letters().await.unwrap(), 2);
+        assert_eq!(stream.status().await.dead_letters, Some(0));
+        let seen = Mutex::new(Vec::new());
+        let consumer = StreamConsumer::connect(&url, config.clone(), "w")
+            .await
+            .unwrap();
+        process_until(consumer, &gate, &seen, 1).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["bad"],
+            "the requeued event is fresh again"
+        );
+    });
+}
+
+#[test]
+fn a_copy_delivered_more_times_than_the_attempts_goes_to_the_dead_letter() {
+    let Some(url) = redis_url("a_copy_delivered_more_times_than_the_attempts") else {
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = unique_prefix("poison");
+        let config = config(&prefix).with_lease(Duration::from_millis(100));
+        let stream = RedisStream::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
+        assert_eq!(post(&inbox, &["poison"]).await, 200);
+        // Two workers crash holding it: it is now delivered a third time.
+        for name in ["c1", "c2"] {
+            let mut crashed = StreamConsumer::connect(&url, config.clone(), name)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(crashed.next_batch().await.unwrap().unwrap().len(), 1);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let gate = gate(&url, &prefix).await;
+        let seen = Mutex::new(Vec::new());
+        let consumer = StreamConsumer::connect(&url, config.clone(), "w")
+            .await
+            .unwrap();
+        let stop = consumer.stop_handle();
+        let worker = run_worker(
+            consumer,
+            &gate,
+            recorder(&seen),
+            RetryPolicy::new(Duration::ZERO, Duration::ZERO, 2),
+        );
+        let watch = async {
+            while stream.status().await.dead_letters != Some(1) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.stop();
+        };
+        let (done, ()) = tokio::join!(worker, watch);
+        done.unwrap();
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "not attempted a third time"
+        );
+    });
+}
+
+/// A TCP proxy to `target` that forwards both ways, and while `stalled` is set,
+/// holds what it reads instead of passing it on.
+async fn stalling_proxy(target: String, stalled: Arc<AtomicBool>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pump(client_read, server_write, Arc::clone(&stalled)));
+            tokio::spawn(pump(server_read, client_write, Arc::clone(&stalled)));
+        }
+    });
+    format!("redis://{addr}/")
+}
+
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    stalled: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        while stalled.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_store_without_an_answer_gives_up_at_its_deadline_and_recovers() {
+    let Some(url) = redis_url("a_store_without_an_answer_gives_up_at_its_deadline") else {
+        return;
+    };
+    runtime().block_on(async {
+        let target = url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let proxied = stalling_proxy(target, Arc::clone(&stalled)).await;
+        let prefix = unique_prefix("deadline");
+        let deadline = Duration::from_millis(500);
+        let config = config(&prefix).with_deadline(deadline);
+        let stream = RedisStream::connect(&proxied, config).await.unwrap();
+        assert!(
+            matches!(
+                stream.durability(),
+                Durability::Always | Durability::Weaker { .. }
+            ),
+            "{:?}",
+            stream.durability()
+        );
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
+        assert_eq!(post(&inbox, &["before"]).await, 200);
+
+        stalled.store(true, Ordering::Release);
+        let started = Instant::now();
+        assert_eq!(post(&inbox, &["stalled"]).await, 503);
+        let took = started.elapsed();
+        assert!(
+            took >= deadline && took < deadline + Duration::from_millis(500),
+            "{took:?}"
+        );
+        assert!(stream.status().await.error.is_some());
+
+        stalled.store(false, Ordering::Release);
+        let started = Instant::now();
+        loop {
+            if post(&inbox, &["after"]).await == 200 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Not a 200, but it may still have been stored: Comapi's retry is a copy the gate tells apart.
+        let stored = stream.status().await.stored.unwrap();
+        assert!((2..=3).contains(&stored), "{stored}");
+    });
+}
