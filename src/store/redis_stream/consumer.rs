@@ -2,7 +2,7 @@
 //! [`EventSource`].
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -85,6 +85,8 @@ pub struct StreamConsumer {
     stop: StopHandle,
     /// Finished entries not yet acknowledged.
     finished: Vec<String>,
+    /// Entries of the last batch not yet finished, in order.
+    in_hand: VecDeque<String>,
     /// Where the next take-over scan starts (`0-0`: from the beginning).
     claim_from: String,
     last_claim: Option<Instant>,
@@ -94,8 +96,9 @@ pub struct StreamConsumer {
 
 /// Asks a [`StreamConsumer`] to stop: the worker finishes the event in hand,
 /// acknowledges it and returns (within about a second when it is waiting for
-/// events). Entries it read and did not start are taken over
-/// by another worker after the lease.
+/// events). Entries it read and did not start are handed back: marked idle for a
+/// whole lease, so that another worker takes them over at its next look, within
+/// half a lease.
 #[derive(Debug, Clone, Default)]
 pub struct StopHandle {
     stopped: Arc<AtomicBool>,
@@ -165,6 +168,7 @@ impl StreamConsumer {
             batch: config.batch.max(1),
             stop: StopHandle::default(),
             finished: Vec::new(),
+            in_hand: VecDeque::new(),
             claim_from: "0-0".to_owned(),
             last_claim: None,
             last_trim: None,
@@ -308,6 +312,28 @@ impl StreamConsumer {
             .collect())
     }
 
+    /// Marks the entries read and not finished idle for a whole lease, keeping
+    /// their delivery count, so that the next look of another worker takes them.
+    async fn hand_back(&mut self) -> Result<(), Error> {
+        if self.in_hand.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = self.in_hand.drain(..).collect();
+        let _: Vec<String> = redis::cmd("XCLAIM")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(0)
+            .arg(&ids)
+            .arg("IDLE")
+            .arg(Self::millis(self.lease))
+            .arg("JUSTID")
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot hand back stream entries", e))?;
+        Ok(())
+    }
+
     async fn add_dead(
         &mut self,
         delivery: &StreamDelivery,
@@ -353,18 +379,23 @@ impl EventSource for StreamConsumer {
             if self.stop.is_stopped() {
                 return Ok(None);
             }
-            let taken = self.take_over().await?;
-            if !taken.is_empty() {
-                return Ok(Some(taken));
+            let mut batch = self.take_over().await?;
+            if batch.is_empty() {
+                batch = self.read_new().await?;
             }
-            let new = self.read_new().await?;
-            if !new.is_empty() {
-                return Ok(Some(new));
+            if !batch.is_empty() {
+                self.in_hand = batch.iter().map(|d| d.id.clone()).collect();
+                return Ok(Some(batch));
             }
         }
     }
 
     async fn finished(&mut self, delivery: &StreamDelivery) -> Result<(), Error> {
+        if self.in_hand.front() == Some(&delivery.id) {
+            self.in_hand.pop_front();
+        } else {
+            self.in_hand.retain(|id| *id != delivery.id);
+        }
         self.finished.push(delivery.id.clone());
         if self.stop.is_stopped() || self.finished.len() >= self.batch {
             self.acknowledge().await?;
@@ -387,7 +418,8 @@ impl EventSource for StreamConsumer {
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
-        self.acknowledge().await
+        self.acknowledge().await?;
+        self.hand_back().await
     }
 
     fn stopping(&self) -> bool {
