@@ -7,14 +7,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# A throwaway Redis for the shared-gate tests: loopback, a free port, no persistence,
-# stopped on exit. Skipped when COMAPI_TEST_REDIS_URL is already set; without a
+# A throwaway Redis for the gate and stream tests: loopback, a free port, durable as
+# production must be (AOF, fsynced before every reply), stopped on exit. Skipped when COMAPI_TEST_REDIS_URL is already set; without a
 # redis-server binary the Redis tests say loudly that they were skipped (and fail
 # under CI=true).
 if [ -z "${COMAPI_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1; then
   redis_dir=$(mktemp -d)
   redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly yes --appendfsync always \
     --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log" --dir "$redis_dir"
   # Waits for redis-server to exit before removing its folder (it writes its log on
   # the way out), and never fails: under `set -e` a failing trap would fail the run.

@@ -9,6 +9,12 @@
 # every segment here, COMAPI_SPOOL_KEEP=true, so that it can be counted), and how much
 # of the machine's CPU was left idle during each run (Linux: /proc/stat).
 #
+# With redis-server on PATH, hyper_redis joins the rotation: hyper_receiver storing
+# into a Redis stream (COMAPI_REDIS_URL) on a redis-server of this script's own with
+# appendonly yes and appendfsync always, and its ratio to the spool's hyper_receiver
+# is printed. With perf on PATH, fsyncs/s counts the fdatasync calls a second of the
+# process that syncs: the receiver for the spool, redis-server for hyper_redis.
+#
 # The targets take turns for ROUNDS rounds, each with a fresh process and spool, so
 # a noisy neighbour on a shared machine hits them all alike; the ratios use each
 # target's median rate.
@@ -37,6 +43,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   rm -rf "$work"
   if [ -n "$BASELINE" ]; then git worktree prune; fi
 }
@@ -48,6 +55,19 @@ declare -A binary mode
 for name in "${targets[@]}"; do binary[$name]="target/release/examples/$name"; done
 binary[verify_parse_only]=target/release/examples/http_ceiling
 mode[verify_parse_only]=verify
+redis_pid=
+if command -v redis-server >/dev/null; then
+  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$work/redis"
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly yes --appendfsync always \
+    --dir "$work/redis" --logfile "$work/redis/redis.log" &
+  redis_pid=$!
+  for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  targets+=(hyper_redis)
+  binary[hyper_redis]=target/release/examples/hyper_receiver
+else
+  echo "no redis-server on PATH: hyper_redis is left out (apt-get install redis-server)"
+fi
 if [ -n "$BASELINE" ]; then
   rev=$(git rev-parse --short "$BASELINE^{commit}")
   git worktree add --quiet --detach "$work/baseline" "$rev"
@@ -83,7 +103,9 @@ start() {
   local name=$1 out="$work/$1.out"
   # The previous round's address must not be read before this process rewrites the file.
   rm -f "$out"
-  CEILING=${mode[$name]:-bare} COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
+  local redis_url=
+  if [ "$name" = hyper_redis ]; then redis_url="redis://127.0.0.1:$redis_port/"; fi
+  COMAPI_REDIS_URL=$redis_url CEILING=${mode[$name]:-bare} COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
     "${binary[$name]}" >"$out" 2>"$work/$name.err" &
   pids+=($!)
   pid=$!
@@ -117,25 +139,42 @@ cpu_times() {
 
 echo
 declare -A rates
-printf '%-24s %5s %10s %9s %9s %8s %8s %10s %10s %8s %6s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms idle%
+printf '%-24s %5s %10s %9s %9s %8s %8s %10s %10s %8s %6s %9s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms idle% fsyncs/s
 for round in $(seq "$ROUNDS"); do
   for name in "${targets[@]}"; do
     rm -rf "$work/spool-$name"
+    if [ "$name" = hyper_redis ]; then redis-cli -p "$redis_port" flushall >/dev/null; fi
     start "$name"
+    # Count the fdatasync calls of the process that syncs, while wrk runs.
+    syncing=$pid
+    if [ "$name" = hyper_redis ]; then syncing=$redis_pid; fi
+    perf_pid=
+    if command -v perf >/dev/null && [ "$name" != http_ceiling ] && [ "$name" != verify_parse_only ]; then
+      perf stat -x, -e syscalls:sys_enter_fdatasync -p "$syncing" -o "$work/perf.out" 2>/dev/null &
+      perf_pid=$!
+    fi
     read -r total0 idle0 < <(cpu_times)
     read -r _ requests non2xx errors rate p50 p99 < <(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" \
       -s "$work/post.lua" "$url/" | grep '^RESULT')
     read -r total1 idle1 < <(cpu_times)
+    fsyncs=-
+    if [ -n "$perf_pid" ]; then
+      kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true
+      count=$(awk -F, '/fdatasync/{print $1}' "$work/perf.out" 2>/dev/null || true)
+      if [[ "$count" =~ ^[0-9]+$ ]]; then fsyncs=$(( count / ${DURATION%s} )); fi
+    fi
     idle=$(( 100 * (idle1 - idle0) / (total1 - total0 > 0 ? total1 - total0 : 1) ))
     stopping=$(date +%s%N)
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
     exit_ms=$(( ($(date +%s%N) - stopping) / 1000000 ))
     spooled=-
-    if [ -d "$work/spool-$name" ]; then
+    if [ "$name" = hyper_redis ]; then
+      spooled=$(redis-cli -p "$redis_port" xlen comapi-webhook:events)
+    elif [ -d "$work/spool-$name" ]; then
       spooled=$(cat "$work/spool-$name"/segment-*.jsonl | wc -l)
     fi
     rates[$name]="${rates[$name]:-} $rate"
-    printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d %6d\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms" "$idle"
+    printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8d %6d %9s\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" "$spooled" "$exit_ms" "$idle" "$fsyncs"
   done
 done
 echo
@@ -156,6 +195,9 @@ print(f"{'http_ceiling':<24} median {base:10.0f} req/s")
 for name, values in rates.items():
     median = statistics.median(values)
     print(f"{name:<24} median {median:10.0f} req/s  {median / base:.2f}x the HTTP ceiling (per round: {rounds(values, ceiling)})")
+if "hyper_redis" in rates:
+    ratio = statistics.median(rates["hyper_redis"]) / statistics.median(rates["hyper_receiver"])
+    print(f"{'hyper_redis':<24} {ratio:.2f}x hyper_receiver on the spool (per round: {rounds(rates['hyper_redis'], rates['hyper_receiver'])})")
 for name, values in rates.items():
     if "@" in name:
         receiver, rev = name.split("@")

@@ -42,8 +42,11 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 ///
 /// ```
 /// use comapi_webhook::Metrics;
+/// use comapi_webhook::store::StoreStatus;
 /// let metrics = Metrics::new();
-/// metrics.set_backlog(3);
+/// let mut status = StoreStatus::default();
+/// status.backlog = Some(3);
+/// metrics.set_store_status(&status);
 /// let text = metrics.encode();
 /// assert!(text.contains("comapi_webhook_backlog_events 3"));
 /// assert!(text.ends_with("# EOF\n"));
@@ -192,17 +195,6 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
-    }
-
-    /// Sets the number of events stored but not yet processed.
-    pub fn set_backlog(&self, events: u64) {
-        self.backlog.set(i64::try_from(events).unwrap_or(i64::MAX));
-    }
-
-    /// Sets the number of events in the dead letter.
-    pub fn set_dead_letters(&self, events: u64) {
-        self.dead_letters
-            .set(i64::try_from(events).unwrap_or(i64::MAX));
     }
 
     /// Sets the store's gauges from `status`; a figure it lacks keeps its last value.
