@@ -1,7 +1,7 @@
 //! Where the receive step stores events and where the worker reads them back: the
 //! [`EventStore`] and [`EventSource`] traits, the local [`Spool`](spool::Spool) (the
 //! embedded default) and, with the `redis` feature, a Redis stream
-//! ([`RedisStream`](redis_stream::RedisStream)).
+//! (`redis_stream::RedisStream`, feature `redis`).
 //!
 //! # Design
 //!
@@ -11,7 +11,7 @@
 //! durability and distribution differ. A store answers only once every event of a
 //! request is durable by its own definition: synced to disk (spool), or replied to
 //! by Redis (whose durability is its `appendfsync` setting, see
-//! [`redis_stream`](redis_stream)).
+//! `redis_stream`).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -66,7 +66,7 @@ impl Records {
 
 /// Where the receive step ([`Inbox`](crate::Inbox)) stores events: the local
 /// [`Spool`](spool::Spool), or a Redis stream
-/// ([`RedisStream`](redis_stream::RedisStream)).
+/// (`redis_stream::RedisStream`, feature `redis`).
 pub trait EventStore: Clone + Send + Sync + 'static {
     /// Stores `records` and resolves once every one of them is durable. The receive
     /// step answers 200 only after this succeeded.
@@ -145,7 +145,7 @@ pub struct StoreStatus {
 
 /// Where the worker ([`run_worker`](crate::worker::run_worker)) reads stored events
 /// from: a [`SpoolReader`](spool::SpoolReader), or a Redis consumer
-/// ([`StreamConsumer`](redis_stream::StreamConsumer)).
+/// (`redis_stream::StreamConsumer`, feature `redis`).
 ///
 /// The worker calls [`EventSource::next_batch`], then, for each delivery in order,
 /// [`EventSource::finished`] once it was processed, skipped or dead-lettered (after
