@@ -13,7 +13,9 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use comapi_webhook::{Event, Gate, GateConfig, RedisGate, RedisGateConfig, parse_already_verified};
+use comapi_webhook::dangerous::parse_unverified;
+use comapi_webhook::gate::{GateConfig, RedisGate, RedisGateConfig};
+use comapi_webhook::{Event, Gate};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 struct Counting;
@@ -68,7 +70,7 @@ fn event(event_id: &str, entity: &str, revision: u64) -> Event<'static> {
     let body = format!(
         r#"{{"eventId":"{event_id}","name":"message.read","payload":{{"id":"{entity}"}},"revision":{revision},"timestamp":"{now}"}}"#
     );
-    parse_already_verified(body.as_bytes())
+    parse_unverified(body.as_bytes())
         .unwrap()
         .pop()
         .unwrap()
@@ -103,7 +105,7 @@ fn print_memory() {
     let unordered: Vec<Event<'static>> = ids
         .iter()
         .map(|e| {
-            parse_already_verified(
+            parse_unverified(
                 format!(
                     r#"{{"eventId":"{}","name":"x.y","payload":{{}}}}"#,
                     e.event_id()
@@ -120,7 +122,7 @@ fn print_memory() {
     let emails: Vec<Event<'static>> = (0..N)
         .map(|i| {
             let body = format!(r#"{{"eventId":"{}","name":"profile.update","payload":{{"id":"user{i}@example.com"}},"revision":1}}"#, uuid(i));
-            parse_already_verified(body.as_bytes()).unwrap().pop().unwrap().into_owned()
+            parse_unverified(body.as_bytes()).unwrap().pop().unwrap().into_owned()
         })
         .collect();
     let measure = |events: &[Event<'static>]| {

@@ -1,99 +1,86 @@
-//! The reference receiver on actix-web 4: `GET /` shows a status page, `POST /`
-//! runs the receive step (verify, parse, store durably, answer). It behaves exactly
-//! like `hyper_receiver`. See the README.
-//!
-//! ```sh
-//! COMAPI_WEBHOOK_SECRET=your-secret-from-the-portal cargo run --release --example actix_receiver
-//! ```
+//! The reference receiver on actix-web 4, behaving exactly like `hyper_receiver`:
+//! `GET /` a status page, `POST /` the receive step, `GET /metrics` the metrics.
+//! `COMAPI_WEBHOOK_SECRET=… cargo run --release --features receiver,actix --example actix_receiver`
 
 #[path = "common/mod.rs"]
 mod common;
 
-use actix_web::http::StatusCode;
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
-use comapi_webhook::store::Store;
-use comapi_webhook::{METRICS_CONTENT_TYPE, Reply, SIGNATURE_HEADER};
+use std::process::ExitCode;
 
-type Inbox = comapi_webhook::Inbox<Store>;
+use actix_web::{App, HttpRequest, HttpServer, web};
+use comapi_webhook::receiver::{ConfigError, ReceiverConfig, shutdown_signal};
+use comapi_webhook::store::Store;
+use comapi_webhook::{Inbox, Reply, SIGNATURE_HEADER};
+
+type Shared = web::Data<Inbox<Store>>;
 
 #[actix_web::main]
-async fn main() {
+async fn main() -> ExitCode {
     common::init_logging();
-    let config = common::config_from_env();
-    let running = common::start(&config).await;
-    let inbox = running.inbox.clone();
-    let app_inbox = web::Data::new(inbox.clone());
-    let max_body_bytes = inbox.max_body_bytes();
+    let config = match ReceiverConfig::from_env() {
+        Ok(config) => config,
+        Err(error) => return fail(&error, 2),
+    };
+    let addr = config.addr;
+    let receiver = match config.start(common::process).await {
+        Ok(receiver) => receiver,
+        Err(error) => return fail(&error, 1),
+    };
+    let (inbox, limit) = (
+        web::Data::new(receiver.inbox().clone()),
+        receiver.inbox().max_body_bytes(),
+    );
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(app_inbox.clone())
-            // actix stops reading past the limit; `receive` answers the 413.
-            .app_data(web::PayloadConfig::new(max_body_bytes))
-            .route("/", web::get().to(status_page))
-            .route("/metrics", web::get().to(metrics))
+            .app_data(inbox.clone())
+            .app_data(web::PayloadConfig::new(limit)) // actix stops reading past it
+            .route(
+                "/",
+                web::get().to(|inbox: Shared| async move { inbox.status_page().await }),
+            )
+            .route(
+                "/metrics",
+                web::get().to(|inbox: Shared| async move { inbox.metrics().await }),
+            )
             .route("/", web::post().to(receive))
-    })
-    .disable_signals()
-    .shutdown_timeout(30)
-    .bind(config.addr);
-    let server = match server {
+    });
+    let server = match server.disable_signals().shutdown_timeout(30).bind(addr) {
         Ok(server) => server,
-        Err(error) => {
-            common::cannot_listen(config.addr, &error);
-        }
+        Err(error) => return fail(&ConfigError::cannot_listen(addr, &error), 1),
     };
-    let addr = server.addrs().first().copied().unwrap_or(config.addr);
+    println!(
+        "listening on http://{}",
+        server.addrs().first().copied().unwrap_or(addr)
+    );
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(async move {
-        common::shutdown_signal().await;
-        // Graceful: stop accepting, finish the requests in flight.
-        handle.stop(true).await;
+        shutdown_signal().await;
+        handle.stop(true).await
     });
-    common::announce(addr);
-    if let Err(error) = server.await {
-        tracing::error!(%error, "server failed");
-    }
-    common::finish(running).await;
-}
-
-async fn metrics(inbox: web::Data<Inbox>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type(METRICS_CONTENT_TYPE)
-        .body(inbox.metrics_text().await.unwrap_or_default())
-}
-
-async fn status_page(inbox: web::Data<Inbox>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(inbox.status_page().await)
+    let _ = server.await;
+    receiver.shutdown().await;
+    ExitCode::SUCCESS
 }
 
 async fn receive(
-    inbox: web::Data<Inbox>,
+    inbox: Shared,
     request: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
-) -> HttpResponse {
+) -> Reply {
     let body = match body {
         Ok(body) => body,
-        // actix stopped reading past the limit: answer (and log) the inbox's 413.
-        Err(error) if error.as_response_error().status_code() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return from_reply(&inbox.too_large());
-        }
-        Err(error) => return error.error_response(),
+        Err(error) if error.as_response_error().status_code() == 413 => return inbox.too_large(),
+        Err(error) => return Reply::unreadable_body(error),
     };
     let signatures = request
         .headers()
         .get_all(SIGNATURE_HEADER.as_str())
         .map(|v| v.as_bytes());
-    from_reply(&inbox.receive_with_signatures(signatures, &body).await)
+    inbox.receive_with_signatures(signatures, &body).await
 }
 
-fn from_reply(reply: &Reply) -> HttpResponse {
-    common::log_refusal(reply);
-    let status =
-        StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status)
-        .content_type("text/plain; charset=utf-8")
-        .body(reply.body().to_owned())
+fn fail(error: &ConfigError, code: u8) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(code)
 }

@@ -1,33 +1,46 @@
-//! Brings the events in a spool's dead letter back into the spool, once the cause of
-//! their failures is fixed: the worker then processes them again.
+//! Brings the events in the dead letter back, once the cause of their failures is
+//! fixed: the workers then process them again. On a spool (stop the receiver
+//! first: a spool has one writer at a time; its next start processes them):
 //!
 //! ```sh
 //! COMAPI_SPOOL_DIR=/var/lib/comapi-spool cargo run --release --features receiver --example requeue
 //! ```
 //!
-//! Stop the receiver first: the spool has one writer at a time. Its next start
-//! processes the requeued events.
+//! On Redis (the running workers pick them up):
+//! `COMAPI_REDIS_URL=redis://… cargo run --release --features receiver,redis --example requeue`.
 
 use std::process::ExitCode;
 
-use comapi_webhook::{Spool, SpoolConfig, requeue_dead_letters};
+use comapi_webhook::store::spool::{Spool, SpoolConfig, requeue_dead_letters};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
-        println!("usage: COMAPI_SPOOL_DIR=<spool folder> requeue");
+        println!(
+            "usage: COMAPI_SPOOL_DIR=<spool folder> requeue\n       COMAPI_REDIS_URL=<redis url> requeue"
+        );
         return ExitCode::SUCCESS;
     }
+    #[cfg(feature = "redis")]
+    match comapi_webhook::receiver::RedisSettings::from_env() {
+        Ok(Some(redis)) => return requeue_redis(&redis).await,
+        Ok(None) => {}
+        Err(error) => return fail(&error.to_string(), 2),
+    }
     let Some(dir) = std::env::var_os("COMAPI_SPOOL_DIR").filter(|d| !d.is_empty()) else {
-        eprintln!("error: COMAPI_SPOOL_DIR is required: the spool folder of the receiver");
-        return ExitCode::from(2);
+        return fail(
+            "COMAPI_SPOOL_DIR is required: the spool folder of the receiver",
+            2,
+        );
     };
     let config = SpoolConfig::new(dir);
     let spool = match Spool::open(&config) {
         Ok((spool, _)) => spool,
         Err(error) => {
-            eprintln!("error: spool {}: {}", config.dir.display(), error.report());
-            return ExitCode::FAILURE;
+            return fail(
+                &format!("spool {}: {}", config.dir.display(), error.report()),
+                1,
+            );
         }
     };
     let requeued = requeue_dead_letters(&spool).await;
@@ -37,9 +50,27 @@ async fn main() -> ExitCode {
             println!("requeued {count} event(s) from {}", config.dir.display());
             ExitCode::SUCCESS
         }
-        Err(error) => {
-            eprintln!("error: {}", error.report());
-            ExitCode::FAILURE
-        }
+        Err(error) => fail(&error.report().to_string(), 1),
     }
+}
+
+#[cfg(feature = "redis")]
+async fn requeue_redis(redis: &comapi_webhook::receiver::RedisSettings) -> ExitCode {
+    use comapi_webhook::store::redis_stream::RedisStream;
+    let requeued = match RedisStream::connect(&redis.url, redis.stream_config()).await {
+        Ok(stream) => stream.requeue_dead_letters().await.map(|n| (n, stream)),
+        Err(error) => Err(error),
+    };
+    match requeued {
+        Ok((count, stream)) => {
+            println!("requeued {count} event(s) into {}", stream.key());
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&format!("COMAPI_REDIS_URL: {}", error.report()), 1),
+    }
+}
+
+fn fail(message: &str, code: u8) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
 }

@@ -62,6 +62,13 @@ pub enum Error {
         /// What is wrong there, for example `invalid type: integer, expected a string`.
         message: String,
     },
+    /// The body is over the receiver's limit; a receiver answers 413. Comapi
+    /// retries it, so raise the limit if a real batch gets this.
+    #[error("body over the limit{}", limit.map(|l| format!(" of {l} bytes")).unwrap_or_default())]
+    BodyTooLarge {
+        /// The limit in bytes, when known (a framework's own limit may not say).
+        limit: Option<usize>,
+    },
     /// Storing events durably failed (disk full, I/O error). Nothing was
     /// acknowledged, so Comapi retries later; a receiver answers 503.
     #[error("storage failed: {context}")]
@@ -127,6 +134,7 @@ impl Error {
             | Error::MalformedSignature
             | Error::SignatureMismatch => StatusCode::UNAUTHORIZED,
             Error::InvalidEvent { .. } => StatusCode::BAD_REQUEST,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::StoreUnavailable { .. } | Error::Storage { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -167,6 +175,7 @@ impl PartialEq for Error {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Error::SecretTooShort { len: a }, Error::SecretTooShort { len: b }) => a == b,
+            (Error::BodyTooLarge { limit: a }, Error::BodyTooLarge { limit: b }) => a == b,
             (
                 Error::InvalidEvent {
                     path: a,

@@ -1,92 +1,31 @@
 //! The framework-agnostic receive step: verify, parse, store durably, then answer.
 
-use std::borrow::Cow;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 
 use crate::event::split_already_verified;
+use crate::metrics::Metrics;
 use crate::store::spool::{Spool, encode_lines};
 use crate::store::{EventStore, Records};
-use crate::{DEFAULT_MAX_BODY_BYTES, Error, Metrics, SIGNATURE_HEADER, Verifier};
+use crate::{Error, Reply, SIGNATURE_HEADER, Verifier};
+
+/// The default body limit of the receive step: 4 MiB, far above a full batch of
+/// 500 Comapi events (about 400 KB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 use std::sync::Arc;
-
-/// What a receiver answers Comapi: a status and a short text body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    status: StatusCode,
-    body: Cow<'static, str>,
-    /// Set for errors; otherwise the body says it all.
-    reason: Option<String>,
-    events: usize,
-}
-
-impl Reply {
-    fn new(status: StatusCode, body: impl Into<Cow<'static, str>>) -> Self {
-        Reply {
-            status,
-            body: body.into(),
-            reason: None,
-            events: 0,
-        }
-    }
-
-    fn from_error(error: &Error) -> Self {
-        let body = match error.status() {
-            StatusCode::UNAUTHORIZED => Cow::Borrowed("invalid or missing X-Comapi-Signature\n"),
-            StatusCode::BAD_REQUEST => Cow::Owned(format!("{error}\n")),
-            _ => Cow::Borrowed("cannot store events now, retry later\n"),
-        };
-        Reply {
-            reason: Some(error.report().to_string()),
-            ..Reply::new(error.status(), body)
-        }
-    }
-
-    /// The HTTP status: 200, 400, 401, 413 or 503.
-    #[must_use]
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// A short `text/plain` body saying why.
-    #[must_use]
-    pub fn body(&self) -> &str {
-        &self.body
-    }
-
-    /// Why, for your logs, in more detail than [`Reply::body`] tells the sender: which
-    /// signature error it was (`signature mismatch` when the secret differs from the
-    /// portal's), where a body failed, and the cause of a storage failure. It never
-    /// holds the signature or the body.
-    #[must_use]
-    pub fn reason(&self) -> &str {
-        self.reason
-            .as_deref()
-            .unwrap_or_else(|| self.body.trim_end())
-    }
-
-    /// How many events were stored (0 unless the status is 200).
-    #[must_use]
-    pub fn events(&self) -> usize {
-        self.events
-    }
-}
 
 /// The receive step of a webhook endpoint, independent of the HTTP framework:
 /// given a request's headers and raw body, it verifies, parses, stores every event
 /// durably in its [`EventStore`] (a local [`Spool`] by default, or a Redis stream),
 /// and says what to answer.
 ///
-/// | answer | when |
-/// |---|---|
-/// | 401 | the signature is missing, malformed or wrong; nothing is stored |
-/// | 400 | the body is not an envelope or a batch of them; nothing is stored (Comapi does not retry) |
-/// | 413 | the body is over the limit ([`DEFAULT_MAX_BODY_BYTES`] unless set) |
-/// | 503 | storing failed; Comapi retries later |
-/// | 200 | every event of the body is durably stored |
-///
-/// Cap the body while you read it: check [`Inbox::check_content_length`] first, stop
-/// reading past [`Inbox::max_body_bytes`], and answer [`Inbox::too_large`] then.
+/// The answers are [`Reply`]'s table; the body limit is [`DEFAULT_MAX_BODY_BYTES`]
+/// unless set. [`Inbox::receive_request`] reads an `http` request's body up to the
+/// limit itself; with another body type, check [`Inbox::check_content_length`]
+/// first, stop reading past [`Inbox::max_body_bytes`], and answer
+/// [`Inbox::too_large`] then.
 #[derive(Debug, Clone)]
 pub struct Inbox<S = Spool> {
     verifier: Verifier,
@@ -153,16 +92,16 @@ impl<S: EventStore> Inbox<S> {
     }
 
     fn over_the_limit(&self) -> Reply {
-        Reply::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body over the limit of {} bytes\n", self.max_body_bytes),
-        )
+        Reply::from(Error::BodyTooLarge {
+            limit: Some(self.max_body_bytes),
+        })
     }
 
-    /// `reply`, counted into the metrics if there are any.
+    /// `reply`, counted into the metrics if there are any, and logged unless a 200.
     fn counted(&self, reply: Reply, stored_in: Option<std::time::Duration>) -> Reply {
+        log_refusal(&reply);
         if let Some(metrics) = &self.metrics {
-            metrics.answered(reply.status, reply.events, stored_in);
+            metrics.answered(reply.status(), reply.events(), stored_in);
         }
         reply
     }
@@ -185,7 +124,7 @@ impl<S: EventStore> Inbox<S> {
     ) -> Reply {
         let started = self.metrics.is_some().then(std::time::Instant::now);
         let reply = self.receive_uncounted(signatures, body).await;
-        let stored_in = started.filter(|_| reply.events > 0).map(|t| t.elapsed());
+        let stored_in = started.filter(|_| reply.events() > 0).map(|t| t.elapsed());
         self.counted(reply, stored_in)
     }
 
@@ -197,32 +136,33 @@ impl<S: EventStore> Inbox<S> {
         if body.len() > self.max_body_bytes {
             return self.over_the_limit();
         }
-        let verified = match self.verifier.verify_header_values(signatures, body) {
+        let verified = match self.verifier.verify_values(signatures, body) {
             Ok(verified) => verified,
-            Err(error) => return Reply::from_error(&error),
+            Err(error) => return Reply::from(error),
         };
         let events = match split_already_verified(body) {
             Ok(events) => events,
-            Err(error) => return Reply::from_error(&error),
+            Err(error) => return Reply::from(error),
         };
         let count = events.len();
         if count == 0 {
-            return Reply::new(StatusCode::OK, "ok: no events\n");
+            return Reply::stored(0);
         }
         let lines = encode_lines(&events, verified.secret_index());
         match self.store.store(Records::new(lines, count as u64)).await {
-            Ok(()) => Reply {
-                events: count,
-                ..Reply::new(StatusCode::OK, "ok\n")
-            },
-            Err(error) => Reply::from_error(&error),
+            Ok(()) => Reply::stored(count),
+            Err(error) => Reply::from(error),
         }
     }
 
     /// A small HTML page for `GET`: the receiver is up, which store it uses, how many
     /// events are stored, how many of them wait to be processed (the backlog) and how
     /// many are in the dead letter.
-    pub async fn status_page(&self) -> String {
+    pub async fn status_page(&self) -> Reply {
+        Reply::html(self.status_html().await)
+    }
+
+    async fn status_html(&self) -> String {
         let status = self.store.status().await;
         let figure = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
         let pending = status.pending.map_or_else(String::new, |n| {
@@ -246,14 +186,81 @@ impl<S: EventStore> Inbox<S> {
         )
     }
 
-    /// The metrics given to [`Inbox::with_metrics`], with the backlog and dead-letter
-    /// gauges read from the store now, in the OpenMetrics text format (answer it with
-    /// [`METRICS_CONTENT_TYPE`](crate::METRICS_CONTENT_TYPE)); `None` without metrics.
-    pub async fn metrics_text(&self) -> Option<String> {
-        let metrics = self.metrics.as_ref()?;
+    /// The metrics given to [`Inbox::with_metrics`], with the store's gauges read
+    /// now, in the OpenMetrics text format; 404 without metrics.
+    pub async fn metrics(&self) -> Reply {
+        let Some(metrics) = self.metrics.as_ref() else {
+            return Reply::not_found();
+        };
         metrics.set_store_status(&self.store.status().await);
-        Some(metrics.encode())
+        metrics.reply()
     }
+
+    /// Runs the receive step on an `http` request (hyper's, axum's): answers 413
+    /// from its `Content-Length`, or once reading its body passes the limit, without
+    /// reading the rest; otherwise reads the body and calls [`Inbox::receive`].
+    pub async fn receive_request<B>(&self, request: http::Request<B>) -> Reply
+    where
+        B: http_body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use http_body_util::BodyExt;
+        if let Some(reply) = self.check_content_length(request.headers()) {
+            return reply;
+        }
+        let (parts, body) = request.into_parts();
+        match http_body_util::Limited::new(body, self.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(body) => self.receive(&parts.headers, &body.to_bytes()).await,
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => self.too_large(),
+            Err(error) => self.counted(Reply::unreadable_body(error), None),
+        }
+    }
+}
+
+/// At most this many refused requests are logged a second; the rest are counted.
+const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
+
+/// Logs an answer other than 200 at `warn`: its status and reason (a wrong secret
+/// shows as `signature mismatch`), never the signature or the body. At most
+/// [`REFUSALS_LOGGED_PER_SECOND`] lines a second, so a flood cannot fill a disk; the
+/// next line says how many were left out.
+fn log_refusal(reply: &Reply) {
+    struct Window {
+        start: Instant,
+        logged: u32,
+        suppressed: u64,
+    }
+    static WINDOW: Mutex<Option<Window>> = Mutex::new(None);
+    if reply.status().is_success() {
+        return;
+    }
+    let mut window = WINDOW.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Instant::now();
+    let current = window.get_or_insert(Window {
+        start: now,
+        logged: 0,
+        suppressed: 0,
+    });
+    if now.duration_since(current.start) >= Duration::from_secs(1) {
+        current.start = now;
+        current.logged = 0;
+    }
+    if current.logged >= REFUSALS_LOGGED_PER_SECOND {
+        current.suppressed += 1;
+        return;
+    }
+    current.logged += 1;
+    let suppressed = std::mem::take(&mut current.suppressed);
+    drop(window);
+    tracing::warn!(
+        status = reply.status().as_u16(),
+        reason = %reply.reason(),
+        suppressed_before = suppressed,
+        "request refused"
+    );
 }
 
 /// `text` with the characters HTML gives a meaning escaped.

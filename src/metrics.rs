@@ -41,7 +41,7 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// The worker's figures come from wrapping its handler: [`Metrics::meter`].
 ///
 /// ```
-/// use comapi_webhook::Metrics;
+/// use comapi_webhook::metrics::Metrics;
 /// use comapi_webhook::store::StoreStatus;
 /// let metrics = Metrics::new();
 /// let mut status = StoreStatus::default();
@@ -186,6 +186,12 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Every metric as a `200` in the OpenMetrics text format.
+    #[must_use]
+    pub fn reply(&self) -> crate::Reply {
+        crate::Reply::content(METRICS_CONTENT_TYPE, self.encode())
     }
 
     /// Every metric, in the OpenMetrics text format ([`METRICS_CONTENT_TYPE`]).

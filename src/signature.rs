@@ -53,7 +53,7 @@ type HmacSha1 = Hmac<Sha1>;
 /// copy of them, are zeroized on drop (see SECURITY.md for what is and is not wiped).
 ///
 /// ```
-/// use comapi_webhook::{Verifier, SIGNATURE_HEADER};
+/// use comapi_webhook::{SIGNATURE_HEADER, Verifier};
 ///
 /// let verifier = Verifier::new("a-secret-of-at-least-16-bytes")?;
 /// let body = br#"{"eventId":"e1","name":"message.sent"}"#;
@@ -93,7 +93,8 @@ impl Verifier {
     /// let old = Verifier::new("the-old-secret-0123456789")?;
     /// let rotating = Verifier::with_secrets(["the-new-secret-0123456789", "the-old-secret-0123456789"])?;
     /// let body = b"{}";
-    /// let verified = rotating.verify_header_value(old.sign(body).to_string().as_bytes(), body)?;
+    /// let signature = old.sign(body).to_string();
+    /// let verified = rotating.verify_values([signature.as_bytes()], body)?;
     /// assert_eq!(verified.secret_index(), 1);
     /// # Ok::<(), comapi_webhook::Error>(())
     /// ```
@@ -147,12 +148,6 @@ impl Verifier {
         })
     }
 
-    /// How many secrets this verifier accepts (1 outside a rotation).
-    #[must_use]
-    pub fn secret_count(&self) -> usize {
-        self.keys.len()
-    }
-
     /// Verifies the `X-Comapi-Signature` header in `headers` against the raw `body`.
     ///
     /// `body` must be the bytes exactly as received, before any JSON parsing; a body
@@ -165,7 +160,7 @@ impl Verifier {
     /// [`Signature::parse`]) and [`Error::SignatureMismatch`]. All map to `401`
     /// through [`Error::status`].
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, Error> {
-        self.verify_header_values(
+        self.verify_values(
             headers
                 .get_all(SIGNATURE_HEADER)
                 .iter()
@@ -181,7 +176,7 @@ impl Verifier {
     ///
     /// # Errors
     /// As [`Verifier::verify`].
-    pub fn verify_header_values<'v>(
+    pub fn verify_values<'v>(
         &self,
         values: impl IntoIterator<Item = &'v [u8]>,
         body: &[u8],
@@ -191,26 +186,13 @@ impl Verifier {
         if values.next().is_some() {
             return Err(Error::DuplicateSignature);
         }
-        self.verify_header_value(value, body)
-    }
-
-    /// Verifies a signature header value you read yourself, for frameworks that are
-    /// not on `http` 1.x (actix-web 4, for one). Passing each value is your job: if
-    /// the header came more than once, reject the request.
-    ///
-    /// # Errors
-    /// As [`Verifier::verify`], apart from the missing and duplicate header cases.
-    pub fn verify_header_value(&self, value: &[u8], body: &[u8]) -> Result<Verified, Error> {
         self.verify_signature(&Signature::parse(value)?, body)
     }
 
-    /// Verifies an already parsed [`Signature`] against `body`: each secret's tag,
-    /// the primary's first, is compared with `signature` in constant time (by
-    /// `hmac`'s `verify_slice`).
-    ///
-    /// # Errors
-    /// [`Error::SignatureMismatch`] when no secret produces `signature`.
-    pub fn verify_signature(&self, signature: &Signature, body: &[u8]) -> Result<Verified, Error> {
+    /// Verifies a parsed [`Signature`] against `body`: each secret's tag, the
+    /// primary's first, is compared with `signature` in constant time (by `hmac`'s
+    /// `verify_slice`).
+    fn verify_signature(&self, signature: &Signature, body: &[u8]) -> Result<Verified, Error> {
         self.keys
             .iter()
             .position(|key| {
@@ -241,7 +223,7 @@ fn tag(key: &HmacSha1, body: &[u8]) -> [u8; TAG_LEN] {
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
-            .field("secrets", &self.secret_count())
+            .field("secrets", &self.keys.len())
             .field("keys", &format_args!("[redacted]"))
             .finish()
     }
@@ -283,7 +265,7 @@ impl Signature {
     /// around them (HTTP's optional whitespace). Never allocates or panics.
     ///
     /// ```
-    /// use comapi_webhook::Signature;
+    /// use comapi_webhook::signature::Signature;
     /// assert!(Signature::parse(b" effcdf6ae5eb2fa2d27416d5f184df9c259a7c79 ").is_ok());
     /// assert!(Signature::parse(b"sha1=effcdf6ae5eb2fa2d27416d5f184df9c259a7c79").is_err());
     /// ```

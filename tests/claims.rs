@@ -9,9 +9,10 @@ mod support;
 use std::future::Future;
 use std::time::Duration;
 
-use comapi_webhook::{Decision, DecisionStore, Event, Gate, GateConfig};
+use comapi_webhook::gate::{DecisionStore, GateConfig};
 #[cfg(feature = "redis")]
-use comapi_webhook::{RedisGate, RedisGateConfig};
+use comapi_webhook::gate::{RedisGate, RedisGateConfig};
+use comapi_webhook::{Decision, Event, Gate};
 use proptest::prelude::*;
 use support::{event, runtime};
 #[cfg(feature = "redis")]

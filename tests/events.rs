@@ -6,10 +6,9 @@
 use std::fs;
 use std::path::Path;
 
-use comapi_webhook::{
-    Error, Event, EventKind, Family, MessageStatus, SIGNATURE_HEADER, Verifier,
-    parse_already_verified,
-};
+use comapi_webhook::dangerous::parse_unverified;
+use comapi_webhook::event::{Family, MessageStatus};
+use comapi_webhook::{Error, Event, EventKind, SIGNATURE_HEADER, Verifier};
 
 fn fixture(name: &str) -> Vec<u8> {
     fs::read(
@@ -21,13 +20,13 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 fn one(body: &[u8]) -> Event<'_> {
-    let mut events = parse_already_verified(body).unwrap();
+    let mut events = parse_unverified(body).unwrap();
     assert_eq!(events.len(), 1);
     events.remove(0)
 }
 
 fn invalid(body: &[u8]) -> (String, String) {
-    match parse_already_verified(body) {
+    match parse_unverified(body) {
         Err(Error::InvalidEvent { path, message }) => (path, message),
         Err(other) => panic!("expected InvalidEvent, got {other:?}"),
         Ok(events) => panic!("expected InvalidEvent, got {} events", events.len()),
@@ -207,14 +206,14 @@ fn non_ascii_metadata_is_kept_exactly() {
 #[test]
 fn batches_keep_order_and_empty_batches_are_empty() {
     let body = fixture("events/batch_500.json");
-    let events = parse_already_verified(&body).unwrap();
+    let events = parse_unverified(&body).unwrap();
     assert_eq!(events.len(), 500);
     let expected: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
     for (event, want) in events.iter().zip(&expected) {
         assert_eq!(event.event_id(), want["eventId"]);
     }
-    assert!(parse_already_verified(b"[]").unwrap().is_empty());
-    assert!(parse_already_verified(b" \n[ ]\n").unwrap().is_empty());
+    assert!(parse_unverified(b"[]").unwrap().is_empty());
+    assert!(parse_unverified(b" \n[ ]\n").unwrap().is_empty());
 }
 
 #[test]
@@ -224,9 +223,9 @@ fn every_fixture_round_trips() {
     for entry in fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let body = fs::read(&path).unwrap();
-        let events = parse_already_verified(&body).unwrap();
+        let events = parse_unverified(&body).unwrap();
         let serialized = serde_json::to_vec(&events).unwrap();
-        let again = parse_already_verified(&serialized).unwrap();
+        let again = parse_unverified(&serialized).unwrap();
         assert_eq!(events, again, "{}", path.display());
         // Nothing lost: the same JSON value, whatever the key order.
         let original: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -250,7 +249,7 @@ fn every_fixture_round_trips() {
 fn owned_events_outlive_their_body() {
     let owned: Vec<Event<'static>> = {
         let body = fixture("events/message_inbound.json");
-        parse_already_verified(&body)
+        parse_unverified(&body)
             .unwrap()
             .into_iter()
             .map(Event::into_owned)
@@ -308,7 +307,7 @@ fn negative_cases_say_where() {
             "{file}"
         );
     }
-    let error = parse_already_verified(&fixture("invalid/missing_event_id.json")).unwrap_err();
+    let error = parse_unverified(&fixture("invalid/missing_event_id.json")).unwrap_err();
     assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
     assert_eq!(
         error.to_string(),
@@ -332,14 +331,14 @@ fn drifted_shapes_parse_and_fail_only_on_demand() {
     );
 
     let batch = fixture("drifted/batch_one_bad.json");
-    let events = parse_already_verified(&batch).unwrap();
+    let events = parse_unverified(&batch).unwrap();
     assert_eq!(events.len(), 5);
     assert_eq!(events[3].entity_id(), None, "a numeric id is no id");
     assert!(events[3].message().is_err());
     assert!(events[2].message().is_ok());
 
     let drifted = fixture("drifted/batch_drifted.json");
-    let events = parse_already_verified(&drifted).unwrap();
+    let events = parse_unverified(&drifted).unwrap();
     assert_eq!(events.len(), 6);
     assert_eq!(
         events[0].message().unwrap_err().to_string(),

@@ -8,7 +8,9 @@ mod support;
 
 use std::sync::LazyLock;
 
-use comapi_webhook::{Inbox, SIGNATURE_HEADER, Signature, Spool, SpoolConfig, Verifier};
+use comapi_webhook::signature::Signature;
+use comapi_webhook::store::spool::{Spool, SpoolConfig};
+use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 use support::{runtime, temp_dir};

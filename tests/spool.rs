@@ -10,10 +10,9 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use comapi_webhook::{
-    Decision, Error, Event, EventHandler, Gate, HandlerError, Inbox, Position, RetryPolicy,
-    SIGNATURE_HEADER, Spool, SpoolConfig, Verifier, run_worker,
-};
+use comapi_webhook::store::spool::{Position, Spool, SpoolConfig};
+use comapi_webhook::worker::{EventHandler, HandlerError, RetryPolicy, run_worker};
+use comapi_webhook::{Decision, Error, Event, Gate, Inbox, SIGNATURE_HEADER, Verifier};
 
 fn line(id: &str) -> Vec<u8> {
     spool_line(&format!(
@@ -221,6 +220,7 @@ fn the_receive_step_answers_503_when_storing_fails() {
             inbox
                 .status_page()
                 .await
+                .body()
                 .contains("Events stored: <strong>1</strong>")
         );
 

@@ -7,7 +7,9 @@ mod support;
 
 use std::io::ErrorKind;
 
-use comapi_webhook::{Error, Gate, RetryPolicy, Spool, SpoolConfig, run_worker};
+use comapi_webhook::store::spool::{Spool, SpoolConfig};
+use comapi_webhook::worker::{RetryPolicy, run_worker};
+use comapi_webhook::{Error, Gate};
 use support::{example_binary, recorder, runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {

@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use comapi_webhook::gate::{RedisGate, RedisGateConfig};
 use comapi_webhook::store::redis_stream::{
     Durability, RedisStream, RedisStreamConfig, StreamConsumer,
 };
 use comapi_webhook::store::{Delivery, EventSource, EventStore};
-use comapi_webhook::{
-    Event, Inbox, RedisGate, RedisGateConfig, RetryPolicy, SIGNATURE_HEADER, Verifier, run_worker,
-};
+use comapi_webhook::worker::{RetryPolicy, run_worker};
+use comapi_webhook::{Event, Inbox, SIGNATURE_HEADER, Verifier};
 use support::{recorder, redis_url, runtime, unique_prefix};
 
 const SECRET: &str = "a-comapi-webhook-secret-of-36-chars!";
@@ -99,7 +99,13 @@ fn stored_events_are_processed_once_acknowledged_and_trimmed() {
         assert_eq!(post(&inbox, &["a"]).await, 200);
         let status = stream.status().await;
         assert_eq!((status.stored, status.backlog), (Some(4), Some(4)));
-        assert!(inbox.status_page().await.contains("the Redis stream"));
+        assert!(
+            inbox
+                .status_page()
+                .await
+                .body()
+                .contains("the Redis stream")
+        );
 
         let gate = gate(&url, &prefix).await;
         let seen = Mutex::new(Vec::new());

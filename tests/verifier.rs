@@ -1,7 +1,8 @@
 //! Known answers, the negative matrix, rotation and properties of `Verifier`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use comapi_webhook::{Error, MIN_SECRET_LEN, SIGNATURE_HEADER, Signature, Verifier};
+use comapi_webhook::signature::{MIN_SECRET_LEN, Signature};
+use comapi_webhook::{Error, SIGNATURE_HEADER, Verifier};
 use hmac::{KeyInit, Mac};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
@@ -191,7 +192,7 @@ fn negative_matrix() {
         let got = verifier.verify(&headers_with(&[value]), BODY);
         assert_eq!(got, Err(Error::MalformedSignature), "{what}");
         assert_eq!(
-            verifier.verify_header_value(value, BODY),
+            verifier.verify_values([value.as_slice()], BODY),
             Err(Error::MalformedSignature),
             "{what}"
         );
@@ -244,7 +245,7 @@ fn rotation_reports_the_matching_secret() {
     let signed_new = Verifier::new(new).expect("valid").sign(BODY).to_string();
 
     let rotating = Verifier::with_secrets([new, old]).expect("valid");
-    assert_eq!(rotating.secret_count(), 2);
+    assert!(format!("{rotating:?}").contains("secrets: 2"));
     assert_eq!(
         rotating.sign(BODY).to_string(),
         signed_new,
@@ -287,7 +288,10 @@ fn verifier_is_send_sync_clone_and_redacted() {
 
     let shared = verifier.clone();
     let signature = verifier.sign(BODY);
-    let handle = std::thread::spawn(move || shared.verify_signature(&signature, BODY).is_ok());
+    let handle = std::thread::spawn(move || {
+        let value = signature.to_string();
+        shared.verify_values([value.as_bytes()], BODY).is_ok()
+    });
     assert!(handle.join().expect("thread ran"));
 }
 
@@ -365,7 +369,7 @@ proptest! {
     #[test]
     fn arbitrary_header_values_never_panic(value in proptest::collection::vec(any::<u8>(), 0..100)) {
         let verifier = Verifier::new(SECRET).expect("valid");
-        let result = verifier.verify_header_value(&value, BODY);
+        let result = verifier.verify_values([value.as_slice()], BODY);
         prop_assert!(matches!(result, Err(Error::MalformedSignature | Error::SignatureMismatch)));
     }
 }

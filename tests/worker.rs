@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use comapi_webhook::{
-    DEAD_LETTER_FILE, Decision, Event, EventHandler, Gate, HandlerError, Metrics, RetryPolicy,
-    Spool, SpoolConfig, requeue_dead_letters, run_worker,
-};
+use comapi_webhook::metrics::Metrics;
+use comapi_webhook::store::spool::{DEAD_LETTER_FILE, Spool, SpoolConfig, requeue_dead_letters};
+use comapi_webhook::worker::{EventHandler, HandlerError, RetryPolicy, run_worker};
+use comapi_webhook::{Decision, Event, Gate};
 use support::{example_binary, runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {

@@ -5,7 +5,9 @@
 
 use std::sync::LazyLock;
 
-use comapi_webhook::{Inbox, SIGNATURE_HEADER, Signature, Spool, SpoolConfig, Verifier};
+use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
+use comapi_webhook::signature::Signature;
+use comapi_webhook::store::spool::{Spool, SpoolConfig};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

@@ -2,7 +2,7 @@
 //! digits (either case) with optional spaces or tabs around them.
 #![no_main]
 
-use comapi_webhook::Signature;
+use comapi_webhook::signature::Signature;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,8 @@
 
 use std::sync::LazyLock;
 
-use comapi_webhook::{SIGNATURE_HEADER, Signature, Verifier};
+use comapi_webhook::{SIGNATURE_HEADER, Verifier};
+use comapi_webhook::signature::Signature;
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

@@ -10,30 +10,8 @@ use super::Event;
 use super::payload::without_position;
 use crate::{Error, Verifier};
 
-/// Parses a body that was **already verified** (for example read back from your
-/// own queue or spool) into its events: one envelope object gives one event, a
-/// batch (a JSON array of envelopes) gives them all in order, and an empty array
-/// gives none. It needs no secret, which is exactly why it must never see bytes
-/// straight off an HTTP request: use [`Verifier::verify_events`] there.
-///
-/// ```
-/// let stored = br#"{"eventId":"e-1","name":"profile.update","payload":{"id":"p-7"},"revision":3}"#;
-/// let events = comapi_webhook::parse_already_verified(stored)?;
-/// assert_eq!(events[0].entity_id(), Some("p-7"));
-/// # Ok::<(), comapi_webhook::Error>(())
-/// ```
-///
-/// Only what identifies the events is checked: that the body is JSON, one object or
-/// an array of them, each with a string `eventId` and a string `name`. Every other
-/// field is read leniently when asked for, and the typed payload is parsed only when
-/// asked for ([`Event::message`]), so a field of an unexpected type never fails the
-/// body.
-///
-/// # Errors
-/// [`Error::InvalidEvent`] (HTTP 400) with the JSON path of the first problem, for
-/// example `[3].eventId: invalid type: integer, expected a string`. One bad element
-/// fails the whole batch, so a receiver never stores half of it.
-pub fn parse_already_verified(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
+/// The events of a body, not verified here: see [`crate::dangerous::parse_unverified`].
+pub(crate) fn parse_events(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
     let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => true,
         Some(b'{') => false,
@@ -61,14 +39,14 @@ fn from_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> serde_json::Result<T> {
     }
 }
 
-/// Checks an already verified body like [`parse_already_verified`] and returns each
+/// Checks an already verified body like [`parse_events`] and returns each
 /// event's envelope as its raw JSON text, in order: what a receiver stores.
 #[cfg(feature = "receiver")]
 pub(crate) fn split_already_verified(body: &[u8]) -> Result<Vec<&str>, Error> {
     let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => true,
         Some(b'{') => false,
-        _ => return parse_already_verified(body).map(|_| Vec::new()),
+        _ => return parse_events(body).map(|_| Vec::new()),
     };
     let split = if batch {
         serde_json::from_slice::<Vec<&RawValue>>(body).and_then(|raw| {
@@ -121,11 +99,11 @@ fn locate_error(body: &[u8], batch: bool, error: &serde_json::Error) -> Error {
 
 impl Verifier {
     /// Verifies the request's signature, then parses the body into its events (see
-    /// [`parse_already_verified`] for the forms accepted). The events borrow from
+    /// [`dangerous::parse_unverified`](crate::dangerous::parse_unverified) for the forms accepted). The events borrow from
     /// `body`.
     ///
     /// ```
-    /// use comapi_webhook::{Verifier, SIGNATURE_HEADER};
+    /// use comapi_webhook::{SIGNATURE_HEADER, Verifier};
     /// let verifier = Verifier::new("a-secret-of-at-least-16-bytes")?;
     /// let body = br#"[{"eventId":"e-1","name":"message.read","payload":{"id":"m-1"},"revision":3}]"#;
     /// let mut headers = http::HeaderMap::new();
@@ -144,6 +122,6 @@ impl Verifier {
         body: &'b [u8],
     ) -> Result<Vec<Event<'b>>, Error> {
         self.verify(headers, body)?;
-        parse_already_verified(body)
+        parse_events(body)
     }
 }

@@ -24,8 +24,9 @@ pub enum Family {
 
 impl Family {
     /// A short stable name, used in store keys: `message`, `conversation`, ….
+    #[cfg(feature = "redis")]
     #[must_use]
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Family::Message => "message",
             Family::Interaction => "interaction",
@@ -109,7 +110,8 @@ event_kinds! {
 /// name ([`Event::name`](crate::Event::name)) and payload ([`Event::payload_json`](crate::Event::payload_json)).
 ///
 /// ```
-/// use comapi_webhook::{EventKind, MessageStatus};
+/// use comapi_webhook::EventKind;
+/// use comapi_webhook::event::MessageStatus;
 /// assert_eq!(EventKind::from_name("message.read"), EventKind::Message(MessageStatus::Read));
 /// assert_eq!(EventKind::from_name("message.teleported"), EventKind::Unknown);
 /// ```

@@ -25,7 +25,7 @@ mod envelope;
 mod kind;
 mod payload;
 
-pub use batch::parse_already_verified;
+pub(crate) use batch::parse_events;
 #[cfg(feature = "receiver")]
 pub(crate) use batch::split_already_verified;
 pub use kind::{
@@ -39,7 +39,7 @@ pub use payload::{ChannelStatus, MessageDetails, MessagePayload};
 /// An `Event<'a>` borrows its strings and fields from the body it was parsed from;
 /// [`Event::into_owned`] detaches it. Events come from
 /// [`Verifier::verify_events`](crate::Verifier::verify_events) (HTTP requests) or
-/// [`parse_already_verified`] (bytes you verified earlier, read back from a queue or
+/// [`dangerous::parse_unverified`](crate::dangerous::parse_unverified) (bytes you verified earlier, read back from a queue or
 /// spool).
 ///
 /// Only `eventId` and `name` are required, and must be strings. Every other field
@@ -53,7 +53,7 @@ pub use payload::{ChannelStatus, MessageDetails, MessagePayload};
 /// ```
 /// let body = br#"{"eventId":"e-1","name":"message.read","revision":"5","accountId":true,
 ///               "payload":{"id":"m-1","body":42}}"#;
-/// let event = &comapi_webhook::parse_already_verified(body)?[0];
+/// let event = &comapi_webhook::dangerous::parse_unverified(body)?[0];
 /// assert_eq!(event.revision(), Some(5)); // a decimal string reads as the number
 /// assert_eq!(event.account_id(), None); // a value that cannot be read is absent...
 /// assert_eq!(event.field_json("accountId").map(|raw| raw.get()), Some("true")); // ...and kept
@@ -180,7 +180,7 @@ impl<'a> Event<'a> {
     /// ```
     /// use std::time::{Duration, UNIX_EPOCH};
     /// let body = br#"{"eventId":"e1","name":"message.sent","timestamp":"2017-08-31T09:26:14.604Z"}"#;
-    /// let event = &comapi_webhook::parse_already_verified(body)?[0];
+    /// let event = &comapi_webhook::dangerous::parse_unverified(body)?[0];
     /// assert_eq!(event.time(), Some(UNIX_EPOCH + Duration::from_millis(1_504_171_574_604)));
     /// # Ok::<(), comapi_webhook::Error>(())
     /// ```

@@ -4,32 +4,36 @@ use std::future::Future;
 use std::pin::Pin;
 
 use actix_web::dev::Payload;
-use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
-use futures_core::Stream;
+use actix_web::{FromRequest, HttpRequest, web};
 
-use super::{Rejection, VerifiedEvents, WebhookConfig};
-use crate::SIGNATURE_HEADER;
+use super::{VerifiedEvents, WebhookConfig, refused};
+use crate::{Reply, SIGNATURE_HEADER};
 
-/// Reads the body up to the limit from the app's [`WebhookConfig`] (registered with
-/// `App::app_data(web::Data::new(config))` or `app_data(config)`), verifies and
-/// parses it.
+/// Reads the body with actix-web's `Bytes` extractor (under its `PayloadConfig`),
+/// then verifies and parses it with the app's [`WebhookConfig`] (registered with
+/// `App::app_data(web::Data::new(config))` or `app_data(config)`).
 ///
 /// ```
 /// use actix_web::{App, HttpResponse, web};
-/// use comapi_webhook::{Verifier, VerifiedEvents, WebhookConfig};
+/// use comapi_webhook::Verifier;
+/// use comapi_webhook::extract::{VerifiedEvents, WebhookConfig};
 ///
 /// async fn webhook(events: VerifiedEvents) -> HttpResponse {
 ///     HttpResponse::Ok().body(format!("{} events", events.events().len()))
 /// }
 ///
 /// let config = WebhookConfig::new(Verifier::new("the-secret-from-the-portal")?);
-/// let app = App::new().app_data(web::Data::new(config)).route("/", web::post().to(webhook));
+/// let app = App::new()
+///     .app_data(web::Data::new(config))
+///     // actix-web reads at most 256 KiB unless told: a full batch is about 400 KB.
+///     .app_data(web::PayloadConfig::new(4 << 20))
+///     .route("/", web::post().to(webhook));
 /// # drop(app);
 /// # Ok::<(), comapi_webhook::Error>(())
 /// ```
 impl FromRequest for VerifiedEvents {
-    type Error = Rejection;
-    type Future = Pin<Box<dyn Future<Output = Result<Self, Rejection>>>>;
+    type Error = Reply;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Reply>>>>;
 
     fn from_request(request: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let config = request
@@ -41,40 +45,16 @@ impl FromRequest for VerifiedEvents {
             .get_all(SIGNATURE_HEADER.as_str())
             .map(|v| v.as_bytes().to_vec())
             .collect();
-        let content_length = request
-            .headers()
-            .get("content-length")
-            .map(|v| v.as_bytes().to_vec());
-        let mut payload = payload.take();
+        let body = web::Bytes::from_request(request, payload);
         Box::pin(async move {
-            let config = config.ok_or_else(Rejection::missing_config)?;
-            if config.over_limit(content_length.as_deref()) {
-                return Err(config.too_large());
-            }
-            let mut body = Vec::new();
-            while let Some(chunk) =
-                std::future::poll_fn(|cx| Pin::new(&mut payload).poll_next(cx)).await
-            {
-                let chunk = chunk.map_err(|_| Rejection::unreadable_body())?;
-                if body.len() + chunk.len() > config.max_body_bytes {
-                    return Err(config.too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let config = config.ok_or_else(|| {
+                Reply::misconfigured("no WebhookConfig in the actix-web app data")
+            })?;
+            let body = body.await.map_err(|error| {
+                let status = error.as_response_error().status_code().as_u16();
+                refused(status, error)
+            })?;
             config.check(signatures.iter().map(Vec::as_slice), &body)
         })
-    }
-}
-
-impl ResponseError for Rejection {
-    fn status_code(&self) -> actix_web::http::StatusCode {
-        actix_web::http::StatusCode::from_u16(self.status.as_u16())
-            .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR)
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .content_type("text/plain; charset=utf-8")
-            .body(format!("{}\n", self.message))
     }
 }

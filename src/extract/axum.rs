@@ -1,17 +1,19 @@
 //! `VerifiedEvents` as an axum 0.8 extractor.
 
+use axum::body::Bytes;
 use axum::extract::{FromRef, FromRequest, Request};
-use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use super::{Rejection, VerifiedEvents, WebhookConfig};
+use super::{VerifiedEvents, WebhookConfig, refused};
+use crate::{Reply, SIGNATURE_HEADER};
 
-/// Reads the body up to the limit from the state's [`WebhookConfig`] (your state
-/// implements `FromRef` for it, or is it), verifies and parses it.
+/// Reads the body with axum's `Bytes` extractor (under `DefaultBodyLimit`), then
+/// verifies and parses it with the state's [`WebhookConfig`] (your state
+/// implements `FromRef` for it, or is it).
 ///
 /// ```
 /// use axum::{Router, routing::post};
-/// use comapi_webhook::{Verifier, VerifiedEvents, WebhookConfig};
+/// use comapi_webhook::Verifier;
+/// use comapi_webhook::extract::{VerifiedEvents, WebhookConfig};
 ///
 /// async fn webhook(events: VerifiedEvents) -> String {
 ///     format!("{} events", events.events().len())
@@ -27,35 +29,22 @@ where
     S: Send + Sync,
     WebhookConfig: FromRef<S>,
 {
-    type Rejection = Rejection;
+    type Rejection = Reply;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Rejection> {
+    async fn from_request(request: Request, state: &S) -> Result<Self, Reply> {
         let config = WebhookConfig::from_ref(state);
-        let (parts, body) = request.into_parts();
-        if config.over_limit(
-            parts
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .map(|v| v.as_bytes()),
-        ) {
-            return Err(config.too_large());
-        }
-        let body = match Limited::new(body, config.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<LengthLimitError>() => return Err(config.too_large()),
-            Err(_) => return Err(Rejection::unreadable_body()),
-        };
-        let signatures = parts
-            .headers
-            .get_all(crate::SIGNATURE_HEADER)
+        let signatures: Vec<Vec<u8>> = request
+            .headers()
+            .get_all(SIGNATURE_HEADER)
             .iter()
-            .map(http::HeaderValue::as_bytes);
-        config.check(signatures, &body)
-    }
-}
-
-impl IntoResponse for Rejection {
-    fn into_response(self) -> Response {
-        (self.status, format!("{}\n", self.message)).into_response()
+            .map(|v| v.as_bytes().to_vec())
+            .collect();
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                let status = rejection.status().as_u16();
+                refused(status, rejection.body_text())
+            })?;
+        config.check(signatures.iter().map(Vec::as_slice), &body)
     }
 }

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, ReplayWindow, expired_now};
-use crate::{Error, Event, Family};
+use crate::event::Family;
+use crate::{Error, Event};
 
 /// Bounds, lease and replay window of the in-memory [`Gate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +63,14 @@ impl GateConfig {
 /// The in-memory decision store: thread-safe, bounded, and fast under contention.
 ///
 /// ```
-/// use comapi_webhook::{Decision, Gate, parse_already_verified};
+/// use comapi_webhook::{Decision, Gate};
+/// use comapi_webhook::dangerous::parse_unverified;
 ///
 /// let gate = Gate::in_memory();
 /// let read = br#"{"eventId":"e-3","name":"message.read","payload":{"id":"m-1"},"revision":3}"#;
 /// let delivered = br#"{"eventId":"e-2","name":"message.delivered","payload":{"id":"m-1"},"revision":2}"#;
-/// let read = &parse_already_verified(read)?[0];
-/// let delivered = &parse_already_verified(delivered)?[0];
+/// let read = &parse_unverified(read)?[0];
+/// let delivered = &parse_unverified(delivered)?[0];
 ///
 /// // A worker claims, processes, completes.
 /// assert_eq!(gate.claim(read, "spool:1:0"), Decision::Fresh);
@@ -233,8 +235,8 @@ impl Gate {
 
     /// How many event ids and entities the gate remembers now: `(event ids,
     /// entities)`.
-    #[must_use]
-    pub fn tracked(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn tracked(&self) -> (usize, usize) {
         (self.inner.event_ids.len(), self.inner.entities.len())
     }
 }
@@ -350,6 +352,7 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         guard.touch(key, f)
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
             .iter()
@@ -420,6 +423,33 @@ mod tests {
         assert_eq!(map.touch(3, |v| (None, v)), Some(30)); // removed
         assert_eq!(map.touch(3, |v| (v, v)), None);
         assert!(map.current.len() + map.previous.len() <= 2 * map.capacity);
+    }
+
+    #[test]
+    fn memory_stays_within_the_bound() {
+        let gate = Gate::with_config(GateConfig::new(1_000, 1_000));
+        assert_eq!(gate.tracked(), (0, 0));
+        let event = |i: u32| {
+            let body = format!(
+                r#"{{"eventId":"e-{i}","name":"message.read","payload":{{"id":"m-{i}"}},"revision":1}}"#
+            );
+            crate::dangerous::parse_unverified(body.as_bytes())
+                .map(|mut events| events.remove(0).into_owned())
+        };
+        for i in 0..10_000 {
+            if let Ok(event) = event(i) {
+                gate.check(&event);
+            }
+        }
+        let (ids, entities) = gate.tracked();
+        assert!((500..=1_000).contains(&ids), "{ids} event ids remembered");
+        assert!(
+            (500..=1_000).contains(&entities),
+            "{entities} entities remembered"
+        );
+        // The most recent ones are still known.
+        let last = event(9_999).map(|e| gate.check(&e));
+        assert_eq!(last.ok(), Some(Decision::Duplicate));
     }
 
     #[test]

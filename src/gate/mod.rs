@@ -13,7 +13,8 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use crate::{Error, Event, Family};
+use crate::event::Family;
+use crate::{Error, Event};
 
 mod memory;
 #[cfg(feature = "redis")]
@@ -96,7 +97,8 @@ impl Decision {
 ///
 /// ```
 /// use std::time::Duration;
-/// use comapi_webhook::{Gate, GateConfig, ReplayWindow};
+/// use comapi_webhook::Gate;
+/// use comapi_webhook::gate::{GateConfig, ReplayWindow};
 ///
 /// let window = ReplayWindow::default().with_max_age(Duration::from_secs(2 * 3600));
 /// let gate = Gate::with_config(GateConfig::default().with_replay_window(window));

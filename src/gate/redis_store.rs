@@ -167,7 +167,7 @@ impl RedisGateConfig {
 ///
 /// ```no_run
 /// # async fn demo(event: &comapi_webhook::Event<'_>) -> Result<(), comapi_webhook::Error> {
-/// use comapi_webhook::{DecisionStore, RedisGate, RedisGateConfig};
+/// use comapi_webhook::gate::{DecisionStore, RedisGate, RedisGateConfig};
 /// let gate = RedisGate::connect("redis://127.0.0.1:6379/", RedisGateConfig::default()).await?;
 /// if gate.claim(event, "stream:1700000000000-0").await?.is_fresh() {
 ///     // process it, then:

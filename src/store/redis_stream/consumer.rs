@@ -14,6 +14,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 use super::{RECORD_FIELD, RedisStreamConfig, connect, unavailable};
 use crate::store::spool::record_event;
 use crate::store::{Delivery, EventSource};
+use crate::worker::Sources;
 use crate::{Error, Event};
 
 /// How long one read waits for new entries before it looks at the stop flag and
@@ -55,14 +56,16 @@ static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::ne
 /// longer than the lease without acknowledging them (`XAUTOCLAIM`: a crashed
 /// worker's events), acknowledges finished ones (`XACK`, one round trip per
 /// batch), keeps dead letters in `<prefix>events:dead`, and trims what every group
-/// acknowledged. Decide with [`RedisGate`](crate::RedisGate): the entry id is the
+/// acknowledged. Decide with [`RedisGate`](crate::gate::RedisGate): the entry id is the
 /// delivery, so across any number of workers each event is processed once,
 /// barring a lease expiry.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), comapi_webhook::Error> {
 /// use comapi_webhook::store::redis_stream::{RedisStreamConfig, StreamConsumer};
-/// use comapi_webhook::{Event, RedisGate, RedisGateConfig, RetryPolicy, run_worker};
+/// use comapi_webhook::Event;
+/// use comapi_webhook::gate::{RedisGate, RedisGateConfig};
+/// use comapi_webhook::worker::{RetryPolicy, run_worker};
 ///
 /// let url = "redis://127.0.0.1:6379/";
 /// let consumer = StreamConsumer::connect(url, RedisStreamConfig::default(), "worker-1").await?;
@@ -423,6 +426,61 @@ impl EventSource for StreamConsumer {
     }
 
     fn stopping(&self) -> bool {
+        self.stop.is_stopped()
+    }
+}
+
+/// The consumers a supervised [`Worker`](crate::Worker) runs, one after the other
+/// (a new one after a failure), all under one unique name and stopped by one
+/// [`StopHandle`].
+#[derive(Debug, Clone)]
+pub struct StreamConsumers {
+    url: String,
+    config: RedisStreamConfig,
+    name: String,
+    stop: StopHandle,
+}
+
+impl StreamConsumers {
+    /// Consumers of the group in `config` on Redis at `url`, named after this host
+    /// (`DYNO` or `HOSTNAME`), process id and start time.
+    #[must_use]
+    pub fn new(url: &str, config: RedisStreamConfig) -> Self {
+        let host = std::env::var("DYNO")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "worker".to_owned());
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        StreamConsumers {
+            url: url.to_owned(),
+            config,
+            name: format!("{host}-{}-{started}", std::process::id()),
+            stop: StopHandle::default(),
+        }
+    }
+
+    /// The consumers' name in the group.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Sources for StreamConsumers {
+    type Source = StreamConsumer;
+
+    async fn open(&self) -> Result<StreamConsumer, Error> {
+        let consumer = StreamConsumer::connect(&self.url, self.config.clone(), &self.name).await?;
+        tracing::info!(consumer = %self.name, "worker reading the Redis stream");
+        Ok(consumer.stopped_by(&self.stop))
+    }
+
+    async fn stop(&self) {
+        self.stop.stop();
+    }
+
+    fn is_stopped(&self) -> bool {
         self.stop.is_stopped()
     }
 }

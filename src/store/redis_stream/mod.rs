@@ -42,7 +42,7 @@ use crate::Error;
 
 mod consumer;
 
-pub use consumer::{StopHandle, StreamConsumer, StreamDelivery};
+pub use consumer::{StopHandle, StreamConsumer, StreamConsumers, StreamDelivery};
 
 /// The entry field holding the record.
 const RECORD_FIELD: &str = "record";

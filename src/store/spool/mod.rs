@@ -42,7 +42,7 @@ use writer::Writer;
 pub struct SpoolConfig {
     /// The folder holding the segments (`segment-0000000001.jsonl`, …), the
     /// reader's `offset` file, the dead letter ([`DEAD_LETTER_FILE`]) and, if
-    /// [`run_worker`](crate::run_worker) ever had to set a line aside, `rejected.jsonl`. Created if missing.
+    /// [`run_worker`](crate::worker::run_worker) ever had to set a line aside, `rejected.jsonl`. Created if missing.
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
     pub segment_bytes: u64,
@@ -316,7 +316,8 @@ impl Spool {
         self.shared.dead_letters.store(0, Ordering::Release);
     }
 
-    /// The end of the data that is durably written.
+    /// The end of the data that is durably written (for tests).
+    #[doc(hidden)]
     #[must_use]
     pub fn committed(&self) -> Position {
         *self.shared.committed.borrow()

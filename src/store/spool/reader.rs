@@ -80,7 +80,7 @@ pub(super) fn counts_at_open(dir: &Path) -> io::Result<(u64, u64)> {
 }
 
 const OFFSET_FILE: &str = "offset";
-/// Where [`run_worker`](crate::run_worker) sets aside stored lines that cannot be read as events.
+/// Where [`run_worker`](crate::worker::run_worker) sets aside stored lines that cannot be read as events.
 pub(super) const REJECTED_FILE: &str = "rejected.jsonl";
 
 impl Cursor {

@@ -16,8 +16,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::gate::DecisionStore;
 use crate::store::{Delivery, EventSource};
-use crate::{Decision, DecisionStore, Error, Event};
+use crate::{Decision, Error, Event};
+
+mod supervise;
+
+pub use supervise::{Sources, Worker};
 
 /// What a handler's failure is: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -28,7 +33,8 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 /// an error type `E` that converts into a [`HandlerError`]:
 ///
 /// ```
-/// use comapi_webhook::{Event, EventHandler};
+/// use comapi_webhook::Event;
+/// use comapi_webhook::worker::EventHandler;
 /// fn assert_handler(_: impl EventHandler) {}
 /// assert_handler(|event: Event<'static>| async move {
 ///     println!("{} {:?}", event.name(), event.message_id());
@@ -63,10 +69,10 @@ pub trait EventHandler: Send {
     }
 
     /// `event` failed its last attempt with `error`, and is now in the source's
-    /// dead letter, durably (a spool's [`DEAD_LETTER_FILE`](crate::DEAD_LETTER_FILE),
+    /// dead letter, durably (a spool's [`DEAD_LETTER_FILE`](crate::store::spool::DEAD_LETTER_FILE),
     /// a stream's `…:dead` stream). The default does nothing: override it to raise
     /// an alert. Once the cause is fixed, requeueing brings the events back
-    /// ([`requeue_dead_letters`](crate::requeue_dead_letters) for a spool).
+    /// ([`requeue_dead_letters`](crate::store::spool::requeue_dead_letters) for a spool).
     fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
         let _ = (event, error, attempts);
     }
@@ -140,7 +146,7 @@ impl RetryPolicy {
     }
 }
 
-/// Runs the processing loop over `source` (a [`SpoolReader`](crate::SpoolReader),
+/// Runs the processing loop over `source` (a [`SpoolReader`](crate::store::spool::SpoolReader),
 /// or a Redis stream consumer), in the order it hands events out, until it is
 /// finished: a closed spool read to its end, or a consumer asked to stop.
 ///
@@ -171,7 +177,9 @@ impl RetryPolicy {
 /// processed; run it again with a new source to resume.
 ///
 /// ```no_run
-/// use comapi_webhook::{Event, Gate, RetryPolicy, Spool, SpoolConfig, run_worker};
+/// use comapi_webhook::store::spool::{Spool, SpoolConfig};
+/// use comapi_webhook::worker::{RetryPolicy, run_worker};
+/// use comapi_webhook::{Event, Gate};
 ///
 /// async fn process(event: Event<'static>) -> Result<(), std::io::Error> {
 ///     println!("{} {:?}", event.name(), event.message_id());
@@ -184,7 +192,7 @@ impl RetryPolicy {
 /// # Ok(()) }
 /// ```
 pub async fn run_worker<Src, S, H>(
-    mut source: Src,
+    source: Src,
     store: &S,
     mut handler: H,
     retry: RetryPolicy,
@@ -194,9 +202,24 @@ where
     S: DecisionStore,
     H: EventHandler,
 {
+    run_with(source, store, &mut handler, retry).await
+}
+
+/// [`run_worker`] with a handler it borrows, so a supervisor can run it again.
+async fn run_with<Src, S, H>(
+    mut source: Src,
+    store: &S,
+    handler: &mut H,
+    retry: RetryPolicy,
+) -> Result<(), Error>
+where
+    Src: EventSource,
+    S: DecisionStore,
+    H: EventHandler,
+{
     'batches: while let Some(batch) = source.next_batch().await? {
         for delivery in &batch {
-            process(delivery, &mut source, store, &mut handler, &retry).await?;
+            process(delivery, &mut source, store, handler, &retry).await?;
             source.finished(delivery).await?;
             if source.stopping() {
                 break 'batches;

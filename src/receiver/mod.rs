@@ -1,0 +1,147 @@
+//! A whole receiver from its settings: [`ReceiverConfig`] from the environment,
+//! [`ReceiverConfig::start`] opens the store and starts the worker, and
+//! [`Receiver::shutdown`] drains it. What the reference receivers are made of;
+//! your own binary gets the same variables, messages and behaviour.
+
+use std::sync::Arc;
+
+use crate::Inbox;
+use crate::gate::Gate;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::spool::Spool;
+use crate::worker::{EventHandler, RetryPolicy, Worker};
+
+mod config;
+
+pub use config::{ConfigError, DEFAULT_KEY_PREFIX, DEFAULT_PORT, ReceiverConfig, RedisSettings};
+
+/// A running receiver: its [`Inbox`] (route `GET /`, `POST /` and `GET /metrics`
+/// to it) and, if it has one, its [`Worker`].
+#[derive(Debug)]
+pub struct Receiver {
+    inbox: Inbox<Store>,
+    worker: Option<Worker>,
+}
+
+impl ReceiverConfig {
+    /// Opens the store (the spool, repairing a torn last line, or the Redis
+    /// stream, warning once if Redis's persistence is weaker than
+    /// fsync-before-reply), and, if [`ReceiverConfig::worker`], starts a [`Worker`]
+    /// running `handler` (metered, logged) with the default [`RetryPolicy`]: on the
+    /// spool it decides with an in-memory [`Gate`], on Redis with the Redis gate.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `COMAPI_SPOOL_DIR` or `COMAPI_REDIS_URL` when the
+    /// store cannot be opened, with the cause.
+    pub async fn start<H: EventHandler + 'static>(
+        self,
+        handler: H,
+    ) -> Result<Receiver, ConfigError> {
+        let metrics = Arc::new(Metrics::new());
+        let handler = metrics.meter(handler);
+        let retry = RetryPolicy::default();
+        let (store, worker) = match &self.redis {
+            None => {
+                let dir = self.spool.dir.display().to_string();
+                let (spool, recovery) = Spool::open(&self.spool).map_err(|e| {
+                    ConfigError::new(format!("COMAPI_SPOOL_DIR={dir}: {}", e.report()))
+                })?;
+                tracing::info!(
+                    %dir,
+                    events = recovery.events,
+                    segments = recovery.segments,
+                    torn_bytes = recovery.torn_bytes,
+                    "spool opened"
+                );
+                let worker = self
+                    .worker
+                    .then(|| Worker::spawn(spool.clone(), Gate::in_memory(), handler, retry))
+                    .transpose()
+                    .map_err(|e| ConfigError::new(e.report().to_string()))?;
+                (Store::Spool(spool), worker)
+            }
+            #[cfg(feature = "redis")]
+            Some(redis) => redis_store(redis, self.worker, handler, retry).await?,
+            #[cfg(not(feature = "redis"))]
+            Some(_) => return Err(ConfigError::new("COMAPI_REDIS_URL needs the redis feature")),
+        };
+        let inbox = Inbox::new(self.verifier, store)
+            .with_max_body_bytes(self.max_body_bytes)
+            .with_metrics(metrics);
+        Ok(Receiver { inbox, worker })
+    }
+}
+
+/// The Redis stream store and, if asked, a worker on its consumer group.
+#[cfg(feature = "redis")]
+async fn redis_store<H: EventHandler + 'static>(
+    redis: &RedisSettings,
+    worker: bool,
+    handler: H,
+    retry: RetryPolicy,
+) -> Result<(Store, Option<Worker>), ConfigError> {
+    use crate::gate::{RedisGate, RedisGateConfig};
+    use crate::store::redis_stream::{RedisStream, StreamConsumers};
+    let failed = |e: crate::Error| ConfigError::new(format!("COMAPI_REDIS_URL: {}", e.report()));
+    let config = redis.stream_config();
+    let stream = RedisStream::connect(&redis.url, config.clone())
+        .await
+        .map_err(failed)?;
+    if let Some(warning) = stream.durability().warning() {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(stream = %stream.key(), "storing into Redis");
+    let worker = if worker {
+        let gate_config = RedisGateConfig::default()
+            .with_key_prefix(redis.key_prefix.clone())
+            .with_lease(redis.lease);
+        let gate = RedisGate::connect(&redis.url, gate_config)
+            .await
+            .map_err(failed)?;
+        let consumers = StreamConsumers::new(&redis.url, config);
+        Some(Worker::spawn(consumers, gate, handler, retry).map_err(failed)?)
+    } else {
+        None
+    };
+    Ok((Store::Redis(stream), worker))
+}
+
+impl Receiver {
+    /// The receive step, to route requests to.
+    #[must_use]
+    pub fn inbox(&self) -> &Inbox<Store> {
+        &self.inbox
+    }
+
+    /// Stops the worker, if any, and waits for it (it drains a spool first); closes
+    /// the spool. Call it once the server stopped taking requests.
+    pub async fn shutdown(self) {
+        if let Some(worker) = self.worker {
+            worker.shutdown().await;
+        }
+        #[allow(irrefutable_let_patterns)] // without the redis feature
+        if let Store::Spool(spool) = self.inbox.store() {
+            spool.close().await;
+        }
+        let status = crate::store::EventStore::status(self.inbox.store()).await;
+        tracing::info!(stored = ?status.stored, backlog = ?status.backlog, "stopped");
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C), saying so in the log.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

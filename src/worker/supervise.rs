@@ -1,0 +1,250 @@
+//! `Worker`: [`run_worker`](super::run_worker) on a thread of its own, restarted
+//! after a failure or a panic, logged, and stopped with
+//! [`Worker::shutdown`].
+
+use std::future::Future;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{EventHandler, HandlerError, RetryPolicy, run_with};
+use crate::gate::DecisionStore;
+use crate::store::EventSource;
+use crate::store::spool::Spool;
+use crate::{Decision, Error, Event};
+
+/// A failed run starts again after this long.
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+/// The name of the worker's thread.
+const THREAD_NAME: &str = "comapi-worker";
+
+/// Where a supervised [`Worker`] gets the source of each run, and how it is told
+/// to stop. A [`Spool`] is one (each run reads it with a new
+/// [`SpoolReader`](crate::store::spool::SpoolReader); stopping closes it, and the
+/// worker drains it first); so are a Redis stream's consumers
+/// (`StreamConsumers`, feature `redis`).
+pub trait Sources: Clone + Send + Sync + 'static {
+    /// What one run reads.
+    type Source: EventSource;
+
+    /// The source of the next run: the first, or one after a failure.
+    ///
+    /// # Errors
+    /// When it cannot be opened; the worker tries again a second later.
+    fn open(&self) -> impl Future<Output = Result<Self::Source, Error>> + Send;
+
+    /// Asks the current and later runs to finish.
+    fn stop(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether [`Sources::stop`] was asked.
+    fn is_stopped(&self) -> bool;
+}
+
+impl Sources for Spool {
+    type Source = crate::store::spool::SpoolReader;
+
+    async fn open(&self) -> Result<Self::Source, Error> {
+        self.reader()
+    }
+
+    async fn stop(&self) {
+        self.close().await;
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.is_closed()
+    }
+}
+
+/// The worker on a thread of its own: it runs [`run_worker`](super::run_worker)
+/// over its [`Sources`], and when a run fails (a full disk, Redis down) or panics,
+/// it logs the error and starts again a second later from what was last
+/// acknowledged; events processed since then come again, and the gate calls them
+/// duplicates. It logs through `tracing`: failed attempts at `warn`, dead letters
+/// and records set aside at `error`, skipped events at `info` (expired ones at
+/// `warn`: a replay, or this machine's clock is off).
+///
+/// On Linux its thread runs at idle CPU priority (`SCHED_IDLE`): it uses the CPU
+/// time requests leave, so processing never delays an acknowledgement; under
+/// sustained full load it falls behind and the store holds the backlog.
+///
+/// ```no_run
+/// use comapi_webhook::store::spool::{Spool, SpoolConfig};
+/// use comapi_webhook::worker::RetryPolicy;
+/// use comapi_webhook::{Event, Gate, Worker};
+///
+/// # async fn demo() -> Result<(), comapi_webhook::Error> {
+/// let (spool, _) = Spool::open(&SpoolConfig::in_temp_dir())?;
+/// let process = |event: Event<'static>| async move {
+///     println!("{} {:?}", event.name(), event.message_id());
+///     Ok::<(), std::io::Error>(())
+/// };
+/// let worker = Worker::spawn(spool, Gate::in_memory(), process, RetryPolicy::default())?;
+/// // … serve requests into the spool, then:
+/// worker.shutdown().await; // closes the spool and processes what it holds
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Worker {
+    thread: Option<JoinHandle<()>>,
+    stop: Box<dyn Stop>,
+}
+
+/// [`Sources::stop`], boxed.
+trait Stop: std::fmt::Debug + Send + Sync {
+    fn stop(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+#[derive(Debug)]
+struct StopSources<T>(T);
+
+impl<T: Sources + std::fmt::Debug> Stop for StopSources<T> {
+    fn stop(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.0.stop())
+    }
+}
+
+impl Worker {
+    /// Starts the worker thread: runs of `handler` over `sources`, deciding with
+    /// `store`, retrying by `retry`.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the thread or its runtime cannot be started.
+    pub fn spawn<T, S, H>(
+        sources: T,
+        store: S,
+        handler: H,
+        retry: RetryPolicy,
+    ) -> Result<Self, Error>
+    where
+        T: Sources + std::fmt::Debug,
+        S: DecisionStore + 'static,
+        H: EventHandler + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::storage("cannot start the worker's runtime", e))?;
+        let running = sources.clone();
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.to_owned())
+            .spawn(move || {
+                yield_to_requests();
+                runtime.block_on(supervise(&running, &store, Logged(handler), retry));
+            })
+            .map_err(|e| Error::storage("cannot start the worker thread", e))?;
+        Ok(Worker {
+            thread: Some(thread),
+            stop: Box::new(StopSources(sources)),
+        })
+    }
+
+    /// Stops the worker and waits for it: a spool is closed and the worker
+    /// processes what it holds; a stream consumer finishes the event in hand.
+    pub async fn shutdown(mut self) {
+        self.stop.stop().await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Runs until the sources are stopped, starting again after a failure or a panic.
+async fn supervise<T: Sources, S: DecisionStore, H: EventHandler>(
+    sources: &T,
+    store: &S,
+    mut handler: H,
+    retry: RetryPolicy,
+) {
+    loop {
+        let run = async {
+            let source = sources.open().await?;
+            run_with(source, store, &mut handler, retry).await
+        };
+        let error = match super::CatchUnwind(Box::pin(run)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.report().to_string(),
+            Err(panic) => format!("the worker panicked: {}", super::panic_text(&*panic)),
+        };
+        if sources.is_stopped() {
+            tracing::error!(%error, "worker stopped");
+            return;
+        }
+        tracing::error!(%error, "worker failed; resuming in 1 s");
+        tokio::time::sleep(RESTART_AFTER).await;
+    }
+}
+
+/// A handler whose callbacks are also logged.
+struct Logged<H>(H);
+
+impl<H: EventHandler> EventHandler for Logged<H> {
+    fn handle(
+        &mut self,
+        event: Event<'static>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        self.0.handle(event)
+    }
+
+    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+        if let Decision::Expired { age_secs } = decision {
+            tracing::warn!(
+                event_id = %event.event_id(),
+                name = %event.name(),
+                age_secs,
+                decision = %decision.as_str(),
+                "event skipped: dated outside the replay window (a replay, or check this machine's clock)"
+            );
+        } else {
+            tracing::info!(
+                event_id = %event.event_id(),
+                name = %event.name(),
+                revision = ?event.revision(),
+                decision = %decision.as_str(),
+                "event skipped"
+            );
+        }
+        self.0.skipped(event, decision);
+    }
+
+    fn attempt_failed(&mut self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
+        tracing::warn!(event_id = %event.event_id(), %error, attempt, ?retry_in, "processing failed; retrying");
+        self.0.attempt_failed(event, error, attempt, retry_in);
+    }
+
+    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+        tracing::error!(
+            event_id = %event.event_id(),
+            %error,
+            attempts,
+            "processing failed for good: kept in the dead letter (requeue it once fixed)"
+        );
+        self.0.dead_lettered(event, error, attempts);
+    }
+
+    fn set_aside(&mut self, line: &[u8], error: &Error) {
+        tracing::error!(
+            error = %error.report(),
+            bytes = line.len(),
+            "a stored record is not an event: kept in rejected.jsonl in the spool folder (on Redis, in the dead-letter stream), skipped"
+        );
+        self.0.set_aside(line, error);
+    }
+}
+
+/// Puts the calling thread (the worker) at idle CPU priority, Linux's `SCHED_IDLE`.
+fn yield_to_requests() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+            set_thread_priority_and_policy, thread_native_id,
+        };
+        if let Err(error) = set_thread_priority_and_policy(
+            thread_native_id(),
+            ThreadPriority::Min,
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+        ) {
+            tracing::warn!(?error, "the worker keeps its normal CPU priority");
+        }
+    }
+}
