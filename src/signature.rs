@@ -322,3 +322,45 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
     }
     value
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_is_exactly_40_hex_digits_between_optional_spaces() {
+        let hex = "00112233445566778899aabbccddeeff00112233";
+        let parsed = Signature::parse(hex.as_bytes()).map(|s| s.to_string());
+        assert_eq!(parsed.as_deref(), Ok(hex));
+        let upper = Signature::parse(hex.to_uppercase().as_bytes()).map(|s| s.to_string());
+        assert_eq!(
+            upper.as_deref(),
+            Ok(hex),
+            "case-insensitive, shown lowercase"
+        );
+        assert!(Signature::parse(format!(" \t{hex}\t ").as_bytes()).is_ok());
+        for wrong in [
+            &hex[1..],
+            &format!("{hex}0"),
+            &format!("sha1={hex}"),
+            &hex.replace('a', "g"),
+            &format!("{} {}", &hex[..20], &hex[20..]),
+            "",
+            " ",
+        ] {
+            assert_eq!(
+                Signature::parse(wrong.as_bytes()),
+                Err(Error::MalformedSignature),
+                "{wrong:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_spaces_and_tabs_are_trimmed() {
+        assert_eq!(trim_ows(b" \t a \t "), b"a");
+        assert_eq!(trim_ows(b"\na\r"), b"\na\r");
+        assert_eq!(trim_ows(b"   "), b"");
+    }
+}

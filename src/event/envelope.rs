@@ -242,3 +242,46 @@ impl<'de> Deserialize<'de> for LenientStr<'de> {
         ))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn raw(json: &str) -> &RawValue {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn integers_read_from_numbers_and_decimal_strings_only() {
+        assert_eq!(read_integer::<u64>(raw("5")), Some(5));
+        assert_eq!(read_integer::<u64>(raw("\"5\"")), Some(5));
+        assert_eq!(read_integer::<i64>(raw("\"-12\"")), Some(-12));
+        for wrong in ["5.5", "\"5x\"", "\"\"", "\"-\"", "true", "null", "{}", "-1"] {
+            assert_eq!(read_integer::<u64>(raw(wrong)), None, "{wrong}");
+        }
+        assert_eq!(
+            read_integer::<u64>(raw("18446744073709551616")),
+            None,
+            "out of range"
+        );
+    }
+
+    #[test]
+    fn strings_borrow_unless_escaped_and_other_values_are_absent() {
+        assert!(matches!(
+            read_str(raw("\"plain\"")),
+            Some(Cow::Borrowed("plain"))
+        ));
+        assert_eq!(read_str(raw(r#""caf\u00e9""#)).as_deref(), Some("café"));
+        assert_eq!(read_str(raw("42")), None);
+    }
+
+    #[test]
+    fn a_field_sent_twice_keeps_its_first_value() {
+        let mut slot = None;
+        assert!(set_first(&mut slot, raw("1"), read_integer::<u64>));
+        assert!(!set_first(&mut slot, raw("2"), read_integer::<u64>));
+        assert_eq!(slot.and_then(|field| field.value), Some(1));
+    }
+}

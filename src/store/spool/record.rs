@@ -194,3 +194,41 @@ fn split_line(line: &[u8]) -> Option<Parts<'_>> {
         event: std::str::from_utf8(event).ok()?,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip_through_the_fast_split() {
+        let events = [
+            r#"{"eventId":"a","name":"n"}"#,
+            "{\"eventId\":\"b\",\r\n\"name\":\"n\"}",
+        ];
+        let lines = encode_lines(&events, 3);
+        let mut count = 0;
+        for (line, event) in lines.split_inclusive(|&b| b == b'\n').zip(events) {
+            let parts = split_line(line).unwrap_or_else(|| panic!("{line:?}"));
+            assert_eq!(parts.secret_index, 3);
+            assert_eq!(parts.received_at.len(), 24);
+            // Line breaks inside an envelope are whitespace, stored as spaces.
+            assert_eq!(parts.event, event.replace(['\r', '\n'], " "));
+            let stripped = split_line(&line[..line.len() - 1]).map(|p| p.event);
+            assert_eq!(stripped, Some(parts.event), "without its line end too");
+            count += 1;
+        }
+        assert_eq!(count, 2);
+        assert!(check_records(&lines, 2).is_ok());
+        assert!(check_records(&lines, 3).is_err(), "the count must match");
+    }
+
+    #[test]
+    fn other_layouts_go_through_serde_and_junk_is_corrupt() {
+        let reordered = br#"{"secretIndex":1,"event":{"eventId":"e","name":"n"},"receivedAt":"t"}"#;
+        assert!(split_line(reordered).is_none());
+        let event = record_event(reordered, String::new).map(|e| e.event_id().to_owned());
+        assert_eq!(event.ok().as_deref(), Some("e"));
+        assert!(record_event(b"not json", String::new).is_err());
+    }
+}

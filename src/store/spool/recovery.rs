@@ -74,3 +74,25 @@ impl Writer {
         Ok((writer, recovery))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::valid_prefix;
+
+    #[test]
+    fn only_a_torn_last_line_and_the_zero_tail_are_cut() {
+        assert_eq!(valid_prefix(b""), (0, 0));
+        assert_eq!(valid_prefix(b"a\nb\n"), (4, 2));
+        assert_eq!(
+            valid_prefix(b"a\nb\n\0\0\0"),
+            (4, 2),
+            "the preallocated tail"
+        );
+        assert_eq!(valid_prefix(b"a\nbro"), (2, 1), "a torn last line");
+        assert_eq!(valid_prefix(b"a\nbro\0\0"), (2, 1), "torn, then zeros");
+        // A zero byte inside a whole line is damage, not a crash: kept, with what follows.
+        assert_eq!(valid_prefix(b"a\nb\0c\nd\n\0"), (8, 3));
+        assert_eq!(valid_prefix(b"\0\0\0"), (0, 0));
+    }
+}
