@@ -502,45 +502,6 @@ fn sets_aside_a_damaged_line_and_goes_on(name: &str) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// When the worker fails (here it cannot write its offset, since `offset.tmp` is a
-/// folder), it resumes a second later, and once the cause is gone it carries on.
-fn worker_resumes_after_a_failure(name: &str) {
-    let dir = temp_dir(&format!("{name}-worker-fails"));
-    let blocker = dir.join("offset.tmp");
-    std::fs::create_dir(&blocker).unwrap();
-    let receiver = Receiver::start(name, &dir, SECRET);
-    let url = format!("{}/", receiver.url);
-    let status = runtime()
-        .block_on(post_signed(&client(), &url, SECRET, event_json("w-1")))
-        .unwrap();
-    assert_eq!(status, 200);
-    let log = || receiver.log.lock().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while log().matches("worker failed; resuming").count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no failure and resumption:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::fs::remove_dir(&blocker).unwrap();
-    let status = runtime()
-        .block_on(post_signed(&client(), &url, SECRET, event_json("w-2")))
-        .unwrap();
-    assert_eq!(status, 200);
-    while !dir.join("offset").exists() || !receiver.processed().contains("w-2") {
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not carry on:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(receiver);
-    let _ = std::fs::remove_dir_all(dir);
-}
-
 /// Runs `command` to its end; a receiver that starts instead of refusing is killed,
 /// and the test fails rather than hangs.
 fn output_within(mut command: Command, timeout: Duration) -> std::process::Output {
@@ -767,8 +728,6 @@ macro_rules! receiver_tests {
             fn kill_9_under_load_then_restart() { super::kill_9_under_load_then_restart($binary) }
             #[test]
             fn refuses_bad_configuration() { super::refuses_bad_configuration($binary) }
-            #[test]
-            fn worker_resumes_after_a_failure() { super::worker_resumes_after_a_failure($binary) }
             #[test]
             fn sets_aside_a_damaged_line_and_goes_on() { super::sets_aside_a_damaged_line_and_goes_on($binary) }
             #[cfg(target_os = "linux")]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use comapi_webhook::metrics::Metrics;
 use comapi_webhook::store::spool::{DEAD_LETTER_FILE, Spool, SpoolConfig, requeue_dead_letters};
 use comapi_webhook::worker::{EventHandler, HandlerError, RetryPolicy, run_worker};
-use comapi_webhook::{Decision, Event, Gate};
+use comapi_webhook::{Decision, Event, Gate, Worker};
 use support::{example_binary, runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {
@@ -327,5 +327,91 @@ fn the_requeue_command_brings_dead_letters_back() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("COMAPI_SPOOL_DIR is required"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Everything logged through `tracing` in this test binary, from every thread.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    Arc::clone(LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Writer(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs
+    }))
+}
+
+struct Writer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Writer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_supervised_worker_resumes_after_a_failure_and_drains_on_shutdown() {
+    let logs = captured_logs();
+    let log = || String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let dir = temp_dir("supervised");
+    // A folder where the offset's temporary file goes: acknowledging fails.
+    let blocker = dir.join("offset.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let handler = move |event: Event<'static>| {
+            record.lock().unwrap().push(event.event_id().to_owned());
+            std::future::ready(Ok::<(), std::io::Error>(()))
+        };
+        let worker = Worker::spawn(spool.clone(), Gate::in_memory(), handler, quick(3)).unwrap();
+        spool.append(line("w-1"), 1).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while log().matches("worker failed; resuming").count() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no failure and resumption:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(log().contains("cannot write the offset file"), "{}", log());
+        std::fs::remove_dir(&blocker).unwrap();
+        spool.append(line("w-2"), 1).await.unwrap();
+        while !dir.join("offset").exists() || !seen.lock().unwrap().contains(&"w-2".to_owned()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker did not carry on:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Each restart resumed from the last acknowledged position: w-1 came again,
+        // and the gate, kept across restarts, called it a duplicate.
+        assert_eq!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|id| *id == "w-1")
+                .count(),
+            1
+        );
+        spool.append(line("w-3"), 1).await.unwrap();
+        worker.shutdown().await;
+        assert!(spool.is_closed(), "shutdown closes the spool");
+        assert!(
+            seen.lock().unwrap().contains(&"w-3".to_owned()),
+            "and drains it first"
+        );
+    });
     let _ = std::fs::remove_dir_all(dir);
 }
