@@ -6,31 +6,26 @@
 mod common;
 
 use std::convert::Infallible;
-use std::process::ExitCode;
 use std::time::Duration;
 
-use comapi_webhook::receiver::{ConfigError, ReceiverConfig, shutdown_signal};
+use comapi_webhook::receiver::{ConfigError, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
 use hyper::{Method, Request, Response, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 
 #[tokio::main]
-async fn main() -> ExitCode {
-    common::init_logging();
-    let config = match ReceiverConfig::from_env() {
-        Ok(config) => config,
-        Err(error) => return fail(&error, 2),
-    };
+async fn main() {
+    let config = common::config();
     let addr = config.addr;
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
-        Err(error) => return fail(&ConfigError::cannot_listen(addr, &error), 1),
+        Err(error) => common::exit(&ConfigError::cannot_listen(addr, &error), 1),
     };
-    let receiver = match config.start(common::process).await {
-        Ok(receiver) => receiver,
-        Err(error) => return fail(&error, 1),
-    };
+    let receiver = config
+        .start(common::process)
+        .await
+        .unwrap_or_else(|e| common::exit(&e, 1));
     println!(
         "listening on http://{}",
         listener.local_addr().unwrap_or(addr)
@@ -50,7 +45,6 @@ async fn main() -> ExitCode {
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     receiver.shutdown().await;
-    ExitCode::SUCCESS
 }
 
 async fn route(
@@ -65,9 +59,4 @@ async fn route(
         _ => Reply::not_found(),
     };
     Ok(reply.into())
-}
-
-fn fail(error: &ConfigError, code: u8) -> ExitCode {
-    eprintln!("error: {error}");
-    ExitCode::from(code)
 }

@@ -196,6 +196,29 @@ impl<S: EventStore> Inbox<S> {
         metrics.reply()
     }
 
+    /// Runs the receive step on an actix-web request and its body as actix-web read
+    /// it (under its `PayloadConfig` limit: set it to [`Inbox::max_body_bytes`]);
+    /// over the limit is this inbox's 413.
+    #[cfg(feature = "actix")]
+    pub async fn receive_actix(
+        &self,
+        request: &actix_web::HttpRequest,
+        body: Result<actix_web::web::Bytes, actix_web::Error>,
+    ) -> Reply {
+        let body = match body {
+            Ok(body) => body,
+            Err(error) if error.as_response_error().status_code().as_u16() == 413 => {
+                return self.too_large();
+            }
+            Err(error) => return self.counted(Reply::unreadable_body(error), None),
+        };
+        let signatures = request
+            .headers()
+            .get_all(SIGNATURE_HEADER.as_str())
+            .map(|v| v.as_bytes());
+        self.receive_with_signatures(signatures, &body).await
+    }
+
     /// Runs the receive step on an `http` request (hyper's, axum's): answers 413
     /// from its `Content-Length`, or once reading its body passes the limit, without
     /// reading the rest; otherwise reads the body and calls [`Inbox::receive`].

@@ -136,52 +136,50 @@ impl Metrics {
             dead_letters: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "requests",
-            "Answers by HTTP status",
-            metrics.requests.clone(),
-        );
+        let m = &metrics;
+        registry.register("requests", "Answers by HTTP status", m.requests.clone());
         registry.register(
             "events_stored",
             "Events stored durably",
-            metrics.events_stored.clone(),
-        );
-        registry.register(
-            "store_seconds",
-            "How long storing a request's events took",
-            metrics.store_seconds.clone(),
+            m.events_stored.clone(),
         );
         registry.register(
             "decisions",
             "Gate decisions, one per claim",
-            metrics.decisions.clone(),
+            m.decisions.clone(),
         );
-        registry.register("handler", "Handler outcomes", metrics.handler.clone());
+        registry.register("handler", "Handler outcomes", m.handler.clone());
+        registry.register(
+            "store_seconds",
+            "Time to store a request",
+            m.store_seconds.clone(),
+        );
         registry.register(
             "handler_seconds",
-            "How long each handler attempt took",
-            metrics.handler_seconds.clone(),
+            "Time of a handler attempt",
+            m.handler_seconds.clone(),
         );
-        registry.register(
-            "stored_events",
-            "Events in the store, processed or not",
-            metrics.stored.clone(),
-        );
-        registry.register(
-            "backlog_events",
-            "Events stored but not yet processed",
-            metrics.backlog.clone(),
-        );
-        registry.register(
-            "pending_events",
-            "Events handed to a worker and not yet acknowledged",
-            metrics.pending.clone(),
-        );
-        registry.register(
-            "dead_letter_events",
-            "Events in the dead letter",
-            metrics.dead_letters.clone(),
-        );
+        let gauges = [
+            ("stored_events", "Events in the store", &m.stored),
+            (
+                "backlog_events",
+                "Events stored, not yet processed",
+                &m.backlog,
+            ),
+            (
+                "pending_events",
+                "Events handed to a worker, not acknowledged",
+                &m.pending,
+            ),
+            (
+                "dead_letter_events",
+                "Events in the dead letter",
+                &m.dead_letters,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
         Metrics {
             registry,
             ..metrics

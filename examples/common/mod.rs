@@ -1,7 +1,10 @@
 //! What the reference receivers and the worker share: **the place to plug in your
 //! own processing** ([`process`]), and logging.
 
+#![allow(dead_code)] // each binary uses its part
+
 use comapi_webhook::Event;
+use comapi_webhook::receiver::ReceiverConfig;
 use comapi_webhook::worker::HandlerError;
 
 /// Your processing: called for each stored event the gate calls fresh. Return an
@@ -23,4 +26,17 @@ pub(crate) fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
+}
+
+/// Logging on, then the settings from the environment; on a bad one, prints one
+/// line naming the variable and exits with status 2.
+pub(crate) fn config() -> ReceiverConfig {
+    init_logging();
+    ReceiverConfig::from_env().unwrap_or_else(|error| exit(&error, 2))
+}
+
+/// Prints `error: …` and exits with `code`.
+pub(crate) fn exit(error: &dyn std::fmt::Display, code: i32) -> ! {
+    eprintln!("error: {error}");
+    std::process::exit(code)
 }

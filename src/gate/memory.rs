@@ -44,21 +44,9 @@ impl GateConfig {
             replay_window: ReplayWindow::default(),
         }
     }
-
-    /// The same settings with another [`GateConfig::lease`].
-    #[must_use]
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
-    /// The same settings with another [`GateConfig::replay_window`].
-    #[must_use]
-    pub fn with_replay_window(mut self, replay_window: ReplayWindow) -> Self {
-        self.replay_window = replay_window;
-        self
-    }
 }
+
+claim_settings!(GateConfig);
 
 /// The in-memory decision store: thread-safe, bounded, and fast under contention.
 ///

@@ -16,6 +16,30 @@ use std::time::{Duration, SystemTime};
 use crate::event::Family;
 use crate::{Error, Event};
 
+/// `with_lease` and `with_replay_window` for a gate's settings, which both stores share.
+macro_rules! claim_settings {
+    ($config:ident) => {
+        impl $config {
+            /// The same settings with another lease: how long a claim holds when nobody
+            /// completes or releases it (at least one millisecond on Redis).
+            #[must_use]
+            pub fn with_lease(mut self, lease: std::time::Duration) -> Self {
+                self.lease = lease;
+                self
+            }
+
+            /// The same settings with another replay window (for Redis, keep its
+            /// `max_age` no longer than the TTL: a replay older than the TTL but inside
+            /// the window would pass as fresh).
+            #[must_use]
+            pub fn with_replay_window(mut self, replay_window: $crate::gate::ReplayWindow) -> Self {
+                self.replay_window = replay_window;
+                self
+            }
+        }
+    };
+}
+
 mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;

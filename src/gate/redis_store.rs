@@ -132,24 +132,9 @@ impl RedisGateConfig {
         self.ttl = ttl;
         self
     }
-
-    /// The same settings with another [`RedisGateConfig::lease`] (at least one
-    /// millisecond).
-    #[must_use]
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
-    /// The same settings with another [`RedisGateConfig::replay_window`]. Keep its
-    /// `max_age` no longer than the TTL: a replay older than the TTL but inside the
-    /// window would pass as fresh.
-    #[must_use]
-    pub fn with_replay_window(mut self, replay_window: ReplayWindow) -> Self {
-        self.replay_window = replay_window;
-        self
-    }
 }
+
+claim_settings!(RedisGateConfig);
 
 /// The decision store shared through Redis: every receiver and worker that points
 /// at the same Redis and key prefix makes one consistent decision per event.

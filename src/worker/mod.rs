@@ -206,17 +206,12 @@ where
 }
 
 /// [`run_worker`] with a handler it borrows, so a supervisor can run it again.
-async fn run_with<Src, S, H>(
+async fn run_with<Src: EventSource, S: DecisionStore, H: EventHandler>(
     mut source: Src,
     store: &S,
     handler: &mut H,
     retry: RetryPolicy,
-) -> Result<(), Error>
-where
-    Src: EventSource,
-    S: DecisionStore,
-    H: EventHandler,
-{
+) -> Result<(), Error> {
     'batches: while let Some(batch) = source.next_batch().await? {
         for delivery in &batch {
             process(delivery, &mut source, store, handler, &retry).await?;
