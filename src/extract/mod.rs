@@ -42,7 +42,7 @@ impl WebhookConfig {
 
 /// The framework's refusal to read a body: 413 over its limit, 400 otherwise.
 fn refused(status: u16, why: impl std::fmt::Display) -> Reply {
-    if status == 413 {
+    if status == http::StatusCode::PAYLOAD_TOO_LARGE.as_u16() {
         Reply::from(Error::BodyTooLarge { limit: None })
     } else {
         Reply::unreadable_body(why)

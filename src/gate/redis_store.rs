@@ -86,6 +86,9 @@ end
 return 1
 ";
 
+/// How long a decision waits for Redis, by default.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Settings of a [`RedisGate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -110,9 +113,9 @@ impl Default for RedisGateConfig {
     fn default() -> Self {
         RedisGateConfig {
             key_prefix: "comapi-webhook:".to_owned(),
-            ttl: Duration::from_secs(25 * 60 * 60),
+            ttl: ReplayWindow::DEFAULT_MAX_AGE,
             lease: DEFAULT_LEASE,
-            timeout: Duration::from_secs(2),
+            timeout: DEFAULT_TIMEOUT,
             replay_window: ReplayWindow::default(),
         }
     }

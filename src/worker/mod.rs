@@ -24,6 +24,15 @@ mod supervise;
 
 pub use supervise::{Sources, Worker};
 
+/// The wait after the first failure, by default.
+const DEFAULT_FIRST_DELAY: Duration = Duration::from_secs(1);
+/// The longest wait between attempts, by default.
+const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
+/// Attempts in all, by default.
+const DEFAULT_ATTEMPTS: u32 = 8;
+/// How long the worker waits before asking a busy or unavailable decision store again.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 /// What a handler's failure is: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -119,7 +128,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60), 8)
+        RetryPolicy::new(DEFAULT_FIRST_DELAY, DEFAULT_MAX_DELAY, DEFAULT_ATTEMPTS)
     }
 }
 
@@ -284,7 +293,7 @@ async fn process<Src: EventSource, S: DecisionStore, H: EventHandler>(
 async fn claim<S: DecisionStore>(store: &S, event: &Event<'_>, delivery: &str) -> Decision {
     loop {
         match store.claim(event, delivery).await {
-            Ok(Decision::Busy) | Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            Ok(Decision::Busy) | Err(_) => tokio::time::sleep(ASK_AGAIN_AFTER).await,
             Ok(decision) => return decision,
         }
     }
@@ -297,7 +306,7 @@ where
     Fut: Future<Output = Result<(), Error>>,
 {
     while step().await.is_err() {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(ASK_AGAIN_AFTER).await;
     }
 }
 

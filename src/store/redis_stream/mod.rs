@@ -47,6 +47,12 @@ pub use consumer::{StopHandle, StreamConsumer, StreamConsumers, StreamDelivery};
 /// The entry field holding the record.
 const RECORD_FIELD: &str = "record";
 
+/// How long a store may take before the receive step answers 503, by default:
+/// well inside Comapi's 10 s.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
+/// The most entries a worker reads at once, by default.
+pub const DEFAULT_BATCH: usize = 64;
+
 /// Settings of a [`RedisStream`] and its [`StreamConsumer`]s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -75,10 +81,10 @@ impl Default for RedisStreamConfig {
         RedisStreamConfig {
             key_prefix: "comapi-webhook:".to_owned(),
             group: "comapi-webhook".to_owned(),
-            deadline: Duration::from_secs(5),
+            deadline: DEFAULT_DEADLINE,
             replicas: 0,
             lease: crate::gate::DEFAULT_LEASE,
-            batch: 64,
+            batch: DEFAULT_BATCH,
         }
     }
 }

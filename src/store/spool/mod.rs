@@ -2,8 +2,25 @@
 //! recovery, and a reader that resumes from a persisted offset.
 //!
 //! `Spool` and its settings are here; the writer thread in `writer`, what a crash
-//! leaves to repair in `recovery`, the stored line's layout in `record`, the reader in
-//! `reader`, and the folder's files (segments, lock) in `files`.
+//! leaves to repair in `recovery`, the stored line's layout in `record`, the
+//! reader's cursor in `reader` and the worker's source in `source`, the dead letter
+//! in `dead_letter`, and the folder's files (segments, lock) in `files`.
+//!
+//! # Design
+//!
+//! - **Group commit.** One writer thread takes every append waiting, writes them
+//!   all, syncs once and answers them all: the sync, a fixed cost, is paid per
+//!   group. While a group is smaller than the previous one the writer holds it up to
+//!   the group linger for more to join, sleeping meanwhile so the CPU goes to the
+//!   requests it waits for; under load groups grow and syncs get fewer, and a spool
+//!   that gets one append at a time never waits, its previous group being no larger.
+//! - **Preallocation.** The segment being written is filled with zero bytes ahead
+//!   of its data, so appends land inside the file instead of growing it and each
+//!   sync flushes data only, skipping the file system's journal (on ext4 that
+//!   halves the cost of a sync). Each step is one longer sync, so larger steps raise
+//!   tail latency. The zero tail is cut when the segment rolls over and when the
+//!   spool closes; after a crash, [`Spool::open`] cuts it. Readers never read past
+//!   committed data.
 
 use std::fmt;
 use std::io;
@@ -36,6 +53,13 @@ pub(crate) use record::record_event;
 pub use source::SpoolReader;
 use writer::Writer;
 
+/// A segment rolls over at this size, by default: 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The zero-filled step ahead of the data, by default: 1 MiB.
+pub const DEFAULT_PREALLOCATE_BYTES: u64 = 1024 * 1024;
+/// How long the writer may hold a group for more, by default: 100 µs.
+pub const DEFAULT_GROUP_LINGER: Duration = Duration::from_micros(100);
+
 /// Where and how a [`Spool`] stores events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -45,38 +69,33 @@ pub struct SpoolConfig {
     /// [`run_worker`](crate::worker::run_worker) ever had to set a line aside, `rejected.jsonl`. Created if missing.
     pub dir: PathBuf,
     /// A segment is closed and a new one started once it reaches this size.
+    /// Default [`DEFAULT_SEGMENT_BYTES`].
     pub segment_bytes: u64,
     /// How far ahead of its data the segment being written is filled with zero
-    /// bytes (0 turns this off). Appends then land inside the file instead of
-    /// growing it, so each sync only flushes data and skips the file system's
-    /// journal: on ext4 that halves the cost of a sync. The zero tail is cut off
-    /// when the segment rolls over and when the spool closes; after a crash,
-    /// [`Spool::open`] cuts it. Readers never read past committed data. Each step
-    /// is one longer sync (about 1 ms per MiB here), so larger steps raise tail latency.
+    /// bytes; 0 turns this off. Default [`DEFAULT_PREALLOCATE_BYTES`]. See
+    /// *Design* in the [module docs](self).
     pub preallocate_bytes: u64,
     /// Whether [`SpoolReader::acknowledge`] deletes the segments wholly before the
     /// acknowledged position (off by default: the spool then keeps every event, as
     /// a log would). Turn it on when the spool is only a queue, or it grows forever.
     pub remove_processed: bool,
     /// How long the writer may hold a group before syncing it, waiting for more
-    /// appends to join, while the group is smaller than the previous one (zero turns
-    /// this off). Under load, groups grow and syncs, each a fixed cost, get fewer; a
-    /// spool that gets one append at a time never waits, since its previous group
-    /// was no larger. The writer sleeps while it waits, leaving the CPU to the
-    /// requests it waits for.
+    /// appends to join, while the group is smaller than the previous one; zero
+    /// turns this off. Default [`DEFAULT_GROUP_LINGER`]. See *Design* in the
+    /// [module docs](self).
     pub group_linger: Duration,
 }
 
 impl SpoolConfig {
-    /// Segments in `dir`, rolling over at 64 MiB, preallocated 1 MiB at a time,
-    /// groups held up to 100 µs.
+    /// Segments in `dir`, with the defaults: [`DEFAULT_SEGMENT_BYTES`],
+    /// [`DEFAULT_PREALLOCATE_BYTES`], [`DEFAULT_GROUP_LINGER`], processed segments kept.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         SpoolConfig {
             dir: dir.into(),
-            segment_bytes: 64 * 1024 * 1024,
-            preallocate_bytes: 1024 * 1024,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            preallocate_bytes: DEFAULT_PREALLOCATE_BYTES,
             remove_processed: false,
-            group_linger: Duration::from_micros(100),
+            group_linger: DEFAULT_GROUP_LINGER,
         }
     }
 
