@@ -44,7 +44,7 @@ pub enum Error {
     #[error("empty secret")]
     EmptySecret,
     /// A secret is shorter than Comapi's documented minimum of 16 bytes.
-    #[error("secret too short: {len} bytes, Comapi requires at least 16")]
+    #[error("secret too short: {len} bytes, Comapi requires at least 16 bytes")]
     SecretTooShort {
         /// The length of the rejected secret in bytes.
         len: usize,

@@ -148,7 +148,7 @@ fn secrets_are_validated() {
     );
     assert_eq!(
         Error::SecretTooShort { len: 4 }.to_string(),
-        "secret too short: 4 bytes, Comapi requires at least 16"
+        "secret too short: 4 bytes, Comapi requires at least 16 bytes"
     );
 }
 
