@@ -437,3 +437,30 @@ fn a_store_without_an_answer_gives_up_at_its_deadline_and_recovers() {
         assert!((2..=3).contains(&stored), "{stored}");
     });
 }
+
+#[test]
+fn a_store_waiting_for_replicas_that_are_not_there_never_answers_200() {
+    let Some(url) = redis_url("a_store_waiting_for_replicas_that_are_not_there") else {
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = unique_prefix("replicas");
+        let deadline = Duration::from_millis(300);
+        let config = config(&prefix).with_deadline(deadline).with_replicas(1);
+        let stream = RedisStream::connect(&url, config).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
+        let started = Instant::now();
+        assert_eq!(
+            post(&inbox, &["unreplicated"]).await,
+            503,
+            "the test Redis has no replica"
+        );
+        assert!(started.elapsed() < deadline + Duration::from_millis(500));
+        // Without the replica requirement the same Redis stores at once.
+        let plain = RedisStream::connect(&url, self::config(&prefix))
+            .await
+            .unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), plain);
+        assert_eq!(post(&inbox, &["replicated-enough"]).await, 200);
+    });
+}
