@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+started=$(date +%s)
 
 # A throwaway Redis for the gate and stream tests: loopback, a free port, durable as
 # production must be (AOF, fsynced before every reply), stopped on exit. Skipped when COMAPI_TEST_REDIS_URL is already set; without a
@@ -62,4 +63,4 @@ done
 step "cargo bench --no-run"
 cargo bench --all-features --no-run
 
-step "all checks passed"
+step "all checks passed in $(( $(date +%s) - started )) s"
