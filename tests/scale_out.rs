@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use comapi_webhook::store::redis_stream::{RedisStream, RedisStreamConfig};
 use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
 use process::{Receiver, SECRET, client, event_json, metric, post_signed};
-use support::{example_binary, redis_url, runtime, temp_dir, unique_prefix};
+use support::{example_binary, redis_connection, redis_url, runtime, temp_dir, unique_prefix};
 
 /// A receiver (`hyper_receiver`, `actix_receiver`) or `worker` on Redis at `url`,
 /// keys under `prefix`, with a short lease so a killed worker's events are taken
@@ -50,18 +50,10 @@ fn processed_counts(logs: &[String]) -> HashMap<String, usize> {
     counts
 }
 
-async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
 /// The group's pending entries and the dead stream's length.
 async fn pending_and_dead(url: &str, prefix: &str) -> (u64, u64) {
     let config = RedisStreamConfig::default().with_key_prefix(prefix);
-    let mut conn = connection(url).await;
+    let mut conn = redis_connection(url).await;
     let summary: redis::Value = redis::cmd("XPENDING")
         .arg(config.stream_key())
         .arg(&config.group)
@@ -86,7 +78,7 @@ async fn pending_and_dead(url: &str, prefix: &str) -> (u64, u64) {
 /// Every event id in the stream.
 async fn stream_event_ids(url: &str, prefix: &str) -> HashSet<String> {
     let config = RedisStreamConfig::default().with_key_prefix(prefix);
-    let mut conn = connection(url).await;
+    let mut conn = redis_connection(url).await;
     let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
         .arg(config.stream_key())
         .arg("-")
@@ -456,7 +448,7 @@ fn sigterm_on_a_worker_finishes_its_event_acknowledges_and_exits_0() {
     // Whatever it processed is acknowledged: none of its pending entries is one of them.
     let config = RedisStreamConfig::default().with_key_prefix(&prefix);
     let pending_events: Vec<String> = rt.block_on(async {
-        let mut conn = connection(&url).await;
+        let mut conn = redis_connection(&url).await;
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
             .arg(config.stream_key())
             .arg(&config.group)

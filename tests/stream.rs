@@ -19,7 +19,7 @@ use comapi_webhook::store::redis_stream::{
 use comapi_webhook::store::{Delivery, EventSource, EventStore};
 use comapi_webhook::worker::{RetryPolicy, run_worker};
 use comapi_webhook::{Event, Inbox, SIGNATURE_HEADER, Verifier};
-use support::{recorder, redis_url, runtime, unique_prefix};
+use support::{recorder, redis_connection, redis_url, runtime, unique_prefix};
 
 const SECRET: &str = "a-comapi-webhook-secret-of-36-chars!";
 
@@ -55,12 +55,25 @@ async fn gate(url: &str, prefix: &str) -> RedisGate {
         .unwrap()
 }
 
-async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
+/// The length of the stream at `key`.
+async fn xlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()
+}
+
+/// Runs a worker named `name` until it handled `expected` events; returns them.
+async fn drain(
+    url: &str,
+    prefix: &str,
+    gate: &RedisGate,
+    name: &str,
+    expected: usize,
+) -> Vec<String> {
+    let seen = Mutex::new(Vec::new());
+    let consumer = StreamConsumer::connect(url, config(prefix), name)
         .await
-        .unwrap()
+        .unwrap();
+    process_until(consumer, gate, &seen, expected).await;
+    seen.into_inner().unwrap()
 }
 
 /// Runs a worker on `consumer` until `expected` events were handled, then stops it.
@@ -108,23 +121,15 @@ fn stored_events_are_processed_once_acknowledged_and_trimmed() {
         );
 
         let gate = gate(&url, &prefix).await;
-        let seen = Mutex::new(Vec::new());
-        let consumer = StreamConsumer::connect(&url, config(&prefix), "w1")
-            .await
-            .unwrap();
-        process_until(consumer, &gate, &seen, 3).await;
-        assert_eq!(
-            *seen.lock().unwrap(),
-            ["a", "b", "c"],
-            "the copy is a duplicate"
-        );
+        let seen = drain(&url, &prefix, &gate, "w1", 3).await;
+        assert_eq!(seen, ["a", "b", "c"], "the copy is a duplicate");
         let status = stream.status().await;
         assert_eq!(
             (status.backlog, status.pending, status.dead_letters),
             (Some(0), Some(0), Some(0))
         );
         // A second group that has read nothing keeps every entry from being trimmed.
-        let mut conn = redis(&url).await;
+        let mut conn = redis_connection(&url).await;
         let key = config(&prefix).stream_key();
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -135,18 +140,10 @@ fn stored_events_are_processed_once_acknowledged_and_trimmed() {
             .await
             .unwrap();
         assert_eq!(post(&inbox, &["d"]).await, 200);
-        let seen = Mutex::new(Vec::new());
-        let consumer = StreamConsumer::connect(&url, config(&prefix), "w2")
-            .await
-            .unwrap();
-        process_until(consumer, &gate, &seen, 1).await;
-        let length: u64 = redis::cmd("XLEN")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        drain(&url, &prefix, &gate, "w2", 1).await;
         assert_eq!(
-            length, 5,
+            xlen(&mut conn, &key).await,
+            5,
             "nothing trimmed that the audit group has not read"
         );
         // Once it has read and acknowledged everything, a trim leaves at most the last entry.
@@ -159,16 +156,8 @@ fn stored_events_are_processed_once_acknowledged_and_trimmed() {
             .map(|_: i64| ())
             .unwrap();
         assert_eq!(post(&inbox, &["e"]).await, 200);
-        let seen = Mutex::new(Vec::new());
-        let consumer = StreamConsumer::connect(&url, config(&prefix), "w3")
-            .await
-            .unwrap();
-        process_until(consumer, &gate, &seen, 1).await;
-        let length: u64 = redis::cmd("XLEN")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        drain(&url, &prefix, &gate, "w3", 1).await;
+        let length = xlen(&mut conn, &key).await;
         assert!(length <= 2, "acknowledged entries trimmed, {length} left");
     });
 }
@@ -230,7 +219,7 @@ fn failures_go_to_the_dead_stream_and_requeue_brings_them_back() {
         let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
         assert_eq!(post(&inbox, &["bad", "good"]).await, 200);
         // A record that is not an event, written by someone else.
-        let mut conn = redis(&url).await;
+        let mut conn = redis_connection(&url).await;
         let _: String = redis::cmd("XADD")
             .arg(config.stream_key())
             .arg("*")

@@ -126,3 +126,13 @@ pub fn spool_line(event: &str) -> Vec<u8> {
     format!("{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n")
         .into_bytes()
 }
+
+/// A connection of the test's own to the Redis at `url`.
+#[cfg(feature = "redis")]
+pub async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
