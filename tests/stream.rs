@@ -453,3 +453,65 @@ fn a_store_waiting_for_replicas_that_are_not_there_never_answers_200() {
         assert_eq!(post(&inbox, &["replicated-enough"]).await, 200);
     });
 }
+
+#[test]
+fn an_event_worked_on_longer_than_the_lease_is_not_taken_over() {
+    let Some(url) = redis_url("an_event_worked_on_longer_than_the_lease_is_not_taken_over") else {
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = unique_prefix("keepalive");
+        let lease = Duration::from_millis(300);
+        let config = config(&prefix).with_lease(lease);
+        let stream = RedisStream::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream);
+        assert_eq!(post(&inbox, &["slow", "after"]).await, 200);
+        let gate_config = RedisGateConfig::default()
+            .with_key_prefix(&prefix)
+            .with_lease(lease);
+        let gate = RedisGate::connect(&url, gate_config).await.unwrap();
+        let attempts = Mutex::new(Vec::new());
+        // Four leases on one event: without keep-alives the other worker would take
+        // it over, claim it with the same delivery and process it alongside.
+        let handler = |worker: &'static str| {
+            let attempts = &attempts;
+            move |event: Event<'static>| async move {
+                attempts
+                    .lock()
+                    .unwrap()
+                    .push((worker, event.event_id().to_owned()));
+                if event.event_id() == "slow" {
+                    tokio::time::sleep(lease * 4).await;
+                }
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        let first = StreamConsumer::connect(&url, config.clone(), "first")
+            .await
+            .unwrap();
+        let second = StreamConsumer::connect(&url, config.clone(), "second")
+            .await
+            .unwrap();
+        let stops = [first.stop_handle(), second.stop_handle()];
+        let retry = RetryPolicy::default();
+        let watch = async {
+            while attempts.lock().unwrap().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Give a take-over every chance to happen.
+            tokio::time::sleep(lease * 3).await;
+            stops.iter().for_each(|stop| stop.stop());
+        };
+        let (a, b, ()) = tokio::join!(
+            run_worker(first, &gate, handler("first"), retry),
+            run_worker(second, &gate, handler("second"), retry),
+            watch
+        );
+        a.unwrap();
+        b.unwrap();
+        let attempts = attempts.into_inner().unwrap();
+        let slow = attempts.iter().filter(|(_, id)| id == "slow").count();
+        assert_eq!(slow, 1, "processed once: {attempts:?}");
+        assert_eq!(attempts.len(), 2, "{attempts:?}");
+    });
+}

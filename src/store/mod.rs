@@ -204,6 +204,25 @@ pub trait EventSource: Send {
     /// When the acknowledgement cannot be stored; those deliveries come again.
     fn flush(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// How often the worker calls [`EventSource::keep_alive`] while it is on one
+    /// event (its handler running, or waiting to retry it). Default: never.
+    fn keep_alive_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// The worker is still on `delivery`: keeps it, and the rest of the batch, from
+    /// being taken over by another worker. Default: nothing.
+    ///
+    /// # Errors
+    /// When the store cannot be told; the worker goes on regardless.
+    fn keep_alive(
+        &mut self,
+        delivery: &Self::Delivery,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = delivery;
+        async { Ok(()) }
+    }
+
     /// Whether the worker should stop after the event in hand, leaving the rest of
     /// the batch unfinished (they come again to the next worker). Default: never;
     /// a spool's worker drains the spool.

@@ -269,7 +269,8 @@ async fn process<Src: EventSource, S: DecisionStore, H: EventHandler>(
             }
         }
         attempt += 1;
-        let error = match attempt_once(handler, event.clone().into_owned()).await {
+        let running = attempt_once(handler, event.clone().into_owned());
+        let error = match keeping_alive(source, delivery, running).await {
             Ok(()) => {
                 until_done(|| store.complete(&event, &id)).await;
                 return Ok(());
@@ -285,7 +286,29 @@ async fn process<Src: EventSource, S: DecisionStore, H: EventHandler>(
         }
         let delay = retry.delay(attempt);
         handler.attempt_failed(&event, &error, attempt, delay);
-        tokio::time::sleep(delay).await;
+        keeping_alive(source, delivery, tokio::time::sleep(delay)).await;
+    }
+}
+
+/// Runs `work` to its end, telling `source` every so often that `delivery` is still
+/// being worked on (see [`EventSource::keep_alive`]).
+async fn keeping_alive<Src: EventSource, T>(
+    source: &mut Src,
+    delivery: &Src::Delivery,
+    work: impl Future<Output = T>,
+) -> T {
+    let Some(every) = source.keep_alive_every() else {
+        return work.await;
+    };
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            () = tokio::time::sleep(every) => {
+                // Best effort: a missed keep-alive at worst lets another worker take over.
+                let _ = source.keep_alive(delivery).await;
+            }
+        }
     }
 }
 

@@ -54,7 +54,8 @@ static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::ne
 ///
 /// It reads new entries (`XREADGROUP`), takes over entries another consumer held
 /// longer than the lease without acknowledging them (`XAUTOCLAIM`: a crashed
-/// worker's events), acknowledges finished ones (`XACK`, one round trip per
+/// worker's events), keeps the entries it is still on from being taken over (every
+/// third of a lease, while a handler runs long or waits to retry), acknowledges finished ones (`XACK`, one round trip per
 /// batch), keeps dead letters in `<prefix>events:dead`, and trims what every group
 /// acknowledged. Decide with [`RedisGate`](crate::gate::RedisGate): the entry id is the
 /// delivery, so across any number of workers each event is processed once,
@@ -90,6 +91,8 @@ pub struct StreamConsumer {
     finished: Vec<String>,
     /// Entries of the last batch not yet finished, in order.
     in_hand: VecDeque<String>,
+    /// When the entries in hand were last read or kept alive.
+    kept_alive: Instant,
     /// Where the next take-over scan starts (`0-0`: from the beginning).
     claim_from: String,
     last_claim: Option<Instant>,
@@ -172,6 +175,7 @@ impl StreamConsumer {
             stop: StopHandle::default(),
             finished: Vec::new(),
             in_hand: VecDeque::new(),
+            kept_alive: Instant::now(),
             claim_from: "0-0".to_owned(),
             last_claim: None,
             last_trim: None,
@@ -315,6 +319,33 @@ impl StreamConsumer {
             .collect())
     }
 
+    /// A third of the lease: entries in hand are kept alive this often.
+    fn keep_alive_interval(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// Resets the idle time of the entries in hand (`XCLAIM … JUSTID`, which keeps
+    /// their delivery count), so that no other worker takes them over while this
+    /// one is still on them.
+    async fn hold_in_hand(&mut self) -> Result<(), Error> {
+        self.kept_alive = Instant::now();
+        if self.in_hand.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&String> = self.in_hand.iter().collect();
+        let _: Vec<String> = redis::cmd("XCLAIM")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(0)
+            .arg(&ids)
+            .arg("JUSTID")
+            .query_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot keep stream entries", e))?;
+        Ok(())
+    }
+
     /// Marks the entries read and not finished idle for a whole lease, keeping
     /// their delivery count, so that the next look of another worker takes them.
     async fn hand_back(&mut self) -> Result<(), Error> {
@@ -388,6 +419,7 @@ impl EventSource for StreamConsumer {
             }
             if !batch.is_empty() {
                 self.in_hand = batch.iter().map(|d| d.id.clone()).collect();
+                self.kept_alive = Instant::now();
                 return Ok(Some(batch));
             }
         }
@@ -403,7 +435,18 @@ impl EventSource for StreamConsumer {
         if self.stop.is_stopped() || self.finished.len() >= self.batch {
             self.acknowledge().await?;
         }
+        if self.kept_alive.elapsed() >= self.keep_alive_interval() {
+            self.hold_in_hand().await?;
+        }
         Ok(())
+    }
+
+    fn keep_alive_every(&self) -> Option<Duration> {
+        Some(self.keep_alive_interval())
+    }
+
+    async fn keep_alive(&mut self, _: &StreamDelivery) -> Result<(), Error> {
+        self.hold_in_hand().await
     }
 
     async fn dead_letter(
