@@ -23,7 +23,7 @@ const HTML: &str = "text/html; charset=utf-8";
 /// | 401 | the signature is missing, malformed or wrong; nothing is stored |
 /// | 400 | the body is not an envelope or a batch of them; nothing is stored (Comapi does not retry) |
 /// | 413 | the body is over the limit; the connection is closed, since the rest was not read |
-/// | 503 | storing failed, or took longer than the store's deadline; Comapi retries later |
+/// | 503 | storing failed, or took longer than the store's deadline, or the body could not be read; Comapi retries later |
 /// | 200 | every event of the body is durably stored |
 ///
 /// ```
@@ -97,15 +97,16 @@ impl Reply {
         Reply::new(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET or POST\n")
     }
 
-    /// A `400` for a body that could not be read off the connection.
-    #[must_use]
-    pub fn unreadable_body(why: impl fmt::Display) -> Self {
+    /// A `503` for a body that could not be read off the connection (cut short,
+    /// badly chunked): nothing shows it was not a signed batch, and Comapi never
+    /// retries a 400, so it is asked to send it again.
+    pub(crate) fn unreadable_body(why: impl fmt::Display) -> Self {
         Reply {
             reason: Some(format!("cannot read the request body: {why}")),
             ..Reply::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::SERVICE_UNAVAILABLE,
                 TEXT,
-                "cannot read the request body\n",
+                "cannot read the request body, retry later\n",
             )
         }
     }

@@ -40,7 +40,8 @@ impl WebhookConfig {
     }
 }
 
-/// The framework's refusal to read a body: 413 over its limit, 400 otherwise.
+/// The framework's refusal to read a body: 413 over its limit, 503 otherwise (see
+/// [`Reply::unreadable_body`]).
 fn refused(status: u16, why: impl std::fmt::Display) -> Reply {
     if status == http::StatusCode::PAYLOAD_TOO_LARGE.as_u16() {
         Reply::from(Error::BodyTooLarge { limit: None })
