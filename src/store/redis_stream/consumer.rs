@@ -324,47 +324,42 @@ impl StreamConsumer {
         self.lease / 3
     }
 
-    /// Resets the idle time of the entries in hand (`XCLAIM … JUSTID`, which keeps
-    /// their delivery count), so that no other worker takes them over while this
-    /// one is still on them.
+    /// Resets the idle time of the entries in hand, so that no other worker takes
+    /// them over while this one is still on them.
     async fn hold_in_hand(&mut self) -> Result<(), Error> {
         self.kept_alive = Instant::now();
-        if self.in_hand.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<&String> = self.in_hand.iter().collect();
-        let _: Vec<String> = redis::cmd("XCLAIM")
-            .arg(&self.key)
-            .arg(&self.group)
-            .arg(&self.name)
-            .arg(0)
-            .arg(&ids)
-            .arg("JUSTID")
-            .query_async(&mut self.connection)
-            .await
-            .map_err(|e| unavailable("cannot keep stream entries", e))?;
-        Ok(())
+        let ids: Vec<String> = self.in_hand.iter().cloned().collect();
+        self.reclaim(&ids, None).await
     }
 
-    /// Marks the entries read and not finished idle for a whole lease, keeping
-    /// their delivery count, so that the next look of another worker takes them.
+    /// Marks the entries read and not finished idle for a whole lease, so that the
+    /// next look of another worker takes them.
     async fn hand_back(&mut self) -> Result<(), Error> {
-        if self.in_hand.is_empty() {
+        let ids: Vec<String> = self.in_hand.drain(..).collect();
+        self.reclaim(&ids, Some(self.lease)).await
+    }
+
+    /// `XCLAIM … JUSTID` of `ids` by this consumer, which keeps their delivery
+    /// count, setting their idle time to `idle` (zero when `None`).
+    async fn reclaim(&mut self, ids: &[String], idle: Option<Duration>) -> Result<(), Error> {
+        if ids.is_empty() {
             return Ok(());
         }
-        let ids: Vec<String> = self.in_hand.drain(..).collect();
-        let _: Vec<String> = redis::cmd("XCLAIM")
+        let mut command = redis::cmd("XCLAIM");
+        command
             .arg(&self.key)
             .arg(&self.group)
             .arg(&self.name)
             .arg(0)
-            .arg(&ids)
-            .arg("IDLE")
-            .arg(Self::millis(self.lease))
+            .arg(ids);
+        if let Some(idle) = idle {
+            command.arg("IDLE").arg(Self::millis(idle));
+        }
+        let _: Vec<String> = command
             .arg("JUSTID")
             .query_async(&mut self.connection)
             .await
-            .map_err(|e| unavailable("cannot hand back stream entries", e))?;
+            .map_err(|e| unavailable("cannot reclaim stream entries", e))?;
         Ok(())
     }
 
