@@ -100,6 +100,7 @@ impl Reply {
     /// A `503` for a body that could not be read off the connection (cut short,
     /// badly chunked): nothing shows it was not a signed batch, and Comapi never
     /// retries a 400, so it is asked to send it again.
+    #[cfg(any(feature = "receiver", feature = "actix", feature = "axum"))]
     pub(crate) fn unreadable_body(why: impl fmt::Display) -> Self {
         Reply {
             reason: Some(format!("cannot read the request body: {why}")),

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
-use support::{recorder, runtime, spool_line, temp_dir};
+use support::{runtime, spool_line, temp_dir};
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -530,14 +530,7 @@ fn a_plain_function_or_typed_closure_is_an_event_handler() {
             .await
             .unwrap();
         spool.close().await;
-        run_worker(
-            spool.reader().unwrap(),
-            &Gate::in_memory(),
-            recorder(&seen),
-            RetryPolicy::default(),
-        )
-        .await
-        .unwrap();
+        support::record_all(&spool, &seen).await;
     });
     assert_eq!(seen.into_inner().unwrap(), ["f-1", "f-2"]);
     assert!(!dir.join("rejected.jsonl").exists(), "nothing set aside");

@@ -7,10 +7,9 @@ mod support;
 
 use std::io::ErrorKind;
 
+use comapi_webhook::Error;
 use comapi_webhook::store::spool::{Spool, SpoolConfig};
-use comapi_webhook::worker::{RetryPolicy, run_worker};
-use comapi_webhook::{Error, Gate};
-use support::{example_binary, recorder, runtime, spool_line, temp_dir};
+use support::{example_binary, runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {
     spool_line(&format!(
@@ -79,14 +78,7 @@ fn a_zero_byte_mid_segment_keeps_the_lines_after_it() {
         assert_eq!(recovery.events, 3);
         assert_eq!(recovery.torn_bytes, 0, "only the zero tail was cut");
         spool.close().await;
-        run_worker(
-            spool.reader().unwrap(),
-            &Gate::in_memory(),
-            recorder(&seen),
-            RetryPolicy::default(),
-        )
-        .await
-        .unwrap();
+        support::record_all(&spool, &seen).await;
     });
     assert_eq!(std::fs::read(&segment).unwrap(), data[..data.len() - 4096]);
     assert_eq!(seen.into_inner().unwrap(), ["z-1", "z-3"]);

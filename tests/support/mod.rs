@@ -136,3 +136,20 @@ pub async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
         .await
         .unwrap()
 }
+
+/// Runs a worker with a fresh in-memory gate over everything a closed `spool`
+/// holds, recording each event id in `seen`.
+#[cfg(feature = "receiver")]
+pub async fn record_all(
+    spool: &comapi_webhook::store::spool::Spool,
+    seen: &std::sync::Mutex<Vec<String>>,
+) {
+    comapi_webhook::worker::run_worker(
+        spool.reader().unwrap(),
+        &comapi_webhook::Gate::in_memory(),
+        recorder(seen),
+        comapi_webhook::worker::RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
+}
