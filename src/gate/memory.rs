@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, ReplayWindow, expired_now};
+use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, KeepAlive, ReplayWindow};
 use crate::event::Family;
 use crate::{Error, Event};
 
@@ -136,7 +136,32 @@ impl Gate {
     /// An event outside the replay window is [`Decision::Expired`] before anything
     /// is looked up, and nothing is recorded for it; nor for a stale one.
     pub fn claim(&self, event: &Event<'_>, delivery: &str) -> Decision {
-        self.decide(event, Outcome::Claim(delivery))
+        self.claim_received(event, delivery, Some(SystemTime::now()))
+    }
+
+    /// Claims `event` for `delivery`, judging the replay window at `received_at`.
+    /// See [`DecisionStore::claim_received`].
+    pub fn claim_received(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+        received_at: Option<SystemTime>,
+    ) -> Decision {
+        self.decide(event, Outcome::Claim(delivery), received_at)
+    }
+
+    /// Extends `delivery`'s claim on the event with id `event_id` by a lease from
+    /// now, if it still holds it. See [`DecisionStore::keep_alive`].
+    pub fn renew(&self, event_id: &str, delivery: &str) {
+        let until = Instant::now() + self.inner.lease;
+        self.inner
+            .event_ids
+            .touch(IdKey::new(event_id), |held| match held {
+                Some(Held::Claimed { delivery: d, .. }) if *d == *delivery => {
+                    (Some(Held::Claimed { delivery: d, until }), ())
+                }
+                other => (other, ()),
+            });
     }
 
     /// Makes the event's claim final. See [`DecisionStore::complete`].
@@ -162,11 +187,16 @@ impl Gate {
     /// Claims and completes `event` in one step: for processing that cannot fail,
     /// or that you retry yourself. A `Fresh` event is recorded as processed at once.
     pub fn check(&self, event: &Event<'_>) -> Decision {
-        self.decide(event, Outcome::Complete)
+        self.decide(event, Outcome::Complete, Some(SystemTime::now()))
     }
 
-    fn decide(&self, event: &Event<'_>, outcome: Outcome<'_>) -> Decision {
-        if let Some(expired) = expired_now(&self.inner.window, event) {
+    fn decide(
+        &self,
+        event: &Event<'_>,
+        outcome: Outcome<'_>,
+        received_at: Option<SystemTime>,
+    ) -> Decision {
+        if let Some(expired) = self.inner.window.expired(event, received_at) {
             return expired;
         }
         let key = GateKey::of(event);
@@ -236,13 +266,24 @@ impl Default for Gate {
 }
 
 impl DecisionStore for Gate {
-    fn claim(
+    fn claim_received(
         &self,
         event: &Event<'_>,
         delivery: &str,
+        received_at: Option<SystemTime>,
     ) -> impl Future<Output = Result<Decision, Error>> + Send {
-        let decision = Gate::claim(self, event, delivery);
+        let decision = Gate::claim_received(self, event, delivery, received_at);
         async move { Ok(decision) }
+    }
+
+    fn keep_alive(&self) -> Option<KeepAlive> {
+        let gate = self.clone();
+        Some(KeepAlive::new(self.inner.lease / 3, move |claims| {
+            for (event_id, delivery) in claims {
+                gate.renew(event_id, delivery);
+            }
+            Box::pin(async { Ok(()) })
+        }))
     }
 
     fn complete(

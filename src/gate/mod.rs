@@ -81,14 +81,19 @@ pub enum Decision {
     /// being processed elsewhere. Claim again later; once that claim is completed
     /// the answer is `Duplicate`, and once its lease passes unused, `Fresh`.
     Busy,
-    /// The event's `timestamp` lies outside the replay window: older than the
-    /// gate's `max_age` (25 hours by default: Comapi retries for 24), or more than
-    /// its `max_skew` (5 minutes by default) ahead of this machine's clock. A
-    /// genuine delivery is never that old, so this is a replay of a captured
-    /// request, or a clock gone wrong. Drop it; nothing is recorded.
+    /// The event's `timestamp` lay outside the replay window when it was
+    /// received: older than the gate's `max_age` (25 hours by default: Comapi
+    /// retries for 24), or more than its `max_skew` (5 minutes by default) ahead of
+    /// the receiving machine's clock. A genuine delivery never arrives that old, so
+    /// this is a replay of a captured request, or a clock gone wrong. Drop it;
+    /// nothing is recorded.
     ///
-    /// An event without a readable timestamp ([`Event::time`] is `None`) skips
-    /// this check and is decided by its `eventId` and `revision` alone.
+    /// The window is judged against the time the event was *received* (a stored
+    /// record's `receivedAt`), never against the time a worker gets to it: an event
+    /// that arrived in time is processed however late, after an outage or from a
+    /// dead letter requeued days later. An event without a readable timestamp
+    /// ([`Event::time`] is `None`), or claimed without a receipt time, skips this
+    /// check and is decided by its `eventId` and `revision` alone.
     Expired {
         /// How old the event was, in whole seconds: past `max_age` when positive,
         /// and negative for an event dated in the future.
@@ -169,12 +174,17 @@ impl ReplayWindow {
         self
     }
 
-    /// [`Decision::Expired`] when `event`'s time lies outside the window at `now`;
-    /// `None` when it lies inside, or the event has no readable time.
-    pub(crate) fn expired(&self, event: &Event<'_>, now: SystemTime) -> Option<Decision> {
-        let time = event.time()?;
+    /// [`Decision::Expired`] when `event`'s time lay outside the window when it was
+    /// received, at `received_at`; `None` when it lay inside, or the event has no
+    /// readable time, or the receipt time is unknown.
+    pub(crate) fn expired(
+        &self,
+        event: &Event<'_>,
+        received_at: Option<SystemTime>,
+    ) -> Option<Decision> {
+        let (time, received_at) = (event.time()?, received_at?);
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-        match now.duration_since(time) {
+        match received_at.duration_since(time) {
             Ok(age) => (age > self.max_age).then(|| Decision::Expired {
                 age_secs: secs(age),
             }),
@@ -200,7 +210,9 @@ impl ReplayWindow {
 /// again, which is the retry after a crash or a lost reply; another delivery gets
 /// [`Decision::Busy`] while the claim holds.
 pub trait DecisionStore: Send + Sync {
-    /// Claims `event` for `delivery`. See [`Decision`].
+    /// Claims `event`, received just now, for `delivery`. See [`Decision`]. A worker
+    /// that reads stored events claims them with their receipt time instead
+    /// ([`DecisionStore::claim_received`]).
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when a shared store cannot answer. A lost store is
@@ -210,7 +222,31 @@ pub trait DecisionStore: Send + Sync {
         &self,
         event: &Event<'_>,
         delivery: &str,
+    ) -> impl Future<Output = Result<Decision, Error>> + Send {
+        self.claim_received(event, delivery, Some(SystemTime::now()))
+    }
+
+    /// Claims `event` for `delivery`, judging the replay window at `received_at`,
+    /// when the event was received (a stored record's `receivedAt`; `None` when it
+    /// is unknown, which skips the window). See [`Decision`].
+    ///
+    /// # Errors
+    /// As [`DecisionStore::claim`].
+    fn claim_received(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+        received_at: Option<SystemTime>,
     ) -> impl Future<Output = Result<Decision, Error>> + Send;
+
+    /// Something that renews this store's claims from a thread of its own (see
+    /// [`KeepAlive`]): a worker still on an event renews its claim every third of
+    /// the lease, so that a copy of the event (a Comapi retry) stays
+    /// [`Decision::Busy`] however long the handler runs. `None` (the default): the
+    /// store's claims need no renewal.
+    fn keep_alive(&self) -> Option<KeepAlive> {
+        None
+    }
 
     /// Makes the event's claim final: it was processed.
     ///
@@ -236,6 +272,57 @@ pub trait DecisionStore: Send + Sync {
     ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
+/// The future a [`KeepAlive`] returns.
+pub type Renewal = std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+/// Renews leases from a thread of the worker's own, so that they hold however the
+/// handler behaves (even one that blocks its thread): a gate's claims
+/// ([`DecisionStore::keep_alive`]), or the deliveries a source has handed out
+/// (`EventSource::keep_alive`, feature `receiver`).
+///
+/// It is called every [`KeepAlive::every`] with the claims the worker holds,
+/// `(event id, delivery)` pairs, and runs on a runtime of its own: it must not use
+/// a connection whose driver runs on the worker's runtime (make its own, lazily).
+pub struct KeepAlive {
+    every: Duration,
+    renew: Box<Renew>,
+}
+
+/// What a [`KeepAlive`] calls.
+type Renew = dyn FnMut(&[(String, String)]) -> Renewal + Send;
+
+impl KeepAlive {
+    /// Renews by calling `renew` every `every` (at least a millisecond).
+    pub fn new(
+        every: Duration,
+        renew: impl FnMut(&[(String, String)]) -> Renewal + Send + 'static,
+    ) -> Self {
+        KeepAlive {
+            every: every.max(Duration::from_millis(1)),
+            renew: Box::new(renew),
+        }
+    }
+
+    /// How often it renews.
+    #[must_use]
+    pub fn every(&self) -> Duration {
+        self.every
+    }
+
+    /// Renews now, for the claims the worker holds.
+    pub fn renew(&mut self, claims: &[(String, String)]) -> Renewal {
+        (self.renew)(claims)
+    }
+}
+
+impl std::fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeepAlive")
+            .field("every", &self.every)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The gate's view of an event: its id, and the entity and revision to order by.
 /// Both stores derive their keys here, so they decide on the same facts.
 pub(crate) struct GateKey<'e> {
@@ -254,9 +341,4 @@ impl<'e> GateKey<'e> {
             ordering,
         }
     }
-}
-
-/// The [`Decision::Expired`] of `window` for `event` now, if any.
-pub(crate) fn expired_now(window: &ReplayWindow, event: &Event<'_>) -> Option<Decision> {
-    window.expired(event, SystemTime::now())
 }

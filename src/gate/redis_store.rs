@@ -3,11 +3,11 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, ReplayWindow, expired_now};
+use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, KeepAlive, ReplayWindow};
 use crate::{Error, Event};
 
 /// Claims events (or, in `check` mode, claims and completes them at once), the
@@ -82,6 +82,17 @@ if ARGV[1] == 'complete' then
   redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
 elseif redis.call('GET', KEYS[1]) == 'c:' .. ARGV[3] then
   redis.call('DEL', KEYS[1])
+end
+return 1
+";
+
+/// Extends claims still held by their delivery. KEYS: the id keys. ARGV: the lease
+/// in milliseconds, then each key's delivery.
+const RENEW: &str = r"
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == 'c:' .. ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
 end
 return 1
 ";
@@ -165,9 +176,11 @@ claim_settings!(RedisGateConfig);
 /// ```
 #[derive(Clone)]
 pub struct RedisGate {
+    client: redis::Client,
     connection: ConnectionManager,
     claim: Arc<redis::Script>,
     settle: Arc<redis::Script>,
+    renew: Arc<redis::Script>,
     key_prefix: Arc<str>,
     ttl_seconds: u64,
     lease_millis: u64,
@@ -199,9 +212,11 @@ impl RedisGate {
             .await
             .map_err(|e| unavailable("cannot connect to Redis", e))?;
         Ok(RedisGate {
+            client,
             connection,
             claim: Arc::new(redis::Script::new(CLAIM)),
             settle: Arc::new(redis::Script::new(SETTLE)),
+            renew: Arc::new(redis::Script::new(RENEW)),
             key_prefix: config.key_prefix.into(),
             ttl_seconds: config.ttl.as_secs().max(1),
             lease_millis: u64::try_from(config.lease.as_millis())
@@ -232,26 +247,28 @@ impl RedisGate {
     /// about which events were recorded, and retrying the batch is safe only in the
     /// sense that recorded ones come back as duplicates.
     pub async fn check_batch(&self, events: &[Event<'_>]) -> Result<Vec<Decision>, Error> {
-        let claims: Vec<(&Event<'_>, &str)> = events.iter().map(|e| (e, "check")).collect();
+        let now = Some(SystemTime::now());
+        let claims: Vec<_> = events.iter().map(|e| (e, "check", now)).collect();
         self.run_claims(&claims, Mode::Check).await
     }
 
-    /// Runs the claim script on `claims` (events outside the replay window are
-    /// decided here, and never reach Redis), in one round trip.
+    /// Runs the claim script on `claims`, each an event, its delivery and when it
+    /// was received (events outside the replay window are decided here, and never
+    /// reach Redis), in one round trip.
     async fn run_claims(
         &self,
-        claims: &[(&Event<'_>, &str)],
+        claims: &[(&Event<'_>, &str, Option<SystemTime>)],
         mode: Mode,
     ) -> Result<Vec<Decision>, Error> {
         let expired: Vec<Option<Decision>> = claims
             .iter()
-            .map(|(event, _)| expired_now(&self.window, event))
+            .map(|(event, _, received_at)| self.window.expired(event, *received_at))
             .collect();
         let asked: Vec<(GateKey<'_>, &str)> = claims
             .iter()
             .zip(&expired)
             .filter(|(_, expired)| expired.is_none())
-            .map(|((event, delivery), _)| (GateKey::of(event), *delivery))
+            .map(|((event, delivery, _), _)| (GateKey::of(event), *delivery))
             .collect();
         if asked.is_empty() {
             return Ok(expired.into_iter().flatten().collect());
@@ -332,8 +349,13 @@ impl RedisGate {
 }
 
 impl DecisionStore for RedisGate {
-    async fn claim(&self, event: &Event<'_>, delivery: &str) -> Result<Decision, Error> {
-        self.run_claims(&[(event, delivery)], Mode::Claim)
+    async fn claim_received(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+        received_at: Option<SystemTime>,
+    ) -> Result<Decision, Error> {
+        self.run_claims(&[(event, delivery, received_at)], Mode::Claim)
             .await?
             .pop()
             .ok_or_else(|| protocol("empty reply from Redis"))
@@ -345,6 +367,46 @@ impl DecisionStore for RedisGate {
 
     async fn release(&self, event: &Event<'_>, delivery: &str) -> Result<(), Error> {
         self.settle(event, delivery, "release").await
+    }
+
+    fn keep_alive(&self) -> Option<KeepAlive> {
+        // A connection of the keep-alive's own, made on its runtime when first used.
+        let connection = Arc::new(tokio::sync::Mutex::new(None));
+        let (client, script) = (self.client.clone(), Arc::clone(&self.renew));
+        let (prefix, lease) = (Arc::clone(&self.key_prefix), self.lease_millis);
+        let every = Duration::from_millis(lease / 3);
+        Some(KeepAlive::new(every, move |claims| {
+            let keys: Vec<String> = claims
+                .iter()
+                .map(|(event_id, _)| format!("{prefix}event:{event_id}"))
+                .collect();
+            let deliveries: Vec<String> = claims.iter().map(|(_, d)| d.clone()).collect();
+            let (client, connection) = (client.clone(), Arc::clone(&connection));
+            let script = Arc::clone(&script);
+            let empty = claims.is_empty();
+            Box::pin(async move {
+                if empty {
+                    return Ok(());
+                }
+                let mut slot = connection.lock().await;
+                if slot.is_none() {
+                    let made = client.get_multiplexed_async_connection().await;
+                    *slot = Some(made.map_err(|e| unavailable("cannot connect to Redis", e))?);
+                }
+                let Some(live) = slot.as_mut() else {
+                    return Ok(());
+                };
+                let mut invocation = script.prepare_invoke();
+                invocation.key(keys).arg(lease).arg(deliveries);
+                let renewed = invocation.invoke_async::<i64>(live).await;
+                if renewed.is_err() {
+                    *slot = None; // connect again next time
+                }
+                renewed
+                    .map(drop)
+                    .map_err(|e| unavailable("the gate's renewal failed", e))
+            })
+        }))
     }
 }
 

@@ -204,23 +204,14 @@ pub trait EventSource: Send {
     /// When the acknowledgement cannot be stored; those deliveries come again.
     fn flush(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// How often the worker calls [`EventSource::keep_alive`] while it is on one
-    /// event (its handler running, or waiting to retry it). Default: never.
-    fn keep_alive_every(&self) -> Option<std::time::Duration> {
+    /// Something that keeps what this source handed out from being taken over by
+    /// another worker while this one is still on it, from a thread of the worker's
+    /// own (see [`KeepAlive`](crate::gate::KeepAlive)): every event of the batch in
+    /// hand, whether its handler runs, waits to be retried or waits for a busy
+    /// claim, and every finished one not yet acknowledged. `None` (the default):
+    /// nothing is ever taken over.
+    fn keep_alive(&self) -> Option<crate::gate::KeepAlive> {
         None
-    }
-
-    /// The worker is still on `delivery`: keeps it, and the rest of the batch, from
-    /// being taken over by another worker. Default: nothing.
-    ///
-    /// # Errors
-    /// When the store cannot be told; the worker goes on regardless.
-    fn keep_alive(
-        &mut self,
-        delivery: &Self::Delivery,
-    ) -> impl Future<Output = Result<(), Error>> + Send {
-        let _ = delivery;
-        async { Ok(()) }
     }
 
     /// Whether the worker should stop after the event in hand, leaving the rest of
@@ -246,6 +237,13 @@ pub trait Delivery {
     /// # Errors
     /// [`Error::Storage`] when the record cannot be read as one.
     fn event(&self) -> Result<Event<'_>, Error>;
+
+    /// When the receive step stored this copy (the record's `receivedAt`): the
+    /// replay window is judged at this time, never at the time a worker gets to
+    /// it. `None` when the record holds no readable time.
+    fn received_at(&self) -> Option<std::time::SystemTime> {
+        spool::record_received_at(self.record())
+    }
 
     /// How many times this copy was handed to a worker, this time included (more
     /// than 1 after a worker crashed while it held it). Default 1.

@@ -13,16 +13,20 @@ use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::gate::DecisionStore;
 use crate::store::{Delivery, EventSource};
 use crate::{Decision, Error, Event};
 
+mod keeper;
 mod supervise;
 
-pub use supervise::{Sources, Worker};
+use keeper::{Claims, Keeper};
+pub use supervise::{DEFAULT_SHUTDOWN_GRACE, Sources, Worker};
 
 /// The wait after the first failure, by default.
 const DEFAULT_FIRST_DELAY: Duration = Duration::from_secs(1);
@@ -32,6 +36,9 @@ const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 const DEFAULT_ATTEMPTS: u32 = 8;
 /// How long the worker waits before asking a busy or unavailable decision store again.
 const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+/// How often a worker that waits (for a handler, a retry, the store) looks whether
+/// it is asked to stop.
+const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// What a handler's failure is: any error, boxed.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -211,21 +218,66 @@ where
     S: DecisionStore,
     H: EventHandler,
 {
-    run_with(source, store, &mut handler, retry).await
+    run_with(source, store, &mut handler, retry, &Abandon::default()).await
+}
+
+/// Asks a running worker to let go of its event in hand at once (a supervisor's
+/// grace period ran out): the handler is dropped, a backoff or a wait for the
+/// store cut short, and the event left unfinished, to be delivered again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Abandon(Arc<AtomicBool>);
+
+impl Abandon {
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// How the worker left a stored event.
+#[derive(Debug, PartialEq, Eq)]
+enum Left {
+    /// Processed, skipped, dead-lettered or set aside: acknowledge it.
+    Finished,
+    /// Not finished (the worker is stopping): it comes again.
+    Unfinished,
 }
 
 /// [`run_worker`] with a handler it borrows, so a supervisor can run it again.
-async fn run_with<Src: EventSource, S: DecisionStore, H: EventHandler>(
+async fn run_with<Src, S, H>(
     mut source: Src,
     store: &S,
     handler: &mut H,
     retry: RetryPolicy,
-) -> Result<(), Error> {
-    'batches: while let Some(batch) = source.next_batch().await? {
+    abandon: &Abandon,
+) -> Result<(), Error>
+where
+    Src: EventSource,
+    S: DecisionStore,
+    H: EventHandler,
+{
+    let claims = Claims::default();
+    let keep_alives = [source.keep_alive(), store.keep_alive()];
+    let _keeper = Keeper::start(keep_alives.into_iter().flatten().collect(), claims.clone());
+    let worker = Step {
+        store,
+        retry: &retry,
+        claims: &claims,
+        abandon,
+    };
+    'batches: while !abandon.is_set() {
+        let Some(batch) = source.next_batch().await? else {
+            break;
+        };
         for delivery in &batch {
-            process(delivery, &mut source, store, handler, &retry).await?;
-            source.finished(delivery).await?;
-            if source.stopping() {
+            let left = worker.process(delivery, &mut source, handler).await?;
+            if left == Left::Finished {
+                source.finished(delivery).await?;
+            }
+            if left == Left::Unfinished || source.stopping() || abandon.is_set() {
                 break 'batches;
             }
         }
@@ -233,103 +285,145 @@ async fn run_with<Src: EventSource, S: DecisionStore, H: EventHandler>(
     source.flush().await
 }
 
-/// One stored event, to the end: processed, skipped, dead-lettered or set aside.
-async fn process<Src: EventSource, S: DecisionStore, H: EventHandler>(
-    delivery: &Src::Delivery,
-    source: &mut Src,
-    store: &S,
-    handler: &mut H,
-    retry: &RetryPolicy,
-) -> Result<(), Error> {
-    let event = match delivery.event() {
-        Ok(event) => event,
-        Err(error) => {
-            source.set_aside(delivery, &error).await?;
-            handler.set_aside(delivery.record(), &error);
-            return Ok(());
-        }
-    };
-    let id = delivery.id();
-    let times = delivery.times_delivered();
-    if times > retry.attempts {
-        let error = format!(
-            "handed to a worker {times} times without being finished (did workers crash processing it?)"
-        );
-        source.dead_letter(delivery, &error, times - 1).await?;
-        handler.dead_lettered(&event, &error, times - 1);
-        return Ok(());
-    }
-    let mut attempt = 0;
-    loop {
-        match claim(store, &event, &id).await {
-            Decision::Fresh => {}
-            decision => {
-                handler.skipped(&event, decision);
-                return Ok(());
+/// What processing one stored event needs besides its source and handler.
+struct Step<'w, S> {
+    store: &'w S,
+    retry: &'w RetryPolicy,
+    claims: &'w Claims,
+    abandon: &'w Abandon,
+}
+
+impl<S: DecisionStore> Step<'_, S> {
+    /// One stored event, to the end (processed, skipped, dead-lettered or set
+    /// aside), or until the worker is asked to stop while it waits.
+    async fn process<Src: EventSource, H: EventHandler>(
+        &self,
+        delivery: &Src::Delivery,
+        source: &mut Src,
+        handler: &mut H,
+    ) -> Result<Left, Error> {
+        let event = match delivery.event() {
+            Ok(event) => event,
+            Err(error) => {
+                source.set_aside(delivery, &error).await?;
+                handler.set_aside(delivery.record(), &error);
+                return Ok(Left::Finished);
             }
-        }
-        attempt += 1;
-        let running = attempt_once(handler, event.clone().into_owned());
-        let error = match keeping_alive(source, delivery, running).await {
-            Ok(()) => {
-                until_done(|| store.complete(&event, &id)).await;
-                return Ok(());
-            }
-            Err(error) => error,
         };
-        // Best effort: if the store cannot hear it, the claim expires with its lease.
-        let _ = store.release(&event, &id).await;
-        if attempt >= retry.attempts {
-            source.dead_letter(delivery, &error, attempt).await?;
-            handler.dead_lettered(&event, &error, attempt);
-            return Ok(());
+        let id = delivery.id();
+        let times = delivery.times_delivered();
+        if times > self.retry.attempts {
+            let error = format!(
+                "handed to a worker {times} times without being finished (did workers crash processing it?)"
+            );
+            source.dead_letter(delivery, &error, times - 1).await?;
+            handler.dead_lettered(&event, &error, times - 1);
+            return Ok(Left::Finished);
         }
-        let delay = retry.delay(attempt);
-        handler.attempt_failed(&event, &error, attempt, delay);
-        keeping_alive(source, delivery, tokio::time::sleep(delay)).await;
+        let received_at = delivery.received_at();
+        let quit = || source.stopping() || self.abandon.is_set();
+        let mut attempt = 0;
+        loop {
+            let claimed = self.claim(&event, &id, received_at, &quit).await;
+            match claimed {
+                None => return Ok(Left::Unfinished),
+                Some(Decision::Fresh) => {}
+                Some(decision) => {
+                    handler.skipped(&event, decision);
+                    return Ok(Left::Finished);
+                }
+            }
+            self.claims.hold(event.event_id(), &id);
+            attempt += 1;
+            let running = attempt_once(handler, event.clone().into_owned());
+            let outcome = unless(|| self.abandon.is_set(), running).await;
+            let error = match outcome {
+                // Abandoned: the claim is left to expire; this delivery may claim again.
+                None => {
+                    self.claims.drop_claim(event.event_id(), &id);
+                    return Ok(Left::Unfinished);
+                }
+                Some(Ok(())) => {
+                    let done = self.complete(&event, &id, &quit).await;
+                    self.claims.drop_claim(event.event_id(), &id);
+                    return Ok(if done {
+                        Left::Finished
+                    } else {
+                        Left::Unfinished
+                    });
+                }
+                Some(Err(error)) => error,
+            };
+            self.claims.drop_claim(event.event_id(), &id);
+            // Best effort: if the store cannot hear it, the claim expires with its lease.
+            let _ = self.store.release(&event, &id).await;
+            if attempt >= self.retry.attempts {
+                source.dead_letter(delivery, &error, attempt).await?;
+                handler.dead_lettered(&event, &error, attempt);
+                return Ok(Left::Finished);
+            }
+            let delay = self.retry.delay(attempt);
+            handler.attempt_failed(&event, &error, attempt, delay);
+            if unless(&quit, tokio::time::sleep(delay)).await.is_none() {
+                return Ok(Left::Unfinished);
+            }
+        }
+    }
+
+    /// Claims until the store answers, and while another delivery holds the
+    /// event; `None` once `quit` says the worker is stopping (a call in flight
+    /// is waited for, unless the worker lets go of its event).
+    async fn claim(
+        &self,
+        event: &Event<'_>,
+        delivery: &str,
+        received_at: Option<SystemTime>,
+        quit: &impl Fn() -> bool,
+    ) -> Option<Decision> {
+        loop {
+            let claimed = self.store.claim_received(event, delivery, received_at);
+            match unless(|| self.abandon.is_set(), claimed).await? {
+                Ok(Decision::Busy) | Err(_) => {
+                    unless(quit, tokio::time::sleep(ASK_AGAIN_AFTER)).await?;
+                }
+                Ok(decision) => return Some(decision),
+            }
+        }
+    }
+
+    /// Completes the event's claim, until the store answers; false when `quit`
+    /// said to stop first (a call in flight is waited for, unless the worker lets
+    /// go of its event).
+    async fn complete(&self, event: &Event<'_>, delivery: &str, quit: &impl Fn() -> bool) -> bool {
+        loop {
+            let completed = self.store.complete(event, delivery);
+            match unless(|| self.abandon.is_set(), completed).await {
+                None => return false,
+                Some(Ok(())) => return true,
+                Some(Err(_)) => {
+                    if unless(quit, tokio::time::sleep(ASK_AGAIN_AFTER))
+                        .await
+                        .is_none()
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 }
 
-/// Runs `work` to its end, telling `source` every so often that `delivery` is still
-/// being worked on (see [`EventSource::keep_alive`]).
-async fn keeping_alive<Src: EventSource, T>(
-    source: &mut Src,
-    delivery: &Src::Delivery,
-    work: impl Future<Output = T>,
-) -> T {
-    let Some(every) = source.keep_alive_every() else {
-        return work.await;
-    };
+/// Runs `work` to its end, or until `quit` says to stop (it is asked every
+/// [`STOP_POLL`], the first time once `work` had that long): `None` then.
+async fn unless<T>(quit: impl Fn() -> bool, work: impl Future<Output = T>) -> Option<T> {
     let mut work = std::pin::pin!(work);
     loop {
-        tokio::select! {
-            done = &mut work => return done,
-            () = tokio::time::sleep(every) => {
-                // Best effort: a missed keep-alive at worst lets another worker take over.
-                let _ = source.keep_alive(delivery).await;
-            }
+        if let Ok(done) = tokio::time::timeout(STOP_POLL, &mut work).await {
+            return Some(done);
         }
-    }
-}
-
-/// Claims until the store answers, and while another delivery holds the event.
-async fn claim<S: DecisionStore>(store: &S, event: &Event<'_>, delivery: &str) -> Decision {
-    loop {
-        match store.claim(event, delivery).await {
-            Ok(Decision::Busy) | Err(_) => tokio::time::sleep(ASK_AGAIN_AFTER).await,
-            Ok(decision) => return decision,
+        if quit() {
+            return None;
         }
-    }
-}
-
-/// Runs `step` until it succeeds, a second apart.
-async fn until_done<F, Fut>(mut step: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), Error>>,
-{
-    while step().await.is_err() {
-        tokio::time::sleep(ASK_AGAIN_AFTER).await;
     }
 }
 

@@ -3,10 +3,11 @@
 //! [`Worker::shutdown`].
 
 use std::future::Future;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{EventHandler, HandlerError, RetryPolicy, run_with};
+use tokio::sync::oneshot;
+
+use super::{Abandon, EventHandler, HandlerError, RetryPolicy, run_with};
 use crate::gate::DecisionStore;
 use crate::store::EventSource;
 use crate::store::spool::Spool;
@@ -16,6 +17,9 @@ use crate::{Decision, Error, Event};
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 /// The name of the worker's thread.
 const THREAD_NAME: &str = "comapi-worker";
+/// How long [`Worker::shutdown`] takes at most, by default: 25 s, inside the 30 s
+/// that Heroku (and Kubernetes, by default) waits between SIGTERM and SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Where a supervised [`Worker`] gets the source of each run, and how it is told
 /// to stop. A [`Spool`] is one (each run reads it with a new
@@ -85,8 +89,10 @@ impl Sources for Spool {
 /// ```
 #[derive(Debug)]
 pub struct Worker {
-    thread: Option<JoinHandle<()>>,
+    /// Resolves (with an error: the sender is dropped) once the thread has ended.
+    ended: Option<oneshot::Receiver<()>>,
     stop: Box<dyn Stop>,
+    abandon: Abandon,
 }
 
 /// [`Sources::stop`], boxed.
@@ -125,26 +131,70 @@ impl Worker {
             .build()
             .map_err(|e| Error::storage("cannot start the worker's runtime", e))?;
         let running = sources.clone();
-        let thread = std::thread::Builder::new()
+        let abandon = Abandon::default();
+        let abandoned = abandon.clone();
+        let (ended, on_end) = oneshot::channel::<()>();
+        std::thread::Builder::new()
             .name(THREAD_NAME.to_owned())
             .spawn(move || {
+                let _ended = ended; // dropped when the thread ends, even by a panic
                 yield_to_requests();
-                runtime.block_on(supervise(&running, &store, Logged(handler), retry));
+                let handler = Logged(handler);
+                runtime.block_on(supervise(&running, &store, handler, retry, &abandoned));
             })
             .map_err(|e| Error::storage("cannot start the worker thread", e))?;
         Ok(Worker {
-            thread: Some(thread),
+            ended: Some(on_end),
             stop: Box::new(StopSources(sources)),
+            abandon,
         })
     }
 
-    /// Stops the worker and waits for it: a spool is closed and the worker
-    /// processes what it holds; a stream consumer finishes the event in hand.
-    pub async fn shutdown(mut self) {
-        self.stop.stop().await;
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    /// Stops the worker within [`DEFAULT_SHUTDOWN_GRACE`]; see
+    /// [`Worker::shutdown_within`].
+    pub async fn shutdown(self) -> bool {
+        self.shutdown_within(DEFAULT_SHUTDOWN_GRACE).await
+    }
+
+    /// Stops the worker and waits for it, for `grace` at most. A stream consumer
+    /// finishes the event in hand (a retry's backoff, or a wait for an unavailable
+    /// store, is cut short) and hands the rest back; a spool is closed and the
+    /// worker processes what it holds. At four fifths of `grace` the worker lets go
+    /// of the event in hand, however far it got, and stops. Whatever was not
+    /// finished is delivered again later: by another worker, or at the next start.
+    ///
+    /// Returns whether the worker stopped in time. When not (a handler that blocks
+    /// its thread), it is left running, and ends with the process.
+    pub async fn shutdown_within(mut self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let Some(mut ended) = self.ended.take() else {
+            return true;
+        };
+        let _ = tokio::time::timeout(grace, self.stop.stop()).await;
+        let let_go_at = deadline - grace / 5;
+        let left = |at: Instant| at.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left(let_go_at), &mut ended)
+            .await
+            .is_ok()
+        {
+            return true;
         }
+        tracing::warn!(
+            ?grace,
+            "the worker is still busy: letting go of its event in hand"
+        );
+        self.abandon.set();
+        if tokio::time::timeout(left(deadline), &mut ended)
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tracing::warn!(
+            ?grace,
+            "the worker did not stop in time (a handler blocking its thread?): its event in hand comes again"
+        );
+        false
     }
 }
 
@@ -154,18 +204,19 @@ async fn supervise<T: Sources, S: DecisionStore, H: EventHandler>(
     store: &S,
     mut handler: H,
     retry: RetryPolicy,
+    abandon: &Abandon,
 ) {
     loop {
         let run = async {
             let source = sources.open().await?;
-            run_with(source, store, &mut handler, retry).await
+            run_with(source, store, &mut handler, retry, abandon).await
         };
         let error = match super::CatchUnwind(Box::pin(run)).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.report().to_string(),
             Err(panic) => format!("the worker panicked: {}", super::panic_text(&*panic)),
         };
-        if sources.is_stopped() {
+        if sources.is_stopped() || abandon.is_set() {
             tracing::error!(%error, "worker stopped");
             return;
         }

@@ -123,8 +123,8 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// One spool line holding `event` (raw JSON) as the receive step writes it.
 pub fn spool_line(event: &str) -> Vec<u8> {
-    format!("{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{event}}}\n")
-        .into_bytes()
+    let now = now_rfc3339();
+    format!("{{\"receivedAt\":\"{now}\",\"secretIndex\":0,\"event\":{event}}}\n").into_bytes()
 }
 
 /// A connection of the test's own to the Redis at `url`.

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use crate::gate::KeepAlive;
+
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 
@@ -49,6 +51,19 @@ return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 
 static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TRIM));
 
+/// Keeps an entry in the dead-letter stream (KEYS[2]) and acknowledges it in the
+/// stream (KEYS[1]) in one atomic step, so that no crash or take-over between the
+/// two can dead-letter it twice. ARGV: the group, the entry id, then the dead
+/// entry's fields and values.
+const DEAD: &str = r"
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+";
+
+static DEAD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DEAD));
+
 /// One worker's consumer in the stream's consumer group: the worker's
 /// [`EventSource`] on Redis.
 ///
@@ -79,6 +94,7 @@ static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::ne
 /// # Ok(()) }
 /// ```
 pub struct StreamConsumer {
+    client: redis::Client,
     connection: ConnectionManager,
     key: String,
     dead_key: String,
@@ -87,17 +103,23 @@ pub struct StreamConsumer {
     lease: Duration,
     batch: usize,
     stop: StopHandle,
-    /// Finished entries not yet acknowledged.
-    finished: Vec<String>,
-    /// Entries of the last batch not yet finished, in order.
-    in_hand: VecDeque<String>,
-    /// When the entries in hand were last read or kept alive.
-    kept_alive: Instant,
+    /// The entries this consumer holds: kept alive from the worker's keep-alive
+    /// thread, so the lock is tokio's (shared across runtimes).
+    held: Arc<tokio::sync::Mutex<Held>>,
     /// Where the next take-over scan starts (`0-0`: from the beginning).
     claim_from: String,
     last_claim: Option<Instant>,
     /// `None` until the first trim, which comes with the first acknowledgement.
     last_trim: Option<Instant>,
+}
+
+/// The entries a consumer holds, each with how many times it was delivered.
+#[derive(Debug, Default)]
+struct Held {
+    /// Entries of the last batch not yet finished, in order.
+    in_hand: VecDeque<(String, u32)>,
+    /// Finished entries not yet acknowledged.
+    finished: Vec<String>,
 }
 
 /// Asks a [`StreamConsumer`] to stop: the worker finishes the event in hand,
@@ -164,7 +186,9 @@ impl StreamConsumer {
     ) -> Result<Self, Error> {
         // A read blocks its connection for up to READ_BLOCK: leave room for it.
         let connection = connect(url, config.deadline.max(READ_BLOCK * 2)).await?;
+        let client = redis::Client::open(url).map_err(|e| unavailable("invalid Redis URL", e))?;
         let consumer = StreamConsumer {
+            client,
             connection,
             key: config.stream_key(),
             dead_key: config.dead_key(),
@@ -173,9 +197,7 @@ impl StreamConsumer {
             lease: config.lease,
             batch: config.batch.max(1),
             stop: StopHandle::default(),
-            finished: Vec::new(),
-            in_hand: VecDeque::new(),
-            kept_alive: Instant::now(),
+            held: Arc::default(),
             claim_from: "0-0".to_owned(),
             last_claim: None,
             last_trim: None,
@@ -222,15 +244,17 @@ impl StreamConsumer {
 
     /// Acknowledges the finished entries, and now and then trims the stream.
     async fn acknowledge(&mut self) -> Result<(), Error> {
-        if !self.finished.is_empty() {
+        let finished = self.held.lock().await.finished.clone();
+        if !finished.is_empty() {
             let _: i64 = redis::cmd("XACK")
                 .arg(&self.key)
                 .arg(&self.group)
-                .arg(&self.finished)
+                .arg(&finished)
                 .query_async(&mut self.connection)
                 .await
                 .map_err(|e| unavailable("cannot acknowledge stream entries", e))?;
-            self.finished.clear();
+            let mut held = self.held.lock().await;
+            held.finished.retain(|id| !finished.contains(id));
         }
         if self.last_trim.is_none_or(|at| at.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
@@ -319,47 +343,36 @@ impl StreamConsumer {
             .collect())
     }
 
-    /// A third of the lease: entries in hand are kept alive this often.
-    fn keep_alive_interval(&self) -> Duration {
-        self.lease / 3
-    }
-
-    /// Resets the idle time of the entries in hand, so that no other worker takes
-    /// them over while this one is still on them.
-    async fn hold_in_hand(&mut self) -> Result<(), Error> {
-        self.kept_alive = Instant::now();
-        let ids: Vec<String> = self.in_hand.iter().cloned().collect();
-        self.reclaim(&ids, None).await
-    }
-
-    /// Marks the entries read and not finished idle for a whole lease, so that the
-    /// next look of another worker takes them.
+    /// Marks the entries read and not started idle for a whole lease, so that the
+    /// next look of another worker takes them; their delivery counts go back to
+    /// what they were, since they were never attempted here.
     async fn hand_back(&mut self) -> Result<(), Error> {
-        let ids: Vec<String> = self.in_hand.drain(..).collect();
-        self.reclaim(&ids, Some(self.lease)).await
-    }
-
-    /// `XCLAIM … JUSTID` of `ids` by this consumer, which keeps their delivery
-    /// count, setting their idle time to `idle` (zero when `None`).
-    async fn reclaim(&mut self, ids: &[String], idle: Option<Duration>) -> Result<(), Error> {
-        if ids.is_empty() {
-            return Ok(());
+        // Held across the round trips, so that no keep-alive undoes the hand-back.
+        let mut held = self.held.lock().await;
+        let mut by_count: HashMap<u32, Vec<String>> = HashMap::new();
+        for (id, times) in held.in_hand.drain(..) {
+            by_count
+                .entry(times.saturating_sub(1))
+                .or_default()
+                .push(id);
         }
-        let mut command = redis::cmd("XCLAIM");
-        command
-            .arg(&self.key)
-            .arg(&self.group)
-            .arg(&self.name)
-            .arg(0)
-            .arg(ids);
-        if let Some(idle) = idle {
-            command.arg("IDLE").arg(Self::millis(idle));
+        for (count, ids) in by_count {
+            let _: Vec<String> = redis::cmd("XCLAIM")
+                .arg(&self.key)
+                .arg(&self.group)
+                .arg(&self.name)
+                .arg(0)
+                .arg(&ids)
+                .arg("IDLE")
+                .arg(Self::millis(self.lease))
+                .arg("RETRYCOUNT")
+                .arg(count)
+                .arg("JUSTID")
+                .query_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot hand back stream entries", e))?;
         }
-        let _: Vec<String> = command
-            .arg("JUSTID")
-            .query_async(&mut self.connection)
-            .await
-            .map_err(|e| unavailable("cannot reclaim stream entries", e))?;
+        drop(held);
         Ok(())
     }
 
@@ -370,9 +383,11 @@ impl StreamConsumer {
         attempts: u32,
     ) -> Result<(), Error> {
         let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let _: String = redis::cmd("XADD")
-            .arg(&self.dead_key)
-            .arg("*")
+        let _: i64 = DEAD_SCRIPT
+            .key(&self.key)
+            .key(&self.dead_key)
+            .arg(&self.group)
+            .arg(&delivery.id)
             .arg(RECORD_FIELD)
             .arg(&delivery.record)
             .arg("error")
@@ -383,7 +398,7 @@ impl StreamConsumer {
             .arg(&delivery.id)
             .arg("deadAt")
             .arg(dead_at)
-            .query_async(&mut self.connection)
+            .invoke_async(&mut self.connection)
             .await
             .map_err(|e| unavailable("cannot write the dead-letter stream", e))?;
         Ok(())
@@ -413,35 +428,75 @@ impl EventSource for StreamConsumer {
                 batch = self.read_new().await?;
             }
             if !batch.is_empty() {
-                self.in_hand = batch.iter().map(|d| d.id.clone()).collect();
-                self.kept_alive = Instant::now();
+                self.held.lock().await.in_hand = batch
+                    .iter()
+                    .map(|d| (d.id.clone(), d.times_delivered))
+                    .collect();
                 return Ok(Some(batch));
             }
         }
     }
 
     async fn finished(&mut self, delivery: &StreamDelivery) -> Result<(), Error> {
-        if self.in_hand.front() == Some(&delivery.id) {
-            self.in_hand.pop_front();
-        } else {
-            self.in_hand.retain(|id| *id != delivery.id);
-        }
-        self.finished.push(delivery.id.clone());
-        if self.stop.is_stopped() || self.finished.len() >= self.batch {
+        let unacknowledged = {
+            let mut held = self.held.lock().await;
+            held.in_hand.retain(|(id, _)| *id != delivery.id);
+            held.finished.push(delivery.id.clone());
+            held.finished.len()
+        };
+        if self.stop.is_stopped() || unacknowledged >= self.batch {
             self.acknowledge().await?;
-        }
-        if self.kept_alive.elapsed() >= self.keep_alive_interval() {
-            self.hold_in_hand().await?;
         }
         Ok(())
     }
 
-    fn keep_alive_every(&self) -> Option<Duration> {
-        Some(self.keep_alive_interval())
-    }
-
-    async fn keep_alive(&mut self, _: &StreamDelivery) -> Result<(), Error> {
-        self.hold_in_hand().await
+    fn keep_alive(&self) -> Option<KeepAlive> {
+        // A connection of the keep-alive's own, made on its runtime when first used.
+        let connection = Arc::new(tokio::sync::Mutex::new(None));
+        let client = self.client.clone();
+        let held = Arc::clone(&self.held);
+        let (key, group, name) = (self.key.clone(), self.group.clone(), self.name.clone());
+        Some(KeepAlive::new(self.lease / 3, move |_claims| {
+            let (client, connection, held) =
+                (client.clone(), Arc::clone(&connection), Arc::clone(&held));
+            let (key, group, name) = (key.clone(), group.clone(), name.clone());
+            Box::pin(async move {
+                // Held across the round trip: a hand-back waits for it, never undone.
+                let held = held.lock().await;
+                let ids: Vec<&String> = held
+                    .in_hand
+                    .iter()
+                    .map(|(id, _)| id)
+                    .chain(&held.finished)
+                    .collect();
+                if ids.is_empty() {
+                    return Ok(());
+                }
+                let mut slot = connection.lock().await;
+                if slot.is_none() {
+                    let made = client.get_multiplexed_async_connection().await;
+                    *slot = Some(made.map_err(|e| unavailable("cannot connect to Redis", e))?);
+                }
+                let Some(live) = slot.as_mut() else {
+                    return Ok(());
+                };
+                // Resets their idle time; their delivery counts stay as they are.
+                let kept: Result<Vec<String>, _> = redis::cmd("XCLAIM")
+                    .arg(&key)
+                    .arg(&group)
+                    .arg(&name)
+                    .arg(0)
+                    .arg(&ids)
+                    .arg("JUSTID")
+                    .query_async(live)
+                    .await;
+                if kept.is_err() {
+                    *slot = None; // connect again next time
+                }
+                kept.map(drop)
+                    .map_err(|e| unavailable("cannot keep stream entries", e))
+            })
+        }))
     }
 
     async fn dead_letter(

@@ -7,7 +7,7 @@ use std::io;
 use serde_json::value::RawValue;
 
 use super::Spool;
-use super::files::sync_dir;
+use super::files::{lock_dead_letter, sync_dir};
 use crate::Error;
 use crate::store::json_string;
 
@@ -42,8 +42,10 @@ pub(super) fn dead_letter_line(
 /// (the gate gives each a fresh claim, since a dead-lettered claim is released).
 /// Returns how many events came back.
 ///
-/// A crash between the append and the removal brings them back a second time at
-/// the next call: at least once, like everything the worker does.
+/// It is safe while a worker runs: the dead letter is locked from the read to the
+/// removal, so a dead letter the worker writes meanwhile waits and lands in the
+/// next file. A crash between the append and the removal brings them back a
+/// second time at the next call: at least once, like everything the worker does.
 ///
 /// # Errors
 /// [`Error::Storage`] when the dead letter cannot be read, a line of it is not one
@@ -51,10 +53,16 @@ pub(super) fn dead_letter_line(
 pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
     let path = spool.dir().join(DEAD_LETTER_FILE);
     let read_path = path.clone();
-    let text = blocking(move || match fs::read_to_string(&read_path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::storage("cannot read the dead letter", e)),
+    let dir = spool.dir().to_owned();
+    // Held until the dead letter read here is removed (dropped on every return).
+    let (_lock, text) = blocking(move || {
+        let lock =
+            lock_dead_letter(&dir).map_err(|e| Error::storage("cannot lock the dead letter", e))?;
+        match fs::read_to_string(&read_path) {
+            Ok(text) => Ok((lock, Some(text))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((lock, None)),
+            Err(e) => Err(Error::storage("cannot read the dead letter", e)),
+        }
     })
     .await?;
     let Some(text) = text else { return Ok(0) };
@@ -88,7 +96,7 @@ pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
             .map_err(|e| Error::storage("cannot remove the requeued dead letter", e))
     })
     .await?;
-    spool.dead_letters_requeued();
+    spool.dead_letters_requeued(count);
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 

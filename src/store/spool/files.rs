@@ -59,6 +59,22 @@ pub(super) fn lock_folder(dir: &Path) -> Result<File, Error> {
     }
 }
 
+/// The file whose lock guards the dead letter: held while a dead letter is
+/// appended and while the dead letter is requeued, so that no line written during a
+/// requeue is removed with the lines requeued.
+const DEAD_LETTER_LOCK: &str = "dead-letter.lock";
+
+/// Waits for the dead letter's lock and holds it until the file is dropped.
+pub(super) fn lock_dead_letter(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(DEAD_LETTER_LOCK))?;
+    file.lock()?;
+    Ok(file)
+}
+
 /// Lowers a spool's "has a reader" flag when its reader is dropped.
 #[derive(Debug)]
 pub(super) struct ReadingFlag(pub(super) Arc<AtomicBool>);

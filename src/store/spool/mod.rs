@@ -50,6 +50,7 @@ use record::check_records;
 pub(crate) use record::encode_lines;
 #[cfg(feature = "redis")]
 pub(crate) use record::record_event;
+pub(crate) use record::record_received_at;
 pub use source::SpoolReader;
 use writer::Writer;
 
@@ -330,9 +331,14 @@ impl Spool {
         self.shared.dead_letters.load(Ordering::Acquire)
     }
 
-    /// The dead letter was emptied (requeued).
-    pub(crate) fn dead_letters_requeued(&self) {
-        self.shared.dead_letters.store(0, Ordering::Release);
+    /// `count` dead letters were requeued.
+    pub(crate) fn dead_letters_requeued(&self, count: u64) {
+        let _ = self
+            .shared
+            .dead_letters
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(count))
+            });
     }
 
     /// The end of the data that is durably written (for tests).

@@ -138,6 +138,12 @@ fn parts(record: &[u8], at: impl Fn() -> String) -> Result<Parts<'_>, Error> {
     })
 }
 
+/// When a stored record was received, if it says so readably.
+pub(crate) fn record_received_at(record: &[u8]) -> Option<std::time::SystemTime> {
+    let parts = parts(record, String::new).ok()?;
+    crate::timestamp::parse_rfc3339(&parts.received_at)
+}
+
 /// The event of a stored record (a spool line, a stream entry's `record`), with or
 /// without its line end; `at` says where it was stored.
 pub(crate) fn record_event(record: &[u8], at: impl Fn() -> String) -> Result<Event<'_>, Error> {

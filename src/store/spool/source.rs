@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::dead_letter::{DEAD_LETTER_FILE, dead_letter_line};
-use super::files::append_synced;
+use super::files::{append_synced, lock_dead_letter};
 use super::reader::{Cursor, REJECTED_FILE};
 use super::{Position, SpooledEvent};
 use crate::store::{Delivery, EventSource};
@@ -171,6 +171,8 @@ impl EventSource for SpoolReader {
     ) -> Result<(), Error> {
         let line = dead_letter_line(delivery.record(), error, attempts, &delivery.id());
         self.off_thread(move |c| {
+            let _lock = lock_dead_letter(c.dir())
+                .map_err(|e| Error::storage("cannot lock the dead letter", e))?;
             append_synced(c.dir(), DEAD_LETTER_FILE, &line)?;
             c.note_dead_letter();
             Ok(())
