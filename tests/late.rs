@@ -73,9 +73,13 @@ fn an_event_received_in_time_is_processed_however_late_and_a_replay_is_not() {
     let dead = format!(
         r#"{{"deadAt":"{}","attempts":8,"error":"down","delivery":"spool:1:0","record":{}}}"#,
         rfc3339(received + HOUR),
-        String::from_utf8(line_at("requeued", received, received - Duration::from_secs(5)))
-            .unwrap()
-            .trim_end()
+        String::from_utf8(line_at(
+            "requeued",
+            received,
+            received - Duration::from_secs(5)
+        ))
+        .unwrap()
+        .trim_end()
     );
     std::fs::write(dir.join(DEAD_LETTER_FILE), format!("{dead}\n")).unwrap();
     let seen = Seen::default();
@@ -131,9 +135,10 @@ fn a_requeue_racing_the_worker_loses_no_dead_letter() {
         spool.append(lines.concat(), 1_500).await.unwrap();
         let once = RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1);
         let reader = spool.reader().unwrap();
-        let worker = tokio::spawn(async move {
-            run_worker(reader, &Gate::in_memory(), failing, once).await
-        });
+        let worker =
+            tokio::spawn(
+                async move { run_worker(reader, &Gate::in_memory(), failing, once).await },
+            );
         // Requeues beside the running worker, as an operator's loop would.
         let mut requeued = 0;
         let until = Instant::now() + Duration::from_secs(3);
@@ -213,7 +218,10 @@ fn a_worker_backing_off_stops_within_its_grace_and_the_event_comes_again() {
     let retry = RetryPolicy::new(Duration::from_secs(60), Duration::from_secs(60), 5);
     let grace = Duration::from_secs(2);
     let (in_time, took) = stop_within(&dir, handler, retry, &started, grace);
-    assert!(in_time && took <= grace + Duration::from_millis(500), "{took:?}");
+    assert!(
+        in_time && took <= grace + Duration::from_millis(500),
+        "{took:?}"
+    );
     comes_again(&dir);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -232,7 +240,10 @@ fn a_worker_in_a_long_handler_stops_within_its_grace_and_the_event_comes_again()
     };
     let grace = Duration::from_secs(2);
     let (in_time, took) = stop_within(&dir, handler, RetryPolicy::default(), &started, grace);
-    assert!(in_time && took <= grace + Duration::from_millis(500), "{took:?}");
+    assert!(
+        in_time && took <= grace + Duration::from_millis(500),
+        "{took:?}"
+    );
     comes_again(&dir);
 
     // A handler that blocks its thread cannot be let go of: the shutdown still
@@ -246,7 +257,10 @@ fn a_worker_in_a_long_handler_stops_within_its_grace_and_the_event_comes_again()
         async { Ok::<(), std::io::Error>(()) }
     };
     let (in_time, took) = stop_within(&dir2, handler, RetryPolicy::default(), &started, grace);
-    assert!(!in_time && took <= grace + Duration::from_millis(500), "{took:?}");
+    assert!(
+        !in_time && took <= grace + Duration::from_millis(500),
+        "{took:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(dir2);
 }
