@@ -54,8 +54,7 @@ struct Behaviour {
 /// A worker named `name` on a thread and runtime of its own, until `stop_after`.
 fn worker(
     url: &str,
-    config: &RedisStreamConfig,
-    gate: &RedisGateConfig,
+    (config, gate): (&RedisStreamConfig, &RedisGateConfig),
     name: &'static str,
     behaviour: impl Fn(&str) -> Behaviour + Send + 'static,
     calls: &Calls,
@@ -155,9 +154,17 @@ fn a_handler_that_blocks_its_thread_keeps_its_event() {
         fails: false,
     };
     let run = Duration::from_secs(5);
-    let first = worker(&url, &config, &gate, "first", slow, &calls, quick(3), run);
+    let first = worker(&url, (&config, &gate), "first", slow, &calls, quick(3), run);
     std::thread::sleep(Duration::from_millis(300));
-    let second = worker(&url, &config, &gate, "second", slow, &calls, quick(3), run);
+    let second = worker(
+        &url,
+        (&config, &gate),
+        "second",
+        slow,
+        &calls,
+        quick(3),
+        run,
+    );
     first.join().unwrap();
     second.join().unwrap();
     let handled = calls_of(&calls, "blocking");
@@ -178,12 +185,20 @@ fn a_copy_waits_while_a_slow_handler_holds_the_claim() {
     };
     let run = lease * 12;
     store(&url, &config, &["twice"]);
-    let first = worker(&url, &config, &gate, "first", slow, &calls, quick(3), run);
+    let first = worker(&url, (&config, &gate), "first", slow, &calls, quick(3), run);
     std::thread::sleep(Duration::from_millis(200));
     // A Comapi retry while the first copy is being handled: the same eventId
     // stored again, as another entry, which the other worker reads.
     store(&url, &config, &["twice"]);
-    let second = worker(&url, &config, &gate, "second", slow, &calls, quick(3), run);
+    let second = worker(
+        &url,
+        (&config, &gate),
+        "second",
+        slow,
+        &calls,
+        quick(3),
+        run,
+    );
     first.join().unwrap();
     second.join().unwrap();
     let handled = calls_of(&calls, "twice");
@@ -219,9 +234,17 @@ fn a_copy_waiting_for_a_busy_claim_is_not_taken_over() {
         takes: Duration::from_secs(1),
         ..FAST
     };
-    let first = worker(&url, &config, &gate, "first", slow, &calls, quick(3), run);
+    let first = worker(&url, (&config, &gate), "first", slow, &calls, quick(3), run);
     std::thread::sleep(Duration::from_millis(100));
-    let second = worker(&url, &config, &gate, "second", slow, &calls, quick(3), run);
+    let second = worker(
+        &url,
+        (&config, &gate),
+        "second",
+        slow,
+        &calls,
+        quick(3),
+        run,
+    );
     first.join().unwrap();
     second.join().unwrap();
     let handled = calls_of(&calls, "busy");
