@@ -278,8 +278,7 @@ fn a_dead_letter_awaiting_its_acknowledgement_is_not_taken_over() {
     let run = lease * 9;
     let first = worker(
         &url,
-        &config,
-        &gate,
+        (&config, &gate),
         "first",
         behaviour,
         &calls,
@@ -289,8 +288,7 @@ fn a_dead_letter_awaiting_its_acknowledgement_is_not_taken_over() {
     std::thread::sleep(Duration::from_millis(100));
     let second = worker(
         &url,
-        &config,
-        &gate,
+        (&config, &gate),
         "second",
         behaviour,
         &calls,
