@@ -20,7 +20,7 @@ async fn main() {
     let receiver = config
         .start(common::process)
         .await
-        .unwrap_or_else(|e| common::exit(&e, 1));
+        .unwrap_or_else(|e| common::exit(&e, e.exit_code().into()));
     let inbox = web::Data::new(receiver.inbox().clone());
     let limit = inbox.max_body_bytes();
     let server = HttpServer::new(move || {

@@ -25,7 +25,7 @@ async fn main() {
     let receiver = config
         .start(common::process)
         .await
-        .unwrap_or_else(|e| common::exit(&e, 1));
+        .unwrap_or_else(|e| common::exit(&e, e.exit_code().into()));
     println!(
         "listening on http://{}",
         listener.local_addr().unwrap_or(addr)

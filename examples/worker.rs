@@ -56,6 +56,9 @@ async fn main() -> ExitCode {
         Some(Ok(ip)) => ip,
         Some(Err(_)) => return fail("BIND must be an IP address", 2),
     };
+    if let Err(error) = redis.check_credentials().await {
+        return fail(&error.to_string(), error.exit_code());
+    }
     let connected = async {
         let stream = RedisStream::connect(&redis.url, redis.stream_config()).await?;
         let gate_config = RedisGateConfig::default()

@@ -490,3 +490,50 @@ fn sigterm_on_a_worker_finishes_its_event_acknowledges_and_exits_0() {
         pending_events.len()
     );
 }
+
+#[test]
+fn a_redis_url_without_the_password_exits_2_naming_the_variable() {
+    let test = "a_redis_url_without_the_password_exits_2_naming_the_variable";
+    let Some(redis) = OwnRedis::start(test) else {
+        return;
+    };
+    runtime().block_on(async {
+        let mut conn = redis_connection(&redis.url()).await;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("the-password")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    for name in ["worker", "hyper_receiver", "actix_receiver"] {
+        let mut child = Command::new(example_binary(name))
+            .env("COMAPI_REDIS_URL", redis.url())
+            .env("COMAPI_WEBHOOK_SECRET", SECRET)
+            .env("PORT", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name} kept running without the Redis password");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{name}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{name}: {stderr}");
+        assert!(errors[0].contains("COMAPI_REDIS_URL"), "{name}: {stderr}");
+        assert!(errors[0].contains("NOAUTH"), "{name}: {stderr}");
+    }
+}

@@ -276,8 +276,26 @@ fn failures_go_to_the_dead_stream_and_requeue_brings_them_back() {
             "dead letters are acknowledged"
         );
 
+        // An entry this crate did not write (no `record`) is set aside, never dropped.
+        let _: String = redis::cmd("XADD")
+            .arg(config.dead_key())
+            .arg("*")
+            .arg("note")
+            .arg("written by hand")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(stream.requeue_dead_letters().await.unwrap(), 2);
         assert_eq!(stream.status().await.dead_letters, Some(0));
+        let aside: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(format!("{}:unreadable", config.dead_key()))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(aside[0].1["note"], "written by hand");
         let seen = Mutex::new(Vec::new());
         let consumer = StreamConsumer::connect(&url, config.clone(), "w")
             .await

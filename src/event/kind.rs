@@ -92,7 +92,11 @@ event_kinds! {
     "conversation.create" => EventKind::Conversation(ConversationAction::Create), Conversation;
     "conversation.delete" => EventKind::Conversation(ConversationAction::Delete), Conversation;
     "conversation.undelete" => EventKind::Conversation(ConversationAction::Undelete), Conversation;
+    "conversation.update" => EventKind::Conversation(ConversationAction::Update), Conversation;
     "conversation.participantAdded" => EventKind::Conversation(ConversationAction::ParticipantAdded), Conversation;
+    "conversation.participantRemoved" => EventKind::Conversation(ConversationAction::ParticipantRemoved), Conversation;
+    "conversation.participantTyping" => EventKind::Conversation(ConversationAction::ParticipantTyping), Conversation;
+    "conversation.participantTypingOff" => EventKind::Conversation(ConversationAction::ParticipantTypingOff), Conversation;
     "profile.create" => EventKind::Profile(ProfileAction::Create), Profile;
     "profile.update" => EventKind::Profile(ProfileAction::Update), Profile;
     "profile.delete" => EventKind::Profile(ProfileAction::Delete), Profile;
@@ -127,7 +131,8 @@ pub enum EventKind {
     InteractionClick,
     /// `conversationMessage.sent`, `.delivered`, `.read`.
     ConversationMessage(ConversationMessageStatus),
-    /// `conversation.create`, `.delete`, `.undelete`, `.participantAdded`.
+    /// `conversation.create`, `.update`, `.delete`, `.undelete`, `.participantAdded`,
+    /// `.participantRemoved`, `.participantTyping`, `.participantTypingOff`.
     Conversation(ConversationAction),
     /// `profile.create`, `.update`, `.delete`, `.undelete`, `.devicesUpdated`.
     Profile(ProfileAction),
@@ -177,8 +182,16 @@ pub enum ConversationAction {
     Delete,
     /// `conversation.undelete`
     Undelete,
+    /// `conversation.update`
+    Update,
     /// `conversation.participantAdded`
     ParticipantAdded,
+    /// `conversation.participantRemoved`
+    ParticipantRemoved,
+    /// `conversation.participantTyping`
+    ParticipantTyping,
+    /// `conversation.participantTypingOff`
+    ParticipantTypingOff,
 }
 
 /// What happened to a profile.

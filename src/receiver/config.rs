@@ -80,6 +80,46 @@ impl RedisSettings {
             .with_key_prefix(self.key_prefix.clone())
             .with_lease(self.lease)
     }
+
+    /// Asks Redis whether `url` lets this process in: a password that is missing
+    /// (`NOAUTH`) or wrong, or a user without access, is a wrong setting, said once
+    /// at start-up rather than as a 503 to every request.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `COMAPI_REDIS_URL`: with exit status 2 when Redis
+    /// refused the credentials, 1 when it cannot be reached.
+    pub async fn check_credentials(&self) -> Result<(), ConfigError> {
+        let refused = |e: &redis::RedisError| {
+            e.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        };
+        let said = |e: redis::RedisError| {
+            let message = format!("COMAPI_REDIS_URL: Redis refused this process: {e}");
+            if refused(&e) {
+                ConfigError::setting(format!(
+                    "{message} (give the password in the URL: redis://:PASSWORD@host:port/)"
+                ))
+            } else {
+                ConfigError::new(message)
+            }
+        };
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
+            ConfigError::setting(format!("COMAPI_REDIS_URL is not a Redis URL: {e}"))
+        })?;
+        let ping = async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(said(e)),
+            Err(_) => Err(ConfigError::new(
+                "COMAPI_REDIS_URL: Redis did not answer within 5 s",
+            )),
+        }
+    }
 }
 
 /// A setting that is missing or wrong, or a store that cannot be opened: says which
@@ -87,13 +127,31 @@ impl RedisSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     message: String,
+    exit_code: u8,
 }
 
 impl ConfigError {
+    /// A store or address that cannot be opened now (exit status 1).
     pub(crate) fn new(message: impl Into<String>) -> Self {
         ConfigError {
             message: message.into(),
+            exit_code: 1,
         }
+    }
+
+    /// A setting that is wrong, and stays wrong until it is changed (exit status 2).
+    pub(crate) fn setting(message: impl Into<String>) -> Self {
+        ConfigError {
+            message: message.into(),
+            exit_code: 2,
+        }
+    }
+
+    /// The exit status the reference binaries use for it: 2 for a wrong setting,
+    /// 1 for a store or address that cannot be opened now.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        self.exit_code
     }
 
     /// The address cannot be bound: names `PORT` and `BIND`.

@@ -84,6 +84,7 @@ async fn redis_store<H: EventHandler + 'static>(
     use crate::gate::{RedisGate, RedisGateConfig};
     use crate::store::redis_stream::{RedisStream, StreamConsumers};
     let failed = |e: crate::Error| ConfigError::new(format!("COMAPI_REDIS_URL: {}", e.report()));
+    redis.check_credentials().await?;
     let config = redis.stream_config();
     let stream = RedisStream::connect(&redis.url, config.clone())
         .await

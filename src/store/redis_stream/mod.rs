@@ -198,19 +198,27 @@ return {length, pending, lag, dead}
 ";
 
 /// Moves up to ARGV[1] entries from the dead stream (KEYS[2]) back to the stream
-/// (KEYS[1]), as new entries, atomically. Replies how many moved.
+/// (KEYS[1]), as new entries, atomically; an entry without a `record` field (not
+/// one this crate wrote) is set aside, every field kept, in KEYS[3]. Replies how
+/// many entries it took from the dead stream, and how many of them were requeued.
 const REQUEUE: &str = r"
 local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[1])
+local requeued = 0
 for _, entry in ipairs(entries) do
   local fields = entry[2]
+  local record = nil
   for i = 1, #fields, 2 do
-    if fields[i] == 'record' then
-      redis.call('XADD', KEYS[1], '*', 'record', fields[i + 1])
-    end
+    if fields[i] == 'record' then record = fields[i + 1] end
+  end
+  if record then
+    redis.call('XADD', KEYS[1], '*', 'record', record)
+    requeued = requeued + 1
+  else
+    redis.call('XADD', KEYS[3], '*', unpack(fields))
   end
   redis.call('XDEL', KEYS[2], entry[1])
 end
-return #entries
+return {#entries, requeued}
 ";
 
 static STATUS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(STATUS));
@@ -282,25 +290,28 @@ impl RedisStream {
 
     /// Moves every event in the dead-letter stream back to the stream, as new
     /// entries, for the workers to process again; run it once the cause of the
-    /// failures is fixed. Each step of up to 100 events is atomic in Redis.
-    /// Returns how many came back.
+    /// failures is fixed. Each step of up to 100 events is atomic in Redis. An
+    /// entry with no `record` (not one this crate wrote) is never dropped: it is
+    /// set aside in `<prefix>events:dead:unreadable`, as it was. Returns how many
+    /// came back.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when Redis cannot answer; what moved before stays moved.
     pub async fn requeue_dead_letters(&self) -> Result<u64, Error> {
         let mut moved = 0;
         loop {
-            let step: u64 = REQUEUE_SCRIPT
+            let (taken, requeued): (u64, u64) = REQUEUE_SCRIPT
                 .key(&*self.key)
                 .key(&*self.dead_key)
+                .key(format!("{}:unreadable", self.dead_key))
                 .arg(100)
                 .invoke_async(&mut self.connection.clone())
                 .await
                 .map_err(|e| unavailable("cannot requeue the dead letter", e))?;
-            if step == 0 {
+            if taken == 0 {
                 return Ok(moved);
             }
-            moved += step;
+            moved += requeued;
         }
     }
 
