@@ -5,8 +5,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use actix_web::web::{self, Bytes};
-use actix_web::{App, Error, HttpRequest, HttpServer};
+use actix_web::web;
+use actix_web::{App, HttpRequest, HttpServer};
 use comapi_webhook::receiver::{ConfigError, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
@@ -17,16 +17,15 @@ type Shared = web::Data<Inbox<Store>>;
 async fn main() {
     let config = common::config();
     let addr = config.addr;
+    let (header_deadline, max_connections) = (config.header_deadline, config.max_connections);
     let receiver = config
         .start(common::process)
         .await
         .unwrap_or_else(|e| common::exit(&e, e.exit_code().into()));
     let inbox = web::Data::new(receiver.inbox().clone());
-    let limit = inbox.max_body_bytes();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(inbox.clone())
-            .app_data(web::PayloadConfig::new(limit)) // actix stops reading past it
             .route(
                 "/",
                 web::get().to(async |inbox: Shared| inbox.status_page().await),
@@ -37,6 +36,14 @@ async fn main() {
             )
             .route("/", web::post().to(receive))
     });
+    // actix-web closes a connection whose headers are late (and backs off when out
+    // of file descriptors) itself; the receive step puts the body under its deadline.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let server = server
+        .workers(workers)
+        .client_request_timeout(header_deadline)
+        .keep_alive(header_deadline)
+        .max_connections(max_connections.div_ceil(workers)); // a limit per worker
     let server = match server.disable_signals().shutdown_timeout(30).bind(addr) {
         Ok(server) => server,
         Err(error) => common::exit(&ConfigError::cannot_listen(addr, &error), 1),
@@ -55,6 +62,6 @@ async fn main() {
     receiver.shutdown().await;
 }
 
-async fn receive(inbox: Shared, request: HttpRequest, body: Result<Bytes, Error>) -> Reply {
+async fn receive(inbox: Shared, request: HttpRequest, body: web::Payload) -> Reply {
     inbox.receive_actix(&request, body).await
 }

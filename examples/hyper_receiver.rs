@@ -8,7 +8,7 @@ mod common;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use comapi_webhook::receiver::{ConfigError, shutdown_signal};
+use comapi_webhook::receiver::{Busy, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
 use hyper::{Method, Request, Response, body::Incoming, server::conn::http1, service::service_fn};
@@ -18,10 +18,10 @@ use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 async fn main() {
     let config = common::config();
     let addr = config.addr;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(error) => common::exit(&ConfigError::cannot_listen(addr, &error), 1),
-    };
+    let listener = config
+        .listen()
+        .await
+        .unwrap_or_else(|e| common::exit(&e, 1));
     let receiver = config
         .start(common::process)
         .await
@@ -33,15 +33,26 @@ async fn main() {
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(shutdown_signal());
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted { Ok((stream, _)) => stream, Err(_) => continue },
+        // Backs off when out of file descriptors; at the connection limit the
+        // longest-idle connection makes room.
+        let (stream, connection) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = &mut stop => break,
         };
-        let inbox = receiver.inbox().clone();
-        let service = service_fn(move |request| route(inbox.clone(), request));
-        let connection =
+        let (inbox, requests) = (receiver.inbox().clone(), connection.requests());
+        let service = service_fn(move |request| {
+            let busy = requests.busy(); // a request in progress is never cut for idling
+            let inbox = inbox.clone();
+            async move { route(inbox, request, busy).await }
+        });
+        let serving =
             graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(connection);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = serving => {}
+                () = connection.closed() => {} // no request within the header deadline
+            }
+        });
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     receiver.shutdown().await;
@@ -50,6 +61,7 @@ async fn main() {
 async fn route(
     inbox: Inbox<Store>,
     request: Request<Incoming>,
+    _busy: Busy,
 ) -> Result<Response<String>, Infallible> {
     let reply = match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => inbox.status_page().await,

@@ -14,6 +14,10 @@ use crate::{Error, Reply, SIGNATURE_HEADER, Verifier};
 /// The default body limit of the receive step: 4 MiB, far above a full batch of
 /// 500 Comapi events (about 400 KB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long the receive step waits for a request's whole body, by default: 10 s,
+/// Comapi's own limit for the whole answer.
+pub const DEFAULT_BODY_DEADLINE: Duration = Duration::from_secs(10);
 use std::sync::Arc;
 
 /// The receive step of a webhook endpoint, independent of the HTTP framework:
@@ -31,6 +35,7 @@ pub struct Inbox<S = Spool> {
     verifier: Verifier,
     store: S,
     max_body_bytes: usize,
+    body_deadline: Duration,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -42,6 +47,7 @@ impl<S: EventStore> Inbox<S> {
             verifier,
             store,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_deadline: DEFAULT_BODY_DEADLINE,
             metrics: None,
         }
     }
@@ -58,6 +64,15 @@ impl<S: EventStore> Inbox<S> {
     #[must_use]
     pub fn with_max_body_bytes(mut self, max_body_bytes: usize) -> Self {
         self.max_body_bytes = max_body_bytes;
+        self
+    }
+
+    /// The same inbox with another body deadline: a body that has not arrived
+    /// whole this long after its headers is answered `408` (default
+    /// [`DEFAULT_BODY_DEADLINE`]).
+    #[must_use]
+    pub fn with_body_deadline(mut self, deadline: Duration) -> Self {
+        self.body_deadline = deadline;
         self
     }
 
@@ -196,21 +211,30 @@ impl<S: EventStore> Inbox<S> {
         metrics.reply()
     }
 
-    /// Runs the receive step on an actix-web request and its body as actix-web read
-    /// it (under its `PayloadConfig` limit: set it to [`Inbox::max_body_bytes`]);
-    /// over the limit is this inbox's 413.
+    /// Runs the receive step on an actix-web request and its body stream: answers
+    /// 413 from its `Content-Length`, or once reading passes
+    /// [`Inbox::max_body_bytes`], and 408 when the body has not arrived whole
+    /// within the body deadline ([`Inbox::with_body_deadline`]).
     #[cfg(feature = "actix")]
     pub async fn receive_actix(
         &self,
         request: &actix_web::HttpRequest,
-        body: Result<actix_web::web::Bytes, actix_web::Error>,
+        payload: actix_web::web::Payload,
     ) -> Reply {
-        let body = match body {
-            Ok(body) => body,
-            Err(error) if error.as_response_error().status_code().as_u16() == 413 => {
-                return self.too_large();
-            }
-            Err(error) => return self.counted(Reply::unreadable_body(error), None),
+        let promised = request
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if promised.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return self.too_large();
+        }
+        let read = payload.to_bytes_limited(self.max_body_bytes);
+        let body = match tokio::time::timeout(self.body_deadline, read).await {
+            Ok(Ok(Ok(body))) => body,
+            Ok(Err(_over_the_limit)) => return self.too_large(),
+            Ok(Ok(Err(error))) => return self.counted(Reply::unreadable_body(error), None),
+            Err(_) => return self.counted(Reply::body_timeout(self.body_deadline), None),
         };
         let signatures = request
             .headers()
@@ -232,13 +256,12 @@ impl<S: EventStore> Inbox<S> {
             return reply;
         }
         let (parts, body) = request.into_parts();
-        match http_body_util::Limited::new(body, self.max_body_bytes)
-            .collect()
-            .await
-        {
-            Ok(body) => self.receive(&parts.headers, &body.to_bytes()).await,
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => self.too_large(),
-            Err(error) => self.counted(Reply::unreadable_body(error), None),
+        let read = http_body_util::Limited::new(body, self.max_body_bytes).collect();
+        match tokio::time::timeout(self.body_deadline, read).await {
+            Ok(Ok(body)) => self.receive(&parts.headers, &body.to_bytes()).await,
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => self.too_large(),
+            Ok(Err(error)) => self.counted(Reply::unreadable_body(error), None),
+            Err(_) => self.counted(Reply::body_timeout(self.body_deadline), None),
         }
     }
 }

@@ -112,6 +112,20 @@ impl Reply {
         }
     }
 
+    /// A `408` for a body that did not arrive within the receive step's deadline:
+    /// a stalled or hostile client, answered instead of holding a connection.
+    #[cfg(feature = "receiver")]
+    pub(crate) fn body_timeout(deadline: std::time::Duration) -> Self {
+        Reply {
+            reason: Some(format!("the body did not arrive within {deadline:?}")),
+            ..Reply::new(
+                StatusCode::REQUEST_TIMEOUT,
+                TEXT,
+                "the request body did not arrive in time\n",
+            )
+        }
+    }
+
     /// A `500` for a server that is set up wrong (an extractor without its config).
     #[cfg(feature = "actix")]
     pub(crate) fn misconfigured(what: &'static str) -> Self {

@@ -31,6 +31,10 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_REDIS_PREFIX` | the Redis keys' prefix, default `comapi-webhook:` |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
+/// | `COMAPI_HEADER_TIMEOUT` | how long a connection may take to send a request's headers, or stay idle, default `5s` |
+/// | `COMAPI_BODY_TIMEOUT` | how long a request's body may take to arrive (then 408), default `10s` |
+/// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default 512 |
+/// | `COMAPI_SHUTDOWN_GRACE` | how long a shutdown may take, default `25s` |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReceiverConfig {
@@ -46,6 +50,14 @@ pub struct ReceiverConfig {
     pub redis: Option<RedisSettings>,
     /// Whether this process runs a worker.
     pub worker: bool,
+    /// How long a connection may take to send a request's headers, or stay idle.
+    pub header_deadline: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_deadline: Duration,
+    /// How many connections may be open at once.
+    pub max_connections: usize,
+    /// How long a shutdown may take ([`Worker::shutdown_within`](crate::Worker::shutdown_within)).
+    pub shutdown_grace: Duration,
 }
 
 /// Where and how a receiver and its workers use Redis.
@@ -191,7 +203,7 @@ impl ReceiverConfig {
         let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         // Wiped when dropped; the process environment keeps its own copy.
         let secrets = zeroize::Zeroizing::new(var("COMAPI_WEBHOOK_SECRET").ok_or_else(|| {
-            ConfigError::new(
+            ConfigError::setting(
                 "COMAPI_WEBHOOK_SECRET is required: the secret entered for this webhook in the \
                  Comapi portal (comma-separated for rotation, primary first)",
             )
@@ -204,17 +216,17 @@ impl ReceiverConfig {
                 entries.len()
             );
             if entry.is_empty() {
-                return Err(ConfigError::new(format!("{which} is empty")));
+                return Err(ConfigError::setting(format!("{which} is empty")));
             }
             if entry.len() < MIN_SECRET_LEN {
-                return Err(ConfigError::new(format!(
+                return Err(ConfigError::setting(format!(
                     "{which} is {} bytes; Comapi requires at least {MIN_SECRET_LEN} bytes (36 or more recommended)",
                     entry.len()
                 )));
             }
         }
         let verifier = Verifier::with_secrets(entries)
-            .map_err(|e| ConfigError::new(format!("COMAPI_WEBHOOK_SECRET: {e}")))?;
+            .map_err(|e| ConfigError::setting(format!("COMAPI_WEBHOOK_SECRET: {e}")))?;
         let port = parsed(&var, "PORT", "a port number", DEFAULT_PORT)?;
         let ip = parsed(&var, "BIND", "an IP address", IpAddr::from([127, 0, 0, 1]))?;
         let spool = var("COMAPI_SPOOL_DIR").map_or_else(SpoolConfig::in_temp_dir, |dir| {
@@ -229,12 +241,23 @@ impl ReceiverConfig {
             DEFAULT_MAX_BODY_BYTES,
         )?;
         if max_body_bytes == 0 {
-            return Err(ConfigError::new(
+            return Err(ConfigError::setting(
                 "COMAPI_MAX_BODY_BYTES must be a positive number of bytes, not \"0\"",
             ));
         }
         let redis = redis_from(lookup)?;
         let worker = flag(&var, "COMAPI_WORKER")?.unwrap_or(redis.is_none());
+        let max_connections = parsed(
+            &var,
+            "COMAPI_MAX_CONNECTIONS",
+            "a positive number",
+            super::DEFAULT_MAX_CONNECTIONS,
+        )?;
+        if max_connections == 0 {
+            return Err(ConfigError::setting(
+                "COMAPI_MAX_CONNECTIONS must be a positive number, not \"0\"",
+            ));
+        }
         Ok(ReceiverConfig {
             verifier,
             addr: SocketAddr::new(ip, port),
@@ -242,6 +265,22 @@ impl ReceiverConfig {
             max_body_bytes,
             redis,
             worker,
+            header_deadline: duration(
+                &var,
+                "COMAPI_HEADER_TIMEOUT",
+                super::DEFAULT_HEADER_DEADLINE,
+            )?,
+            body_deadline: duration(
+                &var,
+                "COMAPI_BODY_TIMEOUT",
+                crate::inbox::DEFAULT_BODY_DEADLINE,
+            )?,
+            max_connections,
+            shutdown_grace: duration(
+                &var,
+                "COMAPI_SHUTDOWN_GRACE",
+                crate::worker::DEFAULT_SHUTDOWN_GRACE,
+            )?,
         })
     }
 }
@@ -254,27 +293,37 @@ fn redis_from(
         return Ok(None);
     };
     if !cfg!(feature = "redis") {
-        return Err(ConfigError::new(
+        return Err(ConfigError::setting(
             "COMAPI_REDIS_URL is set, but this binary was built without Redis: build it with \
              --features receiver,redis",
         ));
     }
-    let lease = match var("COMAPI_LEASE") {
-        Some(lease) => humantime::parse_duration(lease.trim())
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                ConfigError::new(format!(
-                    "COMAPI_LEASE must be a duration such as 60s, not {lease:?}"
-                ))
-            })?,
-        None => crate::gate::DEFAULT_LEASE,
-    };
+    let lease = duration(&var, "COMAPI_LEASE", crate::gate::DEFAULT_LEASE)?;
     Ok(Some(RedisSettings {
         url: url.trim().to_owned(),
         key_prefix: var("COMAPI_REDIS_PREFIX").unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned()),
         lease,
     }))
+}
+
+/// `name` as a positive duration (`60s`, `500ms`), or `default` when unset.
+fn duration(
+    var: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match var(name) {
+        Some(value) => humantime::parse_duration(value.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError::setting(format!(
+                    "{name} must be a duration such as {}, not {value:?}",
+                    humantime::format_duration(default)
+                ))
+            }),
+        None => Ok(default),
+    }
 }
 
 /// `name` parsed, or `default` when unset.
@@ -288,7 +337,7 @@ fn parsed<T: std::str::FromStr>(
         Some(value) => value
             .trim()
             .parse()
-            .map_err(|_| ConfigError::new(format!("{name} must be {what}, not {value:?}"))),
+            .map_err(|_| ConfigError::setting(format!("{name} must be {what}, not {value:?}"))),
         None => Ok(default),
     }
 }
@@ -299,7 +348,7 @@ fn flag(var: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>
         None => Ok(None),
         Some("1" | "true" | "yes" | "on") => Ok(Some(true)),
         Some("0" | "false" | "no" | "off") => Ok(Some(false)),
-        Some(other) => Err(ConfigError::new(format!(
+        Some(other) => Err(ConfigError::setting(format!(
             "{name} must be true or false, not {other:?}"
         ))),
     }

@@ -13,8 +13,12 @@ use crate::store::spool::Spool;
 use crate::worker::{EventHandler, RetryPolicy, Worker};
 
 mod config;
+mod listener;
 
 pub use config::{ConfigError, DEFAULT_KEY_PREFIX, DEFAULT_PORT, ReceiverConfig, RedisSettings};
+pub use listener::{
+    Busy, Connection, DEFAULT_HEADER_DEADLINE, DEFAULT_MAX_CONNECTIONS, Listener, Requests,
+};
 
 /// A running receiver: its [`Inbox`] (route `GET /`, `POST /` and `GET /metrics`
 /// to it) and, if it has one, its [`Worker`].
@@ -22,9 +26,24 @@ pub use config::{ConfigError, DEFAULT_KEY_PREFIX, DEFAULT_PORT, ReceiverConfig, 
 pub struct Receiver {
     inbox: Inbox<Store>,
     worker: Option<Worker>,
+    shutdown_grace: std::time::Duration,
 }
 
 impl ReceiverConfig {
+    /// Listens on [`ReceiverConfig::addr`] with this configuration's header
+    /// deadline and connection limit (see [`Listener`]).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `PORT` and `BIND` when the address cannot be bound.
+    pub async fn listen(&self) -> Result<Listener, ConfigError> {
+        let listener = Listener::bind(self.addr)
+            .await
+            .map_err(|e| ConfigError::cannot_listen(self.addr, &e))?;
+        Ok(listener
+            .with_header_deadline(self.header_deadline)
+            .with_max_connections(self.max_connections))
+    }
+
     /// Opens the store (the spool, repairing a torn last line, or the Redis
     /// stream, warning once if Redis's persistence is weaker than
     /// fsync-before-reply), and, if [`ReceiverConfig::worker`], starts a [`Worker`]
@@ -68,8 +87,13 @@ impl ReceiverConfig {
         };
         let inbox = Inbox::new(self.verifier, store)
             .with_max_body_bytes(self.max_body_bytes)
+            .with_body_deadline(self.body_deadline)
             .with_metrics(metrics);
-        Ok(Receiver { inbox, worker })
+        Ok(Receiver {
+            inbox,
+            worker,
+            shutdown_grace: self.shutdown_grace,
+        })
     }
 }
 
@@ -115,11 +139,12 @@ impl Receiver {
         &self.inbox
     }
 
-    /// Stops the worker, if any, and waits for it (it drains a spool first); closes
-    /// the spool. Call it once the server stopped taking requests.
+    /// Stops the worker, if any, and waits for it within the shutdown grace
+    /// (`COMAPI_SHUTDOWN_GRACE`; it drains a spool meanwhile); closes the spool.
+    /// Call it once the server stopped taking requests.
     pub async fn shutdown(self) {
         if let Some(worker) = self.worker {
-            worker.shutdown().await;
+            worker.shutdown_within(self.shutdown_grace).await;
         }
         #[allow(irrefutable_let_patterns)] // without the redis feature
         if let Store::Spool(spool) = self.inbox.store() {
