@@ -34,7 +34,14 @@ const ROOM_POLL: Duration = Duration::from_millis(10);
 const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// A TCP listener that sheds load instead of starving (see the [module docs](self)).
+/// A TCP listener that sheds load instead of starving: it backs off when accepting
+/// fails (out of file descriptors) instead of spinning, keeps at most a set number
+/// of connections, and closes a connection that sends no request within the header
+/// deadline. At the limit, the longest-idle connection (a slow client that never
+/// finished its headers, or an idle keep-alive) makes room for a new one once it
+/// has been idle for a second (or half the header deadline, if shorter); while
+/// every connection is in a request or has just opened, new ones wait in the
+/// kernel's queue.
 ///
 /// ```no_run
 /// # async fn demo() -> std::io::Result<()> {
@@ -150,7 +157,7 @@ impl Listener {
     /// The next connection. A failed accept (no file descriptor left, say) is
     /// retried after a wait that doubles from 10 ms to 1 s, logged once per
     /// episode. At the connection limit the longest-idle connection is asked to
-    /// close first (see the [module docs](self)).
+    /// close first (see [`Listener`]).
     pub async fn accept(&self) -> (TcpStream, Connection) {
         let mut backoff = FIRST_ACCEPT_BACKOFF;
         let mut failing = false;

@@ -3,7 +3,9 @@
 //! [`Worker::shutdown`].
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -166,35 +168,47 @@ impl Worker {
     /// Returns whether the worker stopped in time. When not (a handler that blocks
     /// its thread), it is left running, and ends with the process.
     pub async fn shutdown_within(mut self, grace: Duration) -> bool {
-        let deadline = Instant::now() + grace;
         let Some(mut ended) = self.ended.take() else {
             return true;
         };
-        let _ = tokio::time::timeout(grace, self.stop.stop()).await;
-        let let_go_at = deadline - grace / 5;
-        let left = |at: Instant| at.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left(let_go_at), &mut ended)
-            .await
-            .is_ok()
-        {
-            return true;
+        // Timed on a thread of its own, so the caller's runtime needs no timer.
+        let (deadline, mut at_deadline) = oneshot::channel::<()>();
+        let (abandon, stopped) = (self.abandon.clone(), Arc::new(AtomicBool::new(false)));
+        let done = Arc::clone(&stopped);
+        let timer = std::thread::Builder::new()
+            .name("comapi-shutdown".to_owned())
+            .spawn(move || {
+                std::thread::sleep(grace - grace / 5);
+                if !done.load(Ordering::Acquire) {
+                    tracing::warn!(
+                        ?grace,
+                        "the worker is still busy: letting go of its event in hand"
+                    );
+                    abandon.set();
+                }
+                std::thread::sleep(grace / 5);
+                let _ = deadline.send(());
+            });
+        if timer.is_err() {
+            self.abandon.set(); // no timer: let go at once rather than wait unbounded
         }
-        tracing::warn!(
-            ?grace,
-            "the worker is still busy: letting go of its event in hand"
-        );
-        self.abandon.set();
-        if tokio::time::timeout(left(deadline), &mut ended)
-            .await
-            .is_ok()
-        {
-            return true;
+        let stopping = async {
+            self.stop.stop().await;
+            let _ = (&mut ended).await;
+        };
+        tokio::select! {
+            () = stopping => {
+                stopped.store(true, Ordering::Release);
+                true
+            }
+            _ = &mut at_deadline => {
+                tracing::warn!(
+                    ?grace,
+                    "the worker did not stop in time (a handler blocking its thread?): its event in hand comes again"
+                );
+                false
+            }
         }
-        tracing::warn!(
-            ?grace,
-            "the worker did not stop in time (a handler blocking its thread?): its event in hand comes again"
-        );
-        false
     }
 }
 
