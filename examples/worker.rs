@@ -1,7 +1,8 @@
 //! A worker as a process of its own: one consumer of the Redis stream the receivers
 //! store into, deciding through the Redis gate, running `process` in
 //! `common/mod.rs`. Run as many as you need, on any machine. SIGTERM (or Ctrl-C)
-//! finishes the event in hand, acknowledges it and exits 0. With `METRICS_PORT`,
+//! finishes the event in hand, acknowledges it and exits 0, within
+//! `COMAPI_SHUTDOWN_GRACE` (25 s) whatever the worker was doing. With `METRICS_PORT`,
 //! `GET /metrics` on 127.0.0.1 (or `BIND`) serves its metrics.
 //!
 //! ```sh
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use comapi_webhook::Worker;
 use comapi_webhook::gate::{RedisGate, RedisGateConfig};
 use comapi_webhook::metrics::Metrics;
-use comapi_webhook::receiver::{RedisSettings, shutdown_signal};
+use comapi_webhook::receiver::{ReceiverConfig, RedisSettings, shutdown_signal};
 use comapi_webhook::store::EventStore;
 use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
 use comapi_webhook::worker::RetryPolicy;
@@ -37,6 +38,10 @@ async fn main() -> ExitCode {
                 2,
             );
         }
+        Err(error) => return fail(&error.to_string(), 2),
+    };
+    let grace = match ReceiverConfig::shutdown_grace_from_env() {
+        Ok(grace) => grace,
         Err(error) => return fail(&error.to_string(), 2),
     };
     let port = std::env::var("METRICS_PORT").ok().filter(|p| !p.is_empty());
@@ -99,7 +104,7 @@ async fn main() -> ExitCode {
         Err(error) => return fail(&error.report().to_string(), 1),
     };
     shutdown_signal().await;
-    worker.shutdown().await;
+    worker.shutdown_within(grace).await;
     tracing::info!("worker stopped");
     ExitCode::SUCCESS
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use comapi_webhook::gate::{DecisionStore, RedisGate, RedisGateConfig};
 use comapi_webhook::store::redis_stream::{RedisStream, RedisStreamConfig, StreamConsumer};
+use comapi_webhook::store::{Delivery, EventSource};
 use comapi_webhook::worker::{RetryPolicy, run_worker};
 use comapi_webhook::{Event, Inbox, SIGNATURE_HEADER, Verifier};
 use support::{redis_connection, redis_url, runtime, unique_prefix};
@@ -313,4 +314,41 @@ fn a_dead_letter_awaiting_its_acknowledgement_is_not_taken_over() {
     });
     assert_eq!(dead, 1, "dead-lettered once");
     assert_eq!(calls_of(&calls, "slow").len(), 1);
+}
+
+#[test]
+fn entries_handed_back_on_stop_do_not_count_as_attempts() {
+    let Some(url) = redis_url("entries_handed_back_on_stop_do_not_count_as_attempts") else {
+        return;
+    };
+    let lease = Duration::from_millis(300);
+    let (config, gate) = settings("handed-back", lease);
+    store(&url, &config, &["handed-back"]);
+    runtime().block_on(async {
+        // Three workers in a row read the entry and stop before starting it.
+        for round in 0..3 {
+            let name = format!("stopped-{round}");
+            let mut consumer = StreamConsumer::connect(&url, config.clone(), name)
+                .await
+                .unwrap();
+            let batch = consumer.next_batch().await.unwrap().unwrap();
+            assert_eq!(batch.len(), 1, "round {round}");
+            assert_eq!(batch[0].times_delivered(), 1, "round {round}");
+            consumer.flush().await.unwrap(); // hands it back
+        }
+    });
+    // With two attempts allowed, the event is attempted, not dead-lettered.
+    let calls = Calls::default();
+    let run = Duration::from_secs(2);
+    let last = worker(
+        &url,
+        (&config, &gate),
+        "last",
+        |_| FAST,
+        &calls,
+        quick(2),
+        run,
+    );
+    last.join().unwrap();
+    assert_eq!(calls_of(&calls, "handed-back").len(), 1);
 }

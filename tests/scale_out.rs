@@ -9,15 +9,15 @@ mod process;
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comapi_webhook::store::redis_stream::{RedisStream, RedisStreamConfig};
 use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
-use process::{Receiver, SECRET, client, event_json, metric, post_signed};
-use support::{example_binary, redis_connection, redis_url, runtime, temp_dir, unique_prefix};
+use process::{OwnRedis, Receiver, SECRET, client, event_json, metric, post_signed};
+use support::{example_binary, redis_connection, redis_url, runtime, unique_prefix};
 
 /// A receiver (`hyper_receiver`, `actix_receiver`) or `worker` on Redis at `url`,
 /// keys under `prefix`, with a short lease so a killed worker's events are taken
@@ -223,88 +223,6 @@ fn two_receivers_and_workers_lose_nothing_when_a_worker_is_killed() {
             assert_eq!(metric(&text, "comapi_webhook_pending_events"), Some(0.0));
         }
     });
-}
-
-/// A `redis-server` of the test's own, with AOF fsynced before every reply, that
-/// can be killed and restarted on the same port and folder.
-struct OwnRedis {
-    child: Option<Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    /// `None` (loudly, and a failure under `CI=true`) without a `redis-server`.
-    fn start(test: &str) -> Option<OwnRedis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok();
-        if !found {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v == "true"),
-                "{test}: CI=true but there is no redis-server"
-            );
-            eprintln!(
-                "\n!!! SKIPPED {test}: no redis-server on PATH (apt-get install redis-server)\n"
-            );
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = OwnRedis {
-            child: None,
-            port,
-            dir: temp_dir("redis"),
-        };
-        redis.restart();
-        Some(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[test]

@@ -196,6 +196,19 @@ impl ReceiverConfig {
         Self::from_lookup(&env)
     }
 
+    /// `COMAPI_SHUTDOWN_GRACE` alone (default 25 s), for a worker process.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable when it is not a duration.
+    pub fn shutdown_grace_from_env() -> Result<Duration, ConfigError> {
+        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        duration(
+            &var,
+            "COMAPI_SHUTDOWN_GRACE",
+            crate::worker::DEFAULT_SHUTDOWN_GRACE,
+        )
+    }
+
     /// [`ReceiverConfig::from_env`] with another source of variables.
     pub(crate) fn from_lookup(
         lookup: &dyn Fn(&str) -> Option<String>,

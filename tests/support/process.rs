@@ -23,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::support::example_binary;
+use super::support::{example_binary, temp_dir};
 
 /// The secret the receivers under test are started with.
 pub const SECRET: &str = "the-current-secret-0123456789";
@@ -217,4 +217,86 @@ pub async fn post_signed(
     post(client, url, Some(&signature), body.into_bytes())
         .await
         .map(|(status, _)| status)
+}
+
+/// A `redis-server` of the test's own, with AOF fsynced before every reply, that
+/// can be killed and restarted on the same port and folder.
+pub struct OwnRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    /// `None` (loudly, and a failure under `CI=true`) without a `redis-server`.
+    pub fn start(test: &str) -> Option<OwnRedis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "{test}: CI=true but there is no redis-server"
+            );
+            eprintln!(
+                "\n!!! SKIPPED {test}: no redis-server on PATH (apt-get install redis-server)\n"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = OwnRedis {
+            child: None,
+            port,
+            dir: temp_dir("redis"),
+        };
+        redis.restart();
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -32,7 +32,8 @@
 //! - Each entry holds one field, `record`: the same record as a spool line.
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -252,7 +253,11 @@ pub struct RedisStream {
     group: Arc<str>,
     deadline: Duration,
     replicas: u32,
-    durability: Durability,
+    /// What Redis said of its persistence, read again after every recovery.
+    durability: Arc<Mutex<Durability>>,
+    /// Set by a failed store: the next success reads the persistence again, since
+    /// the Redis that answers may have restarted with other settings.
+    failed: Arc<AtomicBool>,
 }
 
 impl RedisStream {
@@ -272,14 +277,38 @@ impl RedisStream {
             group: config.group.into(),
             deadline: config.deadline,
             replicas: config.replicas,
-            durability,
+            durability: Arc::new(Mutex::new(durability)),
+            failed: Arc::default(),
         })
     }
 
-    /// What Redis said of its persistence when this store connected.
+    /// What Redis said of its persistence when this store connected, or when it
+    /// last recovered from a failure (Redis may have restarted with other
+    /// settings; a change is logged at `warn`).
     #[must_use]
-    pub fn durability(&self) -> &Durability {
-        &self.durability
+    pub fn durability(&self) -> Durability {
+        self.durability
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a recovery: says so, and reads the persistence settings again, off
+    /// the request's path.
+    fn recovered(&self) {
+        tracing::info!(stream = %self.key, "storing into Redis again");
+        let (mut connection, shared) = (self.connection.clone(), Arc::clone(&self.durability));
+        tokio::spawn(async move {
+            let now = durability(&mut connection).await;
+            let mut known = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if *known != now {
+                match now.warning() {
+                    Some(warning) => tracing::warn!("Redis's persistence changed: {warning}"),
+                    None => tracing::info!(durability = ?now, "Redis's persistence changed"),
+                }
+                *known = now;
+            }
+        });
     }
 
     /// The stream's key.
@@ -350,13 +379,19 @@ impl RedisStream {
 
 impl EventStore for RedisStream {
     async fn store(&self, records: Records) -> Result<(), Error> {
-        match tokio::time::timeout(self.deadline, self.store_now(&records)).await {
+        let stored = match tokio::time::timeout(self.deadline, self.store_now(&records)).await {
             Ok(stored) => stored,
             Err(_) => Err(Error::store_unavailable(
                 "cannot store the events in Redis",
                 format!("no answer within {:?}", self.deadline),
             )),
+        };
+        if stored.is_err() {
+            self.failed.store(true, Ordering::Release);
+        } else if self.failed.swap(false, Ordering::AcqRel) {
+            self.recovered();
         }
+        stored
     }
 
     async fn status(&self) -> StoreStatus {
@@ -405,7 +440,7 @@ impl fmt::Debug for RedisStream {
             .field("group", &self.group)
             .field("deadline", &self.deadline)
             .field("replicas", &self.replicas)
-            .field("durability", &self.durability)
+            .field("durability", &self.durability())
             .finish_non_exhaustive()
     }
 }
