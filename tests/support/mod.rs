@@ -121,10 +121,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// One spool line holding `event` (raw JSON) as the receive step writes it.
+/// One spool line holding `event` (raw JSON) as the receive step writes it:
+/// received at the event's own `timestamp` (as if it came at once), or at a fixed
+/// time for an event without one, so that the same event gives the same line.
 pub fn spool_line(event: &str) -> Vec<u8> {
-    let now = now_rfc3339();
-    format!("{{\"receivedAt\":\"{now}\",\"secretIndex\":0,\"event\":{event}}}\n").into_bytes()
+    let value: serde_json::Value = serde_json::from_str(event).unwrap_or_default();
+    let received = value["timestamp"]
+        .as_str()
+        .unwrap_or("2026-01-01T00:00:00.000Z")
+        .to_owned();
+    format!("{{\"receivedAt\":\"{received}\",\"secretIndex\":0,\"event\":{event}}}\n").into_bytes()
 }
 
 /// A connection of the test's own to the Redis at `url`.
