@@ -23,7 +23,6 @@ use comapi_webhook::metrics::Metrics;
 use comapi_webhook::receiver::{ReceiverConfig, RedisSettings, shutdown_signal};
 use comapi_webhook::store::EventStore;
 use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
-use comapi_webhook::worker::RetryPolicy;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 
@@ -42,6 +41,10 @@ async fn main() -> ExitCode {
     };
     let grace = match ReceiverConfig::shutdown_grace_from_env() {
         Ok(grace) => grace,
+        Err(error) => return fail(&error.to_string(), 2),
+    };
+    let worker_config = match ReceiverConfig::worker_config_from_env() {
+        Ok(config) => config,
         Err(error) => return fail(&error.to_string(), 2),
     };
     let port = std::env::var("METRICS_PORT").ok().filter(|p| !p.is_empty());
@@ -98,7 +101,7 @@ async fn main() -> ExitCode {
         consumers,
         gate,
         metrics.meter(common::process),
-        RetryPolicy::default(),
+        worker_config,
     ) {
         Ok(worker) => worker,
         Err(error) => return fail(&error.report().to_string(), 1),

@@ -55,6 +55,12 @@ for features in "${feature_sets[@]}"; do
   cargo test $features
 done
 
+# The delivery tests again with one handler at a time: every guarantee holds at any
+# concurrency (the binaries they start read the same variable).
+step "COMAPI_CONCURRENCY=1 cargo test --all-features (the delivery tests)"
+COMAPI_CONCURRENCY=1 cargo test --all-features --test worker --test stream --test spool \
+  --test receivers --test scale_out --test keep_alive --test late --test shutdown --test clock
+
 for features in "--no-default-features" "--all-features"; do
   step "RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps $features"
   RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps $features

@@ -284,7 +284,7 @@ pub struct Metered<H> {
 
 impl<H: EventHandler> EventHandler for Metered<H> {
     fn handle(
-        &mut self,
+        &self,
         event: Event<'static>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         let metrics = std::sync::Arc::clone(&self.metrics);
@@ -304,24 +304,24 @@ impl<H: EventHandler> EventHandler for Metered<H> {
         }
     }
 
-    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+    fn skipped(&self, event: &Event<'_>, decision: Decision) {
         self.metrics.decided(decision);
         self.handler.skipped(event, decision);
     }
 
-    fn attempt_failed(&mut self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
+    fn attempt_failed(&self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
         self.metrics.outcome(Outcome::failure);
         self.metrics.outcome(Outcome::retry);
         self.handler.attempt_failed(event, error, attempt, retry_in);
     }
 
-    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+    fn dead_lettered(&self, event: &Event<'_>, error: &str, attempts: u32) {
         self.metrics.outcome(Outcome::failure);
         self.metrics.outcome(Outcome::dead_letter);
         self.handler.dead_lettered(event, error, attempts);
     }
 
-    fn set_aside(&mut self, line: &[u8], error: &Error) {
+    fn set_aside(&self, line: &[u8], error: &Error) {
         self.handler.set_aside(line, error);
     }
 }

@@ -57,7 +57,7 @@ fn worker(
     url: &str,
     (config, gate): (&RedisStreamConfig, &RedisGateConfig),
     name: &'static str,
-    behaviour: impl Fn(&str) -> Behaviour + Send + 'static,
+    behaviour: impl Fn(&str) -> Behaviour + Send + Sync + 'static,
     calls: &Calls,
     retry: RetryPolicy,
     stop_after: Duration,
@@ -99,7 +99,9 @@ fn worker(
                 tokio::time::sleep(stop_after).await;
                 stop.stop();
             });
-            run_worker(consumer, &gate, handler, retry).await.unwrap();
+            run_worker(consumer, &gate, handler, support::worker_config(retry))
+                .await
+                .unwrap();
         });
     })
 }

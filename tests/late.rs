@@ -44,7 +44,7 @@ struct Seen {
 }
 
 impl EventHandler for &Seen {
-    async fn handle(&mut self, event: Event<'static>) -> Result<(), HandlerError> {
+    async fn handle(&self, event: Event<'static>) -> Result<(), HandlerError> {
         self.handled
             .lock()
             .unwrap()
@@ -52,7 +52,7 @@ impl EventHandler for &Seen {
         Ok(())
     }
 
-    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+    fn skipped(&self, event: &Event<'_>, decision: Decision) {
         let entry = (event.event_id().to_owned(), decision);
         self.skipped.lock().unwrap().push(entry);
     }
@@ -89,9 +89,14 @@ fn an_event_received_in_time_is_processed_however_late_and_a_replay_is_not() {
         assert_eq!(requeue_dead_letters(&spool).await.unwrap(), 1);
         spool.close().await;
         let retry = RetryPolicy::default();
-        run_worker(spool.reader().unwrap(), &Gate::in_memory(), &seen, retry)
-            .await
-            .unwrap();
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            &seen,
+            support::worker_config(retry),
+        )
+        .await
+        .unwrap();
     });
     assert_eq!(*seen.handled.lock().unwrap(), ["late", "requeued"]);
     let skipped = seen.skipped.lock().unwrap().clone();
@@ -135,10 +140,15 @@ fn a_requeue_racing_the_worker_loses_no_dead_letter() {
         spool.append(lines.concat(), 1_500).await.unwrap();
         let once = RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1);
         let reader = spool.reader().unwrap();
-        let worker =
-            tokio::spawn(
-                async move { run_worker(reader, &Gate::in_memory(), failing, once).await },
-            );
+        let worker = tokio::spawn(async move {
+            run_worker(
+                reader,
+                &Gate::in_memory(),
+                failing,
+                support::worker_config(once),
+            )
+            .await
+        });
         // Requeues beside the running worker, as an operator's loop would.
         let mut requeued = 0;
         let until = Instant::now() + Duration::from_secs(3);
@@ -198,9 +208,14 @@ fn comes_again(dir: &std::path::Path) {
         let (spool, _) = Spool::open(&SpoolConfig::new(dir)).unwrap();
         spool.close().await;
         let retry = RetryPolicy::default();
-        run_worker(spool.reader().unwrap(), &Gate::in_memory(), &seen, retry)
-            .await
-            .unwrap();
+        run_worker(
+            spool.reader().unwrap(),
+            &Gate::in_memory(),
+            &seen,
+            support::worker_config(retry),
+        )
+        .await
+        .unwrap();
     });
     assert_eq!(*seen.handled.lock().unwrap(), ["e-1"]);
 }

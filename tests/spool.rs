@@ -310,18 +310,18 @@ struct Worked {
 }
 
 impl EventHandler for &Worked {
-    async fn handle(&mut self, event: Event<'static>) -> Result<(), HandlerError> {
+    async fn handle(&self, event: Event<'static>) -> Result<(), HandlerError> {
         let id = event.event_id().to_owned();
         self.events.lock().unwrap().push((id, Decision::Fresh));
         Ok(())
     }
 
-    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+    fn skipped(&self, event: &Event<'_>, decision: Decision) {
         let id = event.event_id().to_owned();
         self.events.lock().unwrap().push((id, decision));
     }
 
-    fn set_aside(&mut self, line: &[u8], error: &Error) {
+    fn set_aside(&self, line: &[u8], error: &Error) {
         self.set_aside
             .lock()
             .unwrap()
@@ -337,7 +337,7 @@ impl Worked {
             spool.reader().unwrap(),
             gate,
             &worked,
-            RetryPolicy::default(),
+            support::worker_config(RetryPolicy::default()),
         )
         .await
         .unwrap();

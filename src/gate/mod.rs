@@ -239,6 +239,61 @@ pub trait DecisionStore: Send + Sync {
         received_at: Option<SystemTime>,
     ) -> impl Future<Output = Result<Decision, Error>> + Send;
 
+    /// Claims every event of `claims`, each `(event, delivery, received_at)`, in
+    /// order, as [`DecisionStore::claim_received`] one after the other would: later
+    /// events see the effect of earlier ones. A shared store answers in one round
+    /// trip; the default claims one at a time.
+    ///
+    /// # Errors
+    /// As [`DecisionStore::claim`]; then nothing is known of which were claimed,
+    /// and claiming them again with the same deliveries is safe.
+    fn claim_batch(
+        &self,
+        claims: &[(&Event<'_>, &str, Option<SystemTime>)],
+    ) -> impl Future<Output = Result<Vec<Decision>, Error>> + Send {
+        async move {
+            let mut decisions = Vec::with_capacity(claims.len());
+            for (event, delivery, received_at) in claims {
+                decisions.push(self.claim_received(event, delivery, *received_at).await?);
+            }
+            Ok(decisions)
+        }
+    }
+
+    /// Completes every `(event, delivery)` claim of `done`: in one round trip on a
+    /// shared store; the default completes one at a time.
+    ///
+    /// # Errors
+    /// As [`DecisionStore::complete`]; completing again is safe.
+    fn complete_batch(
+        &self,
+        done: &[(&Event<'_>, &str)],
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        async move {
+            for (event, delivery) in done {
+                self.complete(event, delivery).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Releases every `(event, delivery)` claim of `given_up`: in one round trip on
+    /// a shared store; the default releases one at a time.
+    ///
+    /// # Errors
+    /// As [`DecisionStore::release`]; the claims then expire after their lease.
+    fn release_batch(
+        &self,
+        given_up: &[(&Event<'_>, &str)],
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        async move {
+            for (event, delivery) in given_up {
+                self.release(event, delivery).await?;
+            }
+            Ok(())
+        }
+    }
+
     /// Something that renews this store's claims from a thread of its own (see
     /// [`KeepAlive`]): a worker still on an event renews its claim every third of
     /// the lease, so that a copy of the event (a Comapi retry) stays

@@ -75,13 +75,15 @@ return out
 ";
 
 /// Completes (`done`, with the TTL) or releases (deletes, if still this delivery's
-/// claim) one event. KEYS: its id key. ARGV: `complete` or `release`, the TTL in
-/// seconds, the delivery.
+/// claim) events. KEYS: their id keys. ARGV: `complete` or `release`, the TTL in
+/// seconds, then each key's delivery.
 const SETTLE: &str = r"
-if ARGV[1] == 'complete' then
-  redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
-elseif redis.call('GET', KEYS[1]) == 'c:' .. ARGV[3] then
-  redis.call('DEL', KEYS[1])
+for i = 1, #KEYS do
+  if ARGV[1] == 'complete' then
+    redis.call('SET', KEYS[i], 'done', 'EX', ARGV[2])
+  elseif redis.call('GET', KEYS[i]) == 'c:' .. ARGV[i + 2] then
+    redis.call('DEL', KEYS[i])
+  end
 end
 return 1
 ";
@@ -329,14 +331,18 @@ impl RedisGate {
             .collect()
     }
 
-    /// Completes or releases one event's claim, in one round trip.
-    async fn settle(&self, event: &Event<'_>, delivery: &str, how: &str) -> Result<(), Error> {
+    /// Completes or releases claims, in one round trip.
+    async fn settle(&self, claims: &[(&Event<'_>, &str)], how: &str) -> Result<(), Error> {
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.settle.prepare_invoke();
+        invocation.arg(how).arg(self.ttl_seconds);
+        for (event, delivery) in claims {
+            invocation.key(self.id_key(event.event_id())).arg(*delivery);
+        }
         let mut connection = self.connection.clone();
-        self.settle
-            .key(self.id_key(event.event_id()))
-            .arg(how)
-            .arg(self.ttl_seconds)
-            .arg(delivery)
+        invocation
             .invoke_async::<i64>(&mut connection)
             .await
             .map(drop)
@@ -362,11 +368,29 @@ impl DecisionStore for RedisGate {
     }
 
     async fn complete(&self, event: &Event<'_>, delivery: &str) -> Result<(), Error> {
-        self.settle(event, delivery, "complete").await
+        self.settle(&[(event, delivery)], "complete").await
     }
 
     async fn release(&self, event: &Event<'_>, delivery: &str) -> Result<(), Error> {
-        self.settle(event, delivery, "release").await
+        self.settle(&[(event, delivery)], "release").await
+    }
+
+    async fn claim_batch(
+        &self,
+        claims: &[(&Event<'_>, &str, Option<SystemTime>)],
+    ) -> Result<Vec<Decision>, Error> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run_claims(claims, Mode::Claim).await
+    }
+
+    async fn complete_batch(&self, done: &[(&Event<'_>, &str)]) -> Result<(), Error> {
+        self.settle(done, "complete").await
+    }
+
+    async fn release_batch(&self, given_up: &[(&Event<'_>, &str)]) -> Result<(), Error> {
+        self.settle(given_up, "release").await
     }
 
     fn keep_alive(&self) -> Option<KeepAlive> {

@@ -10,6 +10,7 @@ use crate::Verifier;
 use crate::inbox::DEFAULT_MAX_BODY_BYTES;
 use crate::signature::MIN_SECRET_LEN;
 use crate::store::spool::SpoolConfig;
+use crate::worker::WorkerConfig;
 
 /// The port a receiver listens on unless `PORT` says otherwise.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -35,6 +36,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_BODY_TIMEOUT` | how long a request's body may take to arrive (then 408), default `10s` |
 /// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default 512 |
 /// | `COMAPI_SHUTDOWN_GRACE` | how long a shutdown may take, default `25s` |
+/// | `COMAPI_CONCURRENCY` | handler calls a worker keeps in flight (one entity at a time each), default 32 |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReceiverConfig {
@@ -58,6 +60,8 @@ pub struct ReceiverConfig {
     pub max_connections: usize,
     /// How long a shutdown may take ([`Worker::shutdown_within`](crate::Worker::shutdown_within)).
     pub shutdown_grace: Duration,
+    /// How the worker runs: its retries and its concurrency.
+    pub worker_config: WorkerConfig,
 }
 
 /// Where and how a receiver and its workers use Redis.
@@ -196,6 +200,15 @@ impl ReceiverConfig {
         Self::from_lookup(&env)
     }
 
+    /// The worker's settings alone (`COMAPI_CONCURRENCY`), for a worker process.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable when a value is wrong.
+    pub fn worker_config_from_env() -> Result<WorkerConfig, ConfigError> {
+        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        worker_config(&var)
+    }
+
     /// `COMAPI_SHUTDOWN_GRACE` alone (default 25 s), for a worker process.
     ///
     /// # Errors
@@ -294,6 +307,7 @@ impl ReceiverConfig {
                 "COMAPI_SHUTDOWN_GRACE",
                 crate::worker::DEFAULT_SHUTDOWN_GRACE,
             )?,
+            worker_config: worker_config(&var)?,
         })
     }
 }
@@ -317,6 +331,22 @@ fn redis_from(
         key_prefix: var("COMAPI_REDIS_PREFIX").unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned()),
         lease,
     }))
+}
+
+/// The worker's settings from `COMAPI_CONCURRENCY`.
+fn worker_config(var: &dyn Fn(&str) -> Option<String>) -> Result<WorkerConfig, ConfigError> {
+    let concurrency = parsed(
+        var,
+        "COMAPI_CONCURRENCY",
+        "a positive number",
+        WorkerConfig::DEFAULT_CONCURRENCY,
+    )?;
+    if concurrency == 0 {
+        return Err(ConfigError::setting(
+            "COMAPI_CONCURRENCY must be a positive number, not \"0\"",
+        ));
+    }
+    Ok(WorkerConfig::default().with_concurrency(concurrency))
 }
 
 /// `name` as a positive duration (`60s`, `500ms`), or `default` when unset.

@@ -10,7 +10,7 @@ use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::spool::Spool;
-use crate::worker::{EventHandler, RetryPolicy, Worker};
+use crate::worker::{EventHandler, Worker};
 
 mod config;
 mod listener;
@@ -47,8 +47,9 @@ impl ReceiverConfig {
     /// Opens the store (the spool, repairing a torn last line, or the Redis
     /// stream, warning once if Redis's persistence is weaker than
     /// fsync-before-reply), and, if [`ReceiverConfig::worker`], starts a [`Worker`]
-    /// running `handler` (metered, logged) with the default [`RetryPolicy`]: on the
+    /// running `handler` (metered, logged): on the
     /// spool it decides with an in-memory [`Gate`], on Redis with the Redis gate.
+    /// The worker runs as [`ReceiverConfig::worker_config`] says.
     ///
     /// # Errors
     /// [`ConfigError`] naming `COMAPI_SPOOL_DIR` or `COMAPI_REDIS_URL` when the
@@ -59,7 +60,7 @@ impl ReceiverConfig {
     ) -> Result<Receiver, ConfigError> {
         let metrics = Arc::new(Metrics::new());
         let handler = metrics.meter(handler);
-        let retry = RetryPolicy::default();
+        let retry = self.worker_config;
         let (store, worker) = match &self.redis {
             None => {
                 let dir = self.spool.dir.display().to_string();
@@ -103,7 +104,7 @@ async fn redis_store<H: EventHandler + 'static>(
     redis: &RedisSettings,
     worker: bool,
     handler: H,
-    retry: RetryPolicy,
+    retry: crate::worker::WorkerConfig,
 ) -> Result<(Store, Option<Worker>), ConfigError> {
     use crate::gate::{RedisGate, RedisGateConfig};
     use crate::store::redis_stream::{RedisStream, StreamConsumers};

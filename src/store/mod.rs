@@ -147,17 +147,22 @@ pub struct StoreStatus {
 /// from: a [`SpoolReader`](spool::SpoolReader), or a Redis consumer
 /// (`redis_stream::StreamConsumer`, feature `redis`).
 ///
-/// The worker calls [`EventSource::next_batch`], then, for each delivery in order,
-/// [`EventSource::finished`] once it was processed, skipped or dead-lettered (after
+/// The worker calls [`EventSource::next_batch`] (again and again, reading ahead),
+/// and [`EventSource::finished`] for each delivery in the order they were handed
+/// out, once it was processed, skipped or dead-lettered (after
 /// [`EventSource::dead_letter`]) or set aside (after [`EventSource::set_aside`]).
 /// A source acknowledges only finished deliveries: what was handed out and not
 /// finished when a worker crashes comes again.
-pub trait EventSource: Send {
+pub trait EventSource: Send + Sync {
     /// One stored event as this source hands it out.
     type Delivery: Delivery + Send + Sync;
 
-    /// Waits for stored events and returns some (at least one); `None` once the
-    /// source is finished: a closed spool read to its end, or a consumer asked to stop.
+    /// Waits for stored events, about a second at most, and returns those that
+    /// came (none, when none did: the worker does its other work and asks again);
+    /// `None` once the source is finished: a closed spool read to its end, or a
+    /// consumer asked to stop. It may be called while earlier deliveries are still
+    /// being worked on: a source keeps every delivery it handed out and has not
+    /// been told is finished.
     ///
     /// # Errors
     /// [`Error::Storage`] or [`Error::StoreUnavailable`] when the store cannot be read.

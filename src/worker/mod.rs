@@ -16,16 +16,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::gate::DecisionStore;
-use crate::store::{Delivery, EventSource};
+use crate::store::EventSource;
 use crate::{Decision, Error, Event};
 
+mod flow;
 mod keeper;
 mod supervise;
 
-use keeper::{Claims, Keeper};
 pub use supervise::{DEFAULT_SHUTDOWN_GRACE, Sources, Worker};
 
 /// The wait after the first failure, by default.
@@ -45,8 +45,11 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Your processing, as [`run_worker`] calls it.
 ///
-/// Any `FnMut(Event<'static>) -> impl Future<Output = Result<(), E>>` is one, for
-/// an error type `E` that converts into a [`HandlerError`]:
+/// Any `Fn(Event<'static>) -> impl Future<Output = Result<(), E>>` that is `Send +
+/// Sync` is one, for an error type `E` that converts into a [`HandlerError`]. The
+/// worker runs up to [`WorkerConfig::concurrency`] calls at once (events of
+/// different entities), so the handler takes `&self`: keep shared state behind a
+/// `Mutex` or an atomic.
 ///
 /// ```
 /// use comapi_webhook::Event;
@@ -60,27 +63,28 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// Implement the trait yourself to also hear of the events the gate says not to
 /// process, of failed attempts, of dead letters and of damaged lines.
-pub trait EventHandler: Send {
+pub trait EventHandler: Send + Sync {
     /// Processes one event the gate says is [`Decision::Fresh`]. An error, or a
     /// panic, means "not processed": the worker retries the event with backoff
     /// ([`RetryPolicy`]), and after the last attempt writes it to the dead letter.
     /// Delivery is at least once: after a crash, an event can come again even if
-    /// this call succeeded, so make the processing idempotent.
+    /// this call succeeded, so make the processing idempotent. Events of one
+    /// entity (a message, a conversation, …) come one at a time, in stored order.
     fn handle(
-        &mut self,
+        &self,
         event: Event<'static>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
     /// An event the gate says not to process: [`Decision::Duplicate`],
     /// [`Decision::Stale`] or [`Decision::Expired`]. The default does nothing.
-    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+    fn skipped(&self, event: &Event<'_>, decision: Decision) {
         let _ = (event, decision);
     }
 
     /// An attempt at `event` failed with `error` (its text; `the handler panicked:
     /// …` for a panic); the worker tries again after `retry_in`. The default does
     /// nothing.
-    fn attempt_failed(&mut self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
+    fn attempt_failed(&self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
         let _ = (event, error, attempt, retry_in);
     }
 
@@ -89,7 +93,7 @@ pub trait EventHandler: Send {
     /// a stream's `…:dead` stream). The default does nothing: override it to raise
     /// an alert. Once the cause is fixed, requeueing brings the events back
     /// ([`requeue_dead_letters`](crate::store::spool::requeue_dead_letters) for a spool).
-    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+    fn dead_lettered(&self, event: &Event<'_>, error: &str, attempts: u32) {
         let _ = (event, error, attempts);
     }
 
@@ -98,19 +102,19 @@ pub trait EventHandler: Send {
     /// source keep it, byte for byte and durably (`rejected.jsonl` in a spool's
     /// folder, the `…:dead` stream), and goes on with the next one; `error` says what is wrong with it. The default does
     /// nothing more. Like events, a line may come here again after a crash.
-    fn set_aside(&mut self, line: &[u8], error: &Error) {
+    fn set_aside(&self, line: &[u8], error: &Error) {
         let _ = (line, error);
     }
 }
 
 impl<F, Fut, E> EventHandler for F
 where
-    F: FnMut(Event<'static>) -> Fut + Send,
+    F: Fn(Event<'static>) -> Fut + Send + Sync,
     Fut: Future<Output = Result<(), E>> + Send,
     E: Into<HandlerError>,
 {
     fn handle(
-        &mut self,
+        &self,
         event: Event<'static>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         let processing = self(event);
@@ -162,19 +166,78 @@ impl RetryPolicy {
     }
 }
 
+/// How a worker runs: its [`RetryPolicy`], and how many handler calls it keeps in
+/// flight. A [`RetryPolicy`] converts into one with the other defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// How failed attempts are retried.
+    pub retry: RetryPolicy,
+    /// Handler calls in flight at once, each for a different entity. Default
+    /// [`WorkerConfig::DEFAULT_CONCURRENCY`]; 1 handles one event at a time.
+    pub concurrency: usize,
+    /// Events read and not yet acknowledged, at most: how far the worker reads
+    /// ahead of the oldest event it has not finished (one failing entity holds
+    /// the acknowledgements behind it, never the other entities, up to this many
+    /// events). Default [`WorkerConfig::DEFAULT_WINDOW`].
+    pub window: usize,
+}
+
+impl WorkerConfig {
+    /// 32 handler calls in flight: enough for handlers that wait on I/O.
+    pub const DEFAULT_CONCURRENCY: usize = 32;
+    /// 4,096 events read ahead.
+    pub const DEFAULT_WINDOW: usize = 4096;
+
+    /// The same settings with another concurrency (at least 1).
+    #[must_use]
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// The same settings with another window (at least 1).
+    #[must_use]
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        RetryPolicy::default().into()
+    }
+}
+
+impl From<RetryPolicy> for WorkerConfig {
+    fn from(retry: RetryPolicy) -> Self {
+        WorkerConfig {
+            retry,
+            concurrency: Self::DEFAULT_CONCURRENCY,
+            window: Self::DEFAULT_WINDOW,
+        }
+    }
+}
+
 /// Runs the processing loop over `source` (a [`SpoolReader`](crate::store::spool::SpoolReader),
-/// or a Redis stream consumer), in the order it hands events out, until it is
-/// finished: a closed spool read to its end, or a consumer asked to stop.
+/// or a Redis stream consumer) until it is finished: a closed spool read to its
+/// end, or a consumer asked to stop.
 ///
-/// For each stored event it claims the event from `store`, with the delivery's id
-/// (a spool position, a stream entry id) as the delivery (see [`DecisionStore`]):
-/// - [`Decision::Fresh`]: `handler.handle`; on success the claim is completed. On
-///   an error or a panic the claim is released and the event retried after the
-///   policy's delay; after the last attempt it goes to the source's dead letter,
-///   the claim is released, and processing goes on.
+/// It reads a batch, claims all of its events from `store` in one call (each
+/// with its delivery's id, a spool position or a stream entry id, and its receipt
+/// time; see [`DecisionStore`]), and hands the fresh ones to the handler, up to
+/// [`WorkerConfig::concurrency`] at once: events of one entity (what the gate
+/// orders by revision: the message, the conversation, …) one at a time and in
+/// stored order, events of different entities side by side. It reads on while
+/// they run, up to [`WorkerConfig::window`] events ahead.
+/// - [`Decision::Fresh`]: `handler.handle`; the claims of the events processed
+///   are completed together, in one call. On an error or a panic the event is
+///   retried after the policy's delay, holding only its own entity; after the
+///   last attempt it goes to the source's dead letter and its claim is released.
 /// - [`Decision::Busy`] (another copy is being processed elsewhere): claimed again
 ///   a second later, until completed there (`Duplicate`) or its lease passes
-///   (`Fresh`).
+///   (`Fresh`); its entity waits meanwhile.
 /// - Anything else: [`EventHandler::skipped`].
 ///
 /// A copy handed out more times than the policy's attempts (workers crashed while
@@ -183,9 +246,10 @@ impl RetryPolicy {
 /// event is skipped. A stored record that cannot be read as an event is set aside
 /// by the source and [`EventHandler::set_aside`] is told.
 ///
-/// Each event is acknowledged to the source only once it was processed, skipped,
-/// dead-lettered or set aside: after a crash, processing resumes from the first
-/// one that was not, and the same delivery claims its event again.
+/// Events are acknowledged to the source in stored order, each only once it and
+/// every event before it were processed, skipped, dead-lettered or set aside: after
+/// a crash, processing resumes from the first one that was not, and the same
+/// delivery claims its event again.
 ///
 /// # Errors
 /// When the source cannot be read, or a record not set aside, an event not
@@ -194,7 +258,7 @@ impl RetryPolicy {
 ///
 /// ```no_run
 /// use comapi_webhook::store::spool::{Spool, SpoolConfig};
-/// use comapi_webhook::worker::{RetryPolicy, run_worker};
+/// use comapi_webhook::worker::{RetryPolicy, WorkerConfig, run_worker};
 /// use comapi_webhook::{Event, Gate};
 ///
 /// async fn process(event: Event<'static>) -> Result<(), std::io::Error> {
@@ -204,26 +268,27 @@ impl RetryPolicy {
 ///
 /// # async fn demo() -> Result<(), comapi_webhook::Error> {
 /// let (spool, _) = Spool::open(&SpoolConfig::in_temp_dir())?;
-/// run_worker(spool.reader()?, &Gate::in_memory(), process, RetryPolicy::default()).await?;
+/// let config = WorkerConfig::from(RetryPolicy::default()).with_concurrency(16);
+/// run_worker(spool.reader()?, &Gate::in_memory(), process, config).await?;
 /// # Ok(()) }
 /// ```
 pub async fn run_worker<Src, S, H>(
     source: Src,
     store: &S,
-    mut handler: H,
-    retry: RetryPolicy,
+    handler: H,
+    config: impl Into<WorkerConfig>,
 ) -> Result<(), Error>
 where
     Src: EventSource,
     S: DecisionStore,
     H: EventHandler,
 {
-    run_with(source, store, &mut handler, retry, &Abandon::default()).await
+    flow::run_with(source, store, &handler, &config.into(), &Abandon::default()).await
 }
 
-/// Asks a running worker to let go of its event in hand at once (a supervisor's
-/// grace period ran out): the handler is dropped, a backoff or a wait for the
-/// store cut short, and the event left unfinished, to be delivered again.
+/// Asks a running worker to let go of its events in hand at once (a supervisor's
+/// grace period ran out): their handlers are dropped, a backoff or a wait for the
+/// store cut short, and the events left unfinished, to be delivered again.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Abandon(Arc<AtomicBool>);
 
@@ -234,182 +299,6 @@ impl Abandon {
 
     pub(crate) fn is_set(&self) -> bool {
         self.0.load(Ordering::Acquire)
-    }
-}
-
-/// How the worker left a stored event.
-#[derive(Debug, PartialEq, Eq)]
-enum Left {
-    /// Processed, skipped, dead-lettered or set aside: acknowledge it.
-    Finished,
-    /// Not finished (the worker is stopping): it comes again.
-    Unfinished,
-}
-
-/// [`run_worker`] with a handler it borrows, so a supervisor can run it again.
-async fn run_with<Src, S, H>(
-    mut source: Src,
-    store: &S,
-    handler: &mut H,
-    retry: RetryPolicy,
-    abandon: &Abandon,
-) -> Result<(), Error>
-where
-    Src: EventSource,
-    S: DecisionStore,
-    H: EventHandler,
-{
-    let claims = Claims::default();
-    let keep_alives = [source.keep_alive(), store.keep_alive()];
-    let _keeper = Keeper::start(keep_alives.into_iter().flatten().collect(), claims.clone());
-    let worker = Step {
-        store,
-        retry: &retry,
-        claims: &claims,
-        abandon,
-    };
-    'batches: while !abandon.is_set() {
-        let Some(batch) = source.next_batch().await? else {
-            break;
-        };
-        for delivery in &batch {
-            let left = worker.process(delivery, &mut source, handler).await?;
-            if left == Left::Finished {
-                source.finished(delivery).await?;
-            }
-            if left == Left::Unfinished || source.stopping() || abandon.is_set() {
-                break 'batches;
-            }
-        }
-    }
-    source.flush().await
-}
-
-/// What processing one stored event needs besides its source and handler.
-struct Step<'w, S> {
-    store: &'w S,
-    retry: &'w RetryPolicy,
-    claims: &'w Claims,
-    abandon: &'w Abandon,
-}
-
-impl<S: DecisionStore> Step<'_, S> {
-    /// One stored event, to the end (processed, skipped, dead-lettered or set
-    /// aside), or until the worker is asked to stop while it waits.
-    async fn process<Src: EventSource, H: EventHandler>(
-        &self,
-        delivery: &Src::Delivery,
-        source: &mut Src,
-        handler: &mut H,
-    ) -> Result<Left, Error> {
-        let event = match delivery.event() {
-            Ok(event) => event,
-            Err(error) => {
-                source.set_aside(delivery, &error).await?;
-                handler.set_aside(delivery.record(), &error);
-                return Ok(Left::Finished);
-            }
-        };
-        let id = delivery.id();
-        let times = delivery.times_delivered();
-        if times > self.retry.attempts {
-            let error = format!(
-                "handed to a worker {times} times without being finished (did workers crash processing it?)"
-            );
-            source.dead_letter(delivery, &error, times - 1).await?;
-            handler.dead_lettered(&event, &error, times - 1);
-            return Ok(Left::Finished);
-        }
-        let received_at = delivery.received_at();
-        let quit = || source.stopping() || self.abandon.is_set();
-        let mut attempt = 0;
-        loop {
-            let claimed = self.claim(&event, &id, received_at, &quit).await;
-            match claimed {
-                None => return Ok(Left::Unfinished),
-                Some(Decision::Fresh) => {}
-                Some(decision) => {
-                    handler.skipped(&event, decision);
-                    return Ok(Left::Finished);
-                }
-            }
-            self.claims.hold(event.event_id(), &id);
-            attempt += 1;
-            let running = attempt_once(handler, event.clone().into_owned());
-            let outcome = unless(|| self.abandon.is_set(), running).await;
-            let error = match outcome {
-                // Abandoned: the claim is left to expire; this delivery may claim again.
-                None => {
-                    self.claims.drop_claim(event.event_id(), &id);
-                    return Ok(Left::Unfinished);
-                }
-                Some(Ok(())) => {
-                    let done = self.complete(&event, &id, &quit).await;
-                    self.claims.drop_claim(event.event_id(), &id);
-                    return Ok(if done {
-                        Left::Finished
-                    } else {
-                        Left::Unfinished
-                    });
-                }
-                Some(Err(error)) => error,
-            };
-            self.claims.drop_claim(event.event_id(), &id);
-            // Best effort: if the store cannot hear it, the claim expires with its lease.
-            let _ = self.store.release(&event, &id).await;
-            if attempt >= self.retry.attempts {
-                source.dead_letter(delivery, &error, attempt).await?;
-                handler.dead_lettered(&event, &error, attempt);
-                return Ok(Left::Finished);
-            }
-            let delay = self.retry.delay(attempt);
-            handler.attempt_failed(&event, &error, attempt, delay);
-            if unless(&quit, tokio::time::sleep(delay)).await.is_none() {
-                return Ok(Left::Unfinished);
-            }
-        }
-    }
-
-    /// Claims until the store answers, and while another delivery holds the
-    /// event; `None` once `quit` says the worker is stopping (a call in flight
-    /// is waited for, unless the worker lets go of its event).
-    async fn claim(
-        &self,
-        event: &Event<'_>,
-        delivery: &str,
-        received_at: Option<SystemTime>,
-        quit: &impl Fn() -> bool,
-    ) -> Option<Decision> {
-        loop {
-            let claimed = self.store.claim_received(event, delivery, received_at);
-            match unless(|| self.abandon.is_set(), claimed).await? {
-                Ok(Decision::Busy) | Err(_) => {
-                    unless(quit, tokio::time::sleep(ASK_AGAIN_AFTER)).await?;
-                }
-                Ok(decision) => return Some(decision),
-            }
-        }
-    }
-
-    /// Completes the event's claim, until the store answers; false when `quit`
-    /// said to stop first (a call in flight is waited for, unless the worker lets
-    /// go of its event).
-    async fn complete(&self, event: &Event<'_>, delivery: &str, quit: &impl Fn() -> bool) -> bool {
-        loop {
-            let completed = self.store.complete(event, delivery);
-            match unless(|| self.abandon.is_set(), completed).await {
-                None => return false,
-                Some(Ok(())) => return true,
-                Some(Err(_)) => {
-                    if unless(quit, tokio::time::sleep(ASK_AGAIN_AFTER))
-                        .await
-                        .is_none()
-                    {
-                        return false;
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -429,10 +318,7 @@ async fn unless<T>(quit: impl Fn() -> bool, work: impl Future<Output = T>) -> Op
 
 /// One attempt at the handler, with a panic (in the call or in its future) caught
 /// and turned into an error's text.
-async fn attempt_once<H: EventHandler>(
-    handler: &mut H,
-    event: Event<'static>,
-) -> Result<(), String> {
+async fn attempt_once<H: EventHandler>(handler: &H, event: Event<'static>) -> Result<(), String> {
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| Box::pin(handler.handle(event))));
     let outcome = match started {
         Ok(future) => CatchUnwind(future).await,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::{Abandon, EventHandler, HandlerError, RetryPolicy, run_with};
+use super::{Abandon, EventHandler, HandlerError, WorkerConfig, flow};
 use crate::gate::DecisionStore;
 use crate::store::EventSource;
 use crate::store::spool::Spool;
@@ -113,7 +113,8 @@ impl<T: Sources + std::fmt::Debug> Stop for StopSources<T> {
 
 impl Worker {
     /// Starts the worker thread: runs of `handler` over `sources`, deciding with
-    /// `store`, retrying by `retry`.
+    /// `store`, as `config` says (a [`RetryPolicy`](super::RetryPolicy) will do:
+    /// the other settings keep their defaults).
     ///
     /// # Errors
     /// [`Error::Storage`] when the thread or its runtime cannot be started.
@@ -121,7 +122,7 @@ impl Worker {
         sources: T,
         store: S,
         handler: H,
-        retry: RetryPolicy,
+        config: impl Into<WorkerConfig>,
     ) -> Result<Self, Error>
     where
         T: Sources + std::fmt::Debug,
@@ -133,6 +134,7 @@ impl Worker {
             .build()
             .map_err(|e| Error::storage("cannot start the worker's runtime", e))?;
         let running = sources.clone();
+        let config = config.into();
         let abandon = Abandon::default();
         let abandoned = abandon.clone();
         let (ended, on_end) = oneshot::channel::<()>();
@@ -142,7 +144,7 @@ impl Worker {
                 let _ended = ended; // dropped when the thread ends, even by a panic
                 yield_to_requests();
                 let handler = Logged(handler);
-                runtime.block_on(supervise(&running, &store, handler, retry, &abandoned));
+                runtime.block_on(supervise(&running, &store, &handler, &config, &abandoned));
             })
             .map_err(|e| Error::storage("cannot start the worker thread", e))?;
         Ok(Worker {
@@ -216,14 +218,14 @@ impl Worker {
 async fn supervise<T: Sources, S: DecisionStore, H: EventHandler>(
     sources: &T,
     store: &S,
-    mut handler: H,
-    retry: RetryPolicy,
+    handler: &H,
+    config: &WorkerConfig,
     abandon: &Abandon,
 ) {
     loop {
         let run = async {
             let source = sources.open().await?;
-            run_with(source, store, &mut handler, retry, abandon).await
+            flow::run_with(source, store, handler, config, abandon).await
         };
         let error = match super::CatchUnwind(Box::pin(run)).await {
             Ok(Ok(())) => return,
@@ -244,13 +246,13 @@ struct Logged<H>(H);
 
 impl<H: EventHandler> EventHandler for Logged<H> {
     fn handle(
-        &mut self,
+        &self,
         event: Event<'static>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         self.0.handle(event)
     }
 
-    fn skipped(&mut self, event: &Event<'_>, decision: Decision) {
+    fn skipped(&self, event: &Event<'_>, decision: Decision) {
         if let Decision::Expired { age_secs } = decision {
             tracing::warn!(
                 event_id = %event.event_id(),
@@ -271,12 +273,12 @@ impl<H: EventHandler> EventHandler for Logged<H> {
         self.0.skipped(event, decision);
     }
 
-    fn attempt_failed(&mut self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
+    fn attempt_failed(&self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
         tracing::warn!(event_id = %event.event_id(), %error, attempt, ?retry_in, "processing failed; retrying");
         self.0.attempt_failed(event, error, attempt, retry_in);
     }
 
-    fn dead_lettered(&mut self, event: &Event<'_>, error: &str, attempts: u32) {
+    fn dead_lettered(&self, event: &Event<'_>, error: &str, attempts: u32) {
         tracing::error!(
             event_id = %event.event_id(),
             %error,
@@ -286,7 +288,7 @@ impl<H: EventHandler> EventHandler for Logged<H> {
         self.0.dead_lettered(event, error, attempts);
     }
 
-    fn set_aside(&mut self, line: &[u8], error: &Error) {
+    fn set_aside(&self, line: &[u8], error: &Error) {
         tracing::error!(
             error = %error.report(),
             bytes = line.len(),

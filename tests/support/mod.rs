@@ -91,7 +91,7 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
 /// A worker handler that records each event's id in `seen` and succeeds.
 pub fn recorder(
     seen: &std::sync::Mutex<Vec<String>>,
-) -> impl FnMut(Event<'static>) -> std::future::Ready<Result<(), std::io::Error>> + Send + '_ {
+) -> impl Fn(Event<'static>) -> std::future::Ready<Result<(), std::io::Error>> + Send + Sync + '_ {
     move |event| {
         seen.lock().unwrap().push(event.event_id().to_owned());
         std::future::ready(Ok(()))
@@ -154,8 +154,25 @@ pub async fn record_all(
         spool.reader().unwrap(),
         &comapi_webhook::Gate::in_memory(),
         recorder(seen),
-        comapi_webhook::worker::RetryPolicy::default(),
+        worker_config(comapi_webhook::worker::RetryPolicy::default()),
     )
     .await
     .unwrap();
+}
+
+/// The worker settings for `retry` at the concurrency in `COMAPI_CONCURRENCY` (the
+/// variable the binaries read too), the default without it: `scripts/check.sh`
+/// runs the delivery tests at the default and again at 1.
+#[cfg(feature = "receiver")]
+pub fn worker_config(
+    retry: impl Into<comapi_webhook::worker::WorkerConfig>,
+) -> comapi_webhook::worker::WorkerConfig {
+    let config = retry.into();
+    match std::env::var("COMAPI_CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+    {
+        Some(concurrency) => config.with_concurrency(concurrency),
+        None => config,
+    }
 }

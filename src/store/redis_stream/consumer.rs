@@ -418,29 +418,36 @@ impl EventSource for StreamConsumer {
     type Delivery = StreamDelivery;
 
     async fn next_batch(&mut self) -> Result<Option<Vec<StreamDelivery>>, Error> {
-        loop {
-            self.acknowledge().await?;
-            if self.stop.is_stopped() {
-                return Ok(None);
-            }
-            let mut batch = self.take_over().await?;
-            if batch.is_empty() {
-                batch = self.read_new().await?;
-            }
-            if !batch.is_empty() {
-                self.held.lock().await.in_hand = batch
-                    .iter()
-                    .map(|d| (d.id.clone(), d.times_delivered))
-                    .collect();
-                return Ok(Some(batch));
-            }
+        self.acknowledge().await?;
+        if self.stop.is_stopped() {
+            return Ok(None);
         }
+        let mut batch = self.take_over().await?;
+        if batch.is_empty() {
+            // Empty after a second's wait: the worker does its other work, and asks again.
+            batch = self.read_new().await?;
+        }
+        self.held
+            .lock()
+            .await
+            .in_hand
+            .extend(batch.iter().map(|d| (d.id.clone(), d.times_delivered)));
+        Ok(Some(batch))
     }
 
     async fn finished(&mut self, delivery: &StreamDelivery) -> Result<(), Error> {
         let unacknowledged = {
             let mut held = self.held.lock().await;
-            held.in_hand.retain(|(id, _)| *id != delivery.id);
+            // Finished in the order handed out, as a rule: the front one.
+            if held
+                .in_hand
+                .front()
+                .is_some_and(|(id, _)| *id == delivery.id)
+            {
+                held.in_hand.pop_front();
+            } else {
+                held.in_hand.retain(|(id, _)| *id != delivery.id);
+            }
             held.finished.push(delivery.id.clone());
             held.finished.len()
         };

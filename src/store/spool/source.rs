@@ -17,6 +17,8 @@ use crate::{Error, Event};
 const ACK_EVERY: Duration = Duration::from_secs(1);
 /// Under load the worker reads at most this often, and takes everything stored meanwhile.
 const READ_EVERY: Duration = Duration::from_millis(10);
+/// How long `next_batch` waits for new events before it returns an empty batch.
+const WAIT_AT_MOST: Duration = Duration::from_secs(1);
 /// The most a batch reads at once.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
@@ -138,7 +140,12 @@ impl EventSource for SpoolReader {
                     }
                 }
             } else {
-                waiting.await
+                // Nothing new for a while: an empty batch, so the worker can do
+                // its other work (retries, completions) and ask again.
+                match tokio::time::timeout(WAIT_AT_MOST, waiting).await {
+                    Ok(committed) => committed,
+                    Err(_) => return Ok(Some(Vec::new())),
+                }
             };
             let Some(committed) = committed else {
                 return Ok(None);

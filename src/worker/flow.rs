@@ -1,0 +1,619 @@
+//! The flow of stored events through a worker: it reads ahead, claims each batch
+//! in one call, runs every entity's events in stored order on a lane of their own
+//! with up to `concurrency` handlers in flight across lanes, completes the claims
+//! of what was processed together, and acknowledges in stored order.
+//!
+//! The lanes are futures polled by the worker's one task, also while it waits for
+//! the source or the store ([`drive`]), so no handler waits on a read, and no
+//! read is ever cancelled halfway.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
+use std::time::SystemTime;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{Notify, Semaphore};
+
+use super::keeper::{Claims, Keeper};
+use super::{ASK_AGAIN_AFTER, Abandon, EventHandler, WorkerConfig, attempt_once, unless};
+use crate::event::Family;
+use crate::gate::DecisionStore;
+use crate::store::{Delivery, EventSource};
+use crate::{Decision, Error, Event};
+
+/// What became of a stored event, as far as the worker took it.
+#[derive(Debug)]
+enum Outcome {
+    /// Skipped, set aside, dead-lettered or processed and completed: acknowledge it.
+    Done,
+    /// Failed its last attempt: dead-letter it, release its claim, acknowledge it.
+    Failed { error: String, attempts: u32 },
+    /// Not finished (the worker is stopping): it comes again.
+    Unfinished,
+    /// Processed, its claim being completed (never in the window: the completer
+    /// reports `Done` or `Unfinished`).
+    Completing,
+}
+
+/// A stored event read and not yet acknowledged.
+struct Entry<D> {
+    delivery: D,
+    /// The event and its delivery id, unless the record is not an event.
+    event: Option<(Event<'static>, String)>,
+    /// `None` while its lane is on it.
+    outcome: Option<Outcome>,
+}
+
+/// A fresh (or busy) event waiting in its entity's lane.
+struct Item {
+    seq: u64,
+    event: Event<'static>,
+    delivery: String,
+    received_at: Option<SystemTime>,
+    decision: Decision,
+}
+
+/// The events of one entity still to handle; `closed` once its future ended.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<Item>,
+    closed: bool,
+}
+
+/// Which lane an event goes to: its entity's, or one of its own without one.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Entity(Family, String),
+    Alone(u64),
+}
+
+type Running<'a> = FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can leave the data half-updated on a panic.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the lanes share.
+struct Lanes<'w, S, H> {
+    store: &'w S,
+    handler: &'w H,
+    config: &'w WorkerConfig,
+    abandon: &'w Abandon,
+    permits: Semaphore,
+    claims: Claims,
+    /// The source asked to stop: start nothing new.
+    stopping: AtomicBool,
+    results: Mutex<Vec<(u64, Outcome)>>,
+    /// Told each time the worker completed or released claims: a copy waiting for
+    /// a claim this worker held asks again at once.
+    settled: Notify,
+    /// Processed events whose claims the completer is to complete, and how many
+    /// it has taken and not yet reported.
+    to_complete: Mutex<Vec<(u64, Event<'static>, String)>>,
+    completing: AtomicUsize,
+    completions: Notify,
+}
+
+impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
+    fn quit(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) || self.abandon.is_set()
+    }
+
+    async fn run_lane(&self, lane: Arc<Mutex<Lane>>) {
+        loop {
+            let item = {
+                let mut lane = lock(&lane);
+                match lane.queue.pop_front() {
+                    Some(item) => item,
+                    None => {
+                        lane.closed = true;
+                        return;
+                    }
+                }
+            };
+            let seq = item.seq;
+            let outcome = self.handle(item).await;
+            if !matches!(outcome, Outcome::Completing) {
+                lock(&self.results).push((seq, outcome));
+            }
+        }
+    }
+
+    /// One event in its lane: claimed again while busy, then attempted until it
+    /// succeeds or fails its last attempt, or the worker stops.
+    async fn handle(&self, item: Item) -> Outcome {
+        let Item {
+            seq,
+            event,
+            delivery,
+            received_at,
+            mut decision,
+        } = item;
+        let quit = || self.quit();
+        let abandoned = || self.abandon.is_set();
+        while decision == Decision::Busy {
+            let wait = async {
+                tokio::select! {
+                    () = tokio::time::sleep(ASK_AGAIN_AFTER) => {}
+                    () = self.settled.notified() => {}
+                }
+            };
+            if unless(quit, wait).await.is_none() {
+                return Outcome::Unfinished;
+            }
+            let claimed = self.store.claim_received(&event, &delivery, received_at);
+            match unless(abandoned, claimed).await {
+                None => return Outcome::Unfinished,
+                Some(Ok(now)) => decision = now,
+                Some(Err(_)) => {} // the store is unavailable: ask again
+            }
+            if decision == Decision::Fresh {
+                self.claims.hold(event.event_id(), &delivery);
+            }
+        }
+        if decision != Decision::Fresh {
+            self.handler.skipped(&event, decision);
+            return Outcome::Done;
+        }
+        let left = || {
+            // Not finished: the claim expires with its lease, and the same delivery
+            // may claim it again.
+            self.claims.drop_claim(event.event_id(), &delivery);
+            Outcome::Unfinished
+        };
+        let mut attempt = 0;
+        loop {
+            if quit() {
+                return left();
+            }
+            let Some(Ok(permit)) = unless(quit, self.permits.acquire()).await else {
+                return left();
+            };
+            attempt += 1;
+            let outcome = unless(abandoned, attempt_once(self.handler, event.clone())).await;
+            drop(permit);
+            let error = match outcome {
+                None => return left(),
+                Some(Ok(())) => {
+                    // The completer completes its claim with others' and reports it.
+                    self.completing.fetch_add(1, Ordering::AcqRel);
+                    lock(&self.to_complete).push((seq, event, delivery));
+                    self.completions.notify_one();
+                    return Outcome::Completing;
+                }
+                Some(Err(error)) => error,
+            };
+            let retry = &self.config.retry;
+            if attempt >= retry.attempts {
+                return Outcome::Failed {
+                    error,
+                    attempts: attempt,
+                };
+            }
+            let delay = retry.delay(attempt);
+            self.handler.attempt_failed(&event, &error, attempt, delay);
+            if unless(quit, tokio::time::sleep(delay)).await.is_none() {
+                return left();
+            }
+        }
+    }
+}
+
+impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
+    /// Completes the claims of processed events, as many as are waiting, in one
+    /// call to the store, again and again for as long as the worker runs.
+    async fn completer(&self) {
+        loop {
+            let batch = std::mem::take(&mut *lock(&self.to_complete));
+            if batch.is_empty() {
+                self.completions.notified().await;
+                continue;
+            }
+            let claims: Vec<(&Event<'_>, &str)> = batch
+                .iter()
+                .map(|(_, event, id)| (event, id.as_str()))
+                .collect();
+            let completed = loop {
+                let call = self.store.complete_batch(&claims);
+                match unless(|| self.abandon.is_set(), call).await {
+                    None => break false,
+                    Some(Ok(())) => break true,
+                    Some(Err(_)) => {
+                        let wait = tokio::time::sleep(ASK_AGAIN_AFTER);
+                        if unless(|| self.quit(), wait).await.is_none() {
+                            break false;
+                        }
+                    }
+                }
+            };
+            drop(claims);
+            let mut results = lock(&self.results);
+            for (seq, event, id) in &batch {
+                self.claims.drop_claim(event.event_id(), id);
+                let outcome = if completed {
+                    Outcome::Done
+                } else {
+                    Outcome::Unfinished
+                };
+                results.push((*seq, outcome));
+            }
+            drop(results);
+            self.completing.fetch_sub(batch.len(), Ordering::AcqRel);
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Whether nothing is left to report: no lane running (`running`), no result
+    /// waiting, no claim being completed.
+    fn idle(&self, running: &Running<'_>) -> bool {
+        running.is_empty()
+            && lock(&self.results).is_empty()
+            && self.completing.load(Ordering::Acquire) == 0
+    }
+}
+
+/// The lanes and the completer, polled together while the worker waits.
+struct Pump<'a> {
+    running: Running<'a>,
+    completer: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+}
+
+/// Runs `work` to its end while the lanes go on.
+async fn drive<T>(pump: &mut Pump<'_>, work: impl Future<Output = T>) -> T {
+    let mut work = pin!(work);
+    poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(done);
+        }
+        pump.poll(cx);
+        Poll::Pending
+    })
+    .await
+}
+
+impl Pump<'_> {
+    /// Polls the lanes and the completer (which never ends).
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) {
+        while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
+        let _ = self.completer.as_mut().poll(cx);
+    }
+}
+
+/// Lets the lanes and the completer run until there is a result, or nothing is
+/// left to report.
+async fn next_result<S: DecisionStore, H: EventHandler>(
+    pump: &mut Pump<'_>,
+    lanes: &Lanes<'_, S, H>,
+) {
+    poll_fn(|cx| {
+        pump.poll(cx);
+        if !lock(&lanes.results).is_empty() || lanes.idle(&pump.running) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// Runs a store call until it succeeds, a second apart, the lanes going on
+/// meanwhile; `None` when the worker stops first (`quit`).
+async fn retrying<T, F, Fut>(
+    pump: &mut Pump<'_>,
+    abandon: &Abandon,
+    quit: &(dyn Fn() -> bool + Sync),
+    mut call: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    loop {
+        match drive(pump, unless(|| abandon.is_set(), call())).await? {
+            Ok(done) => return Some(done),
+            Err(_) => {
+                let wait = unless(quit, tokio::time::sleep(ASK_AGAIN_AFTER));
+                drive(pump, wait).await?;
+            }
+        }
+    }
+}
+
+/// The events read and not acknowledged, and the lanes they are in.
+struct Flow<D> {
+    window: BTreeMap<u64, Entry<D>>,
+    next_seq: u64,
+    lanes: HashMap<LaneKey, Arc<Mutex<Lane>>>,
+}
+
+/// See [`run_worker`](super::run_worker).
+pub(super) async fn run_with<Src, S, H>(
+    mut source: Src,
+    store: &S,
+    handler: &H,
+    config: &WorkerConfig,
+    abandon: &Abandon,
+) -> Result<(), Error>
+where
+    Src: EventSource,
+    S: DecisionStore,
+    H: EventHandler,
+{
+    let lanes = Lanes {
+        store,
+        handler,
+        config,
+        abandon,
+        permits: Semaphore::new(config.concurrency.max(1)),
+        claims: Claims::default(),
+        stopping: AtomicBool::new(false),
+        results: Mutex::default(),
+        settled: Notify::new(),
+        to_complete: Mutex::default(),
+        completing: AtomicUsize::new(0),
+        completions: Notify::new(),
+    };
+    let keep_alives = [source.keep_alive(), store.keep_alive()];
+    let _keeper = Keeper::start(
+        keep_alives.into_iter().flatten().collect(),
+        lanes.claims.clone(),
+    );
+    let mut flow = Flow {
+        window: BTreeMap::new(),
+        next_seq: 0,
+        lanes: HashMap::new(),
+    };
+    let mut pump = Pump {
+        running: FuturesUnordered::new(),
+        completer: Box::pin(lanes.completer()),
+    };
+    let mut exhausted = false;
+    loop {
+        let stopping = source.stopping() || abandon.is_set();
+        lanes.stopping.store(stopping, Ordering::Release);
+        flow.settle(&lanes, &mut source, &mut pump).await?;
+        let idle = lanes.idle(&pump.running);
+        if idle && (exhausted || stopping) {
+            break;
+        }
+        if !exhausted && !stopping && flow.window.len() < config.window.max(1) {
+            match drive(&mut pump, source.next_batch()).await? {
+                None => exhausted = true,
+                Some(batch) => flow.admit(batch, &lanes, &mut source, &mut pump).await?,
+            }
+            continue;
+        }
+        if idle {
+            break; // stopping, or the window's head can go no further
+        }
+        next_result(&mut pump, &lanes).await;
+    }
+    source.flush().await
+}
+
+impl<D: Delivery + Send + Sync> Flow<D> {
+    /// Takes in a batch the source handed out: sets aside what is not an event,
+    /// dead-letters what was handed out too often, claims the rest in one call and
+    /// puts the fresh and busy ones in their lanes.
+    async fn admit<'a, Src, S, H>(
+        &mut self,
+        batch: Vec<D>,
+        lanes: &'a Lanes<'_, S, H>,
+        source: &mut Src,
+        pump: &mut Pump<'a>,
+    ) -> Result<(), Error>
+    where
+        Src: EventSource<Delivery = D>,
+        S: DecisionStore,
+        H: EventHandler,
+    {
+        let attempts = lanes.config.retry.attempts;
+        let mut asked = Vec::new();
+        for delivery in batch {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let event = match delivery.event() {
+                Ok(event) => event.into_owned(),
+                Err(error) => {
+                    drive(pump, source.set_aside(&delivery, &error)).await?;
+                    lanes.handler.set_aside(delivery.record(), &error);
+                    self.window.insert(seq, done(delivery, None));
+                    continue;
+                }
+            };
+            let id = delivery.id().into_owned();
+            let times = delivery.times_delivered();
+            if times > attempts {
+                let error = format!(
+                    "handed to a worker {times} times without being finished (did workers crash processing it?)"
+                );
+                drive(pump, source.dead_letter(&delivery, &error, times - 1)).await?;
+                lanes.handler.dead_lettered(&event, &error, times - 1);
+                self.window.insert(seq, done(delivery, Some((event, id))));
+                continue;
+            }
+            self.window.insert(
+                seq,
+                Entry {
+                    delivery,
+                    event: Some((event, id)),
+                    outcome: None,
+                },
+            );
+            asked.push(seq);
+        }
+        if asked.is_empty() {
+            return Ok(());
+        }
+        let claims: Vec<(&Event<'_>, &str, Option<SystemTime>)> = asked
+            .iter()
+            .filter_map(|seq| {
+                let entry = self.window.get(seq)?;
+                let (event, id) = entry.event.as_ref()?;
+                Some((event, id.as_str(), entry.delivery.received_at()))
+            })
+            .collect();
+        let quit = || source.stopping() || lanes.abandon.is_set();
+        let call = || lanes.store.claim_batch(&claims);
+        let decisions = retrying(pump, lanes.abandon, &quit, call).await;
+        drop(claims);
+        let decisions = match decisions {
+            Some(decisions) if decisions.len() == asked.len() => decisions,
+            _ => {
+                for seq in &asked {
+                    self.outcome(*seq, Outcome::Unfinished);
+                }
+                return Ok(());
+            }
+        };
+        for (seq, decision) in asked.into_iter().zip(decisions) {
+            let Some((event, id)) = self.window.get(&seq).and_then(|e| e.event.clone()) else {
+                continue;
+            };
+            match decision {
+                Decision::Fresh | Decision::Busy => {
+                    if decision == Decision::Fresh {
+                        lanes.claims.hold(event.event_id(), &id);
+                    }
+                    let key = match (event.entity_id(), event.kind().family()) {
+                        (Some(entity), family) => LaneKey::Entity(family, entity.to_owned()),
+                        (None, _) => LaneKey::Alone(seq),
+                    };
+                    let received_at = self.window.get(&seq).and_then(|e| e.delivery.received_at());
+                    let item = Item {
+                        seq,
+                        event,
+                        delivery: id,
+                        received_at,
+                        decision,
+                    };
+                    self.push(key, item, lanes, pump);
+                }
+                other => {
+                    lanes.handler.skipped(&event, other);
+                    self.outcome(seq, Outcome::Done);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `item` at the end of its lane, starting the lane if it is not running.
+    fn push<'a, S: DecisionStore, H: EventHandler>(
+        &mut self,
+        key: LaneKey,
+        item: Item,
+        lanes: &'a Lanes<'_, S, H>,
+        pump: &mut Pump<'a>,
+    ) {
+        if let Some(lane) = self.lanes.get(&key) {
+            let mut open = lock(lane);
+            if !open.closed {
+                open.queue.push_back(item);
+                return;
+            }
+        }
+        let lane = Arc::new(Mutex::new(Lane {
+            queue: VecDeque::from([item]),
+            closed: false,
+        }));
+        self.lanes.insert(key, Arc::clone(&lane));
+        pump.running.push(Box::pin(lanes.run_lane(lane)));
+    }
+
+    fn outcome(&mut self, seq: u64, outcome: Outcome) {
+        if let Some(entry) = self.window.get_mut(&seq) {
+            entry.outcome = Some(outcome);
+        }
+    }
+
+    /// Takes the lanes' and the completer's results: dead-letters what failed for
+    /// good and releases its claims in one call, then acknowledges, in stored
+    /// order, every finished event up to the first one that is not.
+    async fn settle<'a, Src, S, H>(
+        &mut self,
+        lanes: &'a Lanes<'_, S, H>,
+        source: &mut Src,
+        pump: &mut Pump<'a>,
+    ) -> Result<(), Error>
+    where
+        Src: EventSource<Delivery = D>,
+        S: DecisionStore,
+        H: EventHandler,
+    {
+        let results = std::mem::take(&mut *lock(&lanes.results));
+        for (seq, outcome) in results {
+            self.outcome(seq, outcome);
+        }
+        let failed = self.with(|o| matches!(o, Some(Outcome::Failed { .. })));
+        for seq in &failed {
+            let Some(entry) = self.window.get(seq) else {
+                continue;
+            };
+            if let (Some(Outcome::Failed { error, attempts }), Some((event, _))) =
+                (&entry.outcome, &entry.event)
+            {
+                let kept = source.dead_letter(&entry.delivery, error, *attempts);
+                drive(pump, kept).await?;
+                lanes.handler.dead_lettered(event, error, *attempts);
+            }
+        }
+        if !failed.is_empty() {
+            // Best effort: if the store cannot hear it, the claims expire with their lease.
+            let given_up = self.events(&failed);
+            let _ = drive(pump, lanes.store.release_batch(&given_up)).await;
+            drop(given_up);
+            for seq in failed {
+                self.forget_claim(seq, lanes);
+                self.outcome(seq, Outcome::Done);
+            }
+        }
+        while let Some(entry) = self.window.first_entry() {
+            if !matches!(entry.get().outcome, Some(Outcome::Done)) {
+                break;
+            }
+            let entry = entry.remove();
+            drive(pump, source.finished(&entry.delivery)).await?;
+        }
+        self.lanes.retain(|_, lane| !lock(lane).closed);
+        lanes.settled.notify_waiters();
+        Ok(())
+    }
+
+    /// The events in the window whose outcome matches.
+    fn with(&self, wanted: impl Fn(&Option<Outcome>) -> bool) -> Vec<u64> {
+        self.window
+            .iter()
+            .filter(|(_, entry)| wanted(&entry.outcome))
+            .map(|(seq, _)| *seq)
+            .collect()
+    }
+
+    /// The events and deliveries of `seqs`, for the gate.
+    fn events(&self, seqs: &[u64]) -> Vec<(&Event<'static>, &str)> {
+        seqs.iter()
+            .filter_map(|seq| self.window.get(seq)?.event.as_ref())
+            .map(|(event, id)| (event, id.as_str()))
+            .collect()
+    }
+
+    fn forget_claim<S, H>(&self, seq: u64, lanes: &Lanes<'_, S, H>) {
+        if let Some((event, id)) = self.window.get(&seq).and_then(|e| e.event.as_ref()) {
+            lanes.claims.drop_claim(event.event_id(), id);
+        }
+    }
+}
+
+/// An entry finished as it was read.
+fn done<D>(delivery: D, event: Option<(Event<'static>, String)>) -> Entry<D> {
+    Entry {
+        delivery,
+        event,
+        outcome: Some(Outcome::Done),
+    }
+}
