@@ -15,6 +15,7 @@
 #
 #   scripts/drain.sh                  # EVENTS=20000 ROUNDS=3
 #   EVENTS=50000 ROUNDS=5 COMAPI_CONCURRENCY=64 scripts/drain.sh
+#   CASES="spool noop,redis-x1 noop" scripts/drain.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -84,6 +85,7 @@ print(f"{counts / max(times):.0f}")'
 }
 
 cases=("spool noop" "spool 5ms" "redis-x1 noop" "redis-x2 noop" "redis-x1 5ms" "redis-x2 5ms")
+if [ -n "${CASES:-}" ]; then IFS=, read -r -a cases <<<"$CASES"; fi
 declare -A rates ingest
 printf '%-16s %5s %12s %12s\n' case round ingest/s drained/s
 for round in $(seq "$ROUNDS"); do
@@ -121,6 +123,8 @@ ingest, drained = {}, {}
 for line in open(sys.argv[1]).read().splitlines():
     name, values = line.split(":")
     values = [float(x) for x in values.split()]
+    if not values:
+        continue
     if name.startswith("ingest "):
         ingest[name.split()[1]] = values
     else:

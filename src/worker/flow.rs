@@ -547,10 +547,13 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         H: EventHandler,
     {
         let results = std::mem::take(&mut *lock(&lanes.results));
+        let mut failed = Vec::new();
         for (seq, outcome) in results {
+            if matches!(outcome, Outcome::Failed { .. }) {
+                failed.push(seq);
+            }
             self.outcome(seq, outcome);
         }
-        let failed = self.with(|o| matches!(o, Some(Outcome::Failed { .. })));
         for seq in &failed {
             let Some(entry) = self.window.get(seq) else {
                 continue;
@@ -580,18 +583,12 @@ impl<D: Delivery + Send + Sync> Flow<D> {
             let entry = entry.remove();
             drive(pump, source.finished(&entry.delivery)).await?;
         }
-        self.lanes.retain(|_, lane| !lock(lane).closed);
+        // Lanes that ended, forgotten now and then rather than at every step.
+        if self.lanes.len() > lanes.config.window {
+            self.lanes.retain(|_, lane| !lock(lane).closed);
+        }
         lanes.settled.notify_waiters();
         Ok(())
-    }
-
-    /// The events in the window whose outcome matches.
-    fn with(&self, wanted: impl Fn(&Option<Outcome>) -> bool) -> Vec<u64> {
-        self.window
-            .iter()
-            .filter(|(_, entry)| wanted(&entry.outcome))
-            .map(|(seq, _)| *seq)
-            .collect()
     }
 
     /// The events and deliveries of `seqs`, for the gate.

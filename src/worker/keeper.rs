@@ -3,6 +3,7 @@
 //! one that blocks its thread, can let a lease run out while the worker is still on
 //! its event.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -13,26 +14,27 @@ use crate::gate::KeepAlive;
 /// The claims the worker holds now, `(event id, delivery)` pairs, shared with the
 /// keep-alive thread.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Claims(Arc<Mutex<Vec<(String, String)>>>);
+pub(super) struct Claims(Arc<Mutex<HashSet<(String, String)>>>);
 
 impl Claims {
     /// The worker holds a claim on `event_id` for `delivery`.
     pub(super) fn hold(&self, event_id: &str, delivery: &str) {
-        self.lock().push((event_id.to_owned(), delivery.to_owned()));
+        self.lock()
+            .insert((event_id.to_owned(), delivery.to_owned()));
     }
 
     /// The worker no longer holds that claim (completed, released, or left to expire).
     pub(super) fn drop_claim(&self, event_id: &str, delivery: &str) {
         self.lock()
-            .retain(|(e, d)| !(e.as_str() == event_id && d.as_str() == delivery));
+            .remove(&(event_id.to_owned(), delivery.to_owned()));
     }
 
     fn snapshot(&self) -> Vec<(String, String)> {
-        self.lock().clone()
+        self.lock().iter().cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
-        // A panic while holding the lock cannot leave the list half-updated.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+        // A panic while holding the lock cannot leave the set half-updated.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
