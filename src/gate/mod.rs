@@ -44,6 +44,8 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
 pub use memory::{Gate, GateConfig};
+#[cfg(all(feature = "redis", feature = "receiver"))]
+pub(crate) use redis_store::OwnConnection;
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisGate, RedisGateConfig};
 

@@ -99,6 +99,44 @@ end
 return 1
 ";
 
+/// A connection of a keep-alive's own, made on its runtime when first used and
+/// made again after a failure (see [`KeepAlive`]); cheap to clone.
+#[derive(Clone)]
+pub(crate) struct OwnConnection {
+    client: redis::Client,
+    slot: Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+}
+
+impl OwnConnection {
+    pub(crate) fn new(client: redis::Client) -> Self {
+        OwnConnection {
+            client,
+            slot: Arc::default(),
+        }
+    }
+
+    /// Runs `command` on the connection, `context` naming it in an error.
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+        context: &str,
+    ) -> Result<T, Error> {
+        let mut slot = self.slot.lock().await;
+        if slot.is_none() {
+            let made = self.client.get_multiplexed_async_connection().await;
+            *slot = Some(made.map_err(|e| unavailable("cannot connect to Redis", e))?);
+        }
+        let Some(live) = slot.as_mut() else {
+            return Err(protocol("no connection"));
+        };
+        let answered = command.query_async(live).await;
+        if answered.is_err() {
+            *slot = None; // connect again next time
+        }
+        answered.map_err(|e| unavailable(context, e))
+    }
+}
+
 /// How long a decision waits for Redis, by default.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -182,7 +220,6 @@ pub struct RedisGate {
     connection: ConnectionManager,
     claim: Arc<redis::Script>,
     settle: Arc<redis::Script>,
-    renew: Arc<redis::Script>,
     key_prefix: Arc<str>,
     ttl_seconds: u64,
     lease_millis: u64,
@@ -218,7 +255,6 @@ impl RedisGate {
             connection,
             claim: Arc::new(redis::Script::new(CLAIM)),
             settle: Arc::new(redis::Script::new(SETTLE)),
-            renew: Arc::new(redis::Script::new(RENEW)),
             key_prefix: config.key_prefix.into(),
             ttl_seconds: config.ttl.as_secs().max(1),
             lease_millis: u64::try_from(config.lease.as_millis())
@@ -394,41 +430,27 @@ impl DecisionStore for RedisGate {
     }
 
     fn keep_alive(&self) -> Option<KeepAlive> {
-        // A connection of the keep-alive's own, made on its runtime when first used.
-        let connection = Arc::new(tokio::sync::Mutex::new(None));
-        let (client, script) = (self.client.clone(), Arc::clone(&self.renew));
+        let connection = OwnConnection::new(self.client.clone());
         let (prefix, lease) = (Arc::clone(&self.key_prefix), self.lease_millis);
         let every = Duration::from_millis(lease / 3);
         Some(KeepAlive::new(every, move |claims| {
-            let keys: Vec<String> = claims
-                .iter()
-                .map(|(event_id, _)| format!("{prefix}event:{event_id}"))
-                .collect();
-            let deliveries: Vec<String> = claims.iter().map(|(_, d)| d.clone()).collect();
-            let (client, connection) = (client.clone(), Arc::clone(&connection));
-            let script = Arc::clone(&script);
-            let empty = claims.is_empty();
+            // EVAL, not EVALSHA: a Redis restarted since has no script cached.
+            let mut command = redis::cmd("EVAL");
+            command.arg(RENEW).arg(claims.len());
+            for (event_id, _) in claims {
+                command.arg(format!("{prefix}event:{event_id}"));
+            }
+            command.arg(lease);
+            for (_, delivery) in claims {
+                command.arg(delivery);
+            }
+            let (connection, empty) = (connection.clone(), claims.is_empty());
             Box::pin(async move {
                 if empty {
                     return Ok(());
                 }
-                let mut slot = connection.lock().await;
-                if slot.is_none() {
-                    let made = client.get_multiplexed_async_connection().await;
-                    *slot = Some(made.map_err(|e| unavailable("cannot connect to Redis", e))?);
-                }
-                let Some(live) = slot.as_mut() else {
-                    return Ok(());
-                };
-                let mut invocation = script.prepare_invoke();
-                invocation.key(keys).arg(lease).arg(deliveries);
-                let renewed = invocation.invoke_async::<i64>(live).await;
-                if renewed.is_err() {
-                    *slot = None; // connect again next time
-                }
-                renewed
-                    .map(drop)
-                    .map_err(|e| unavailable("the gate's renewal failed", e))
+                let renewal = "the gate's renewal failed";
+                connection.run::<i64>(&command, renewal).await.map(drop)
             })
         }))
     }

@@ -72,6 +72,15 @@ struct Slots {
     open: Mutex<VecDeque<Arc<Slot>>>,
 }
 
+impl Slots {
+    /// The open connections, those that closed forgotten.
+    fn open(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Slot>>> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.retain(|slot| !slot.closing.load(Ordering::Acquire));
+        open
+    }
+}
+
 /// One open connection's state, shared with its [`Connection`].
 #[derive(Debug)]
 struct Slot {
@@ -145,13 +154,7 @@ impl Listener {
     /// How many connections are open now.
     #[must_use]
     pub fn open_connections(&self) -> usize {
-        let mut open = self
-            .slots
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        open.retain(|slot| !slot.closing.load(Ordering::Acquire));
-        open.len()
+        self.slots.open().len()
     }
 
     /// The next connection. A failed accept (no file descriptor left, say) is
@@ -188,12 +191,7 @@ impl Listener {
     /// Whether there is room for one more connection, asking the longest-idle one
     /// to close if it has idled long enough and there is none.
     fn make_room(&self) -> bool {
-        let mut open = self
-            .slots
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        open.retain(|slot| !slot.closing.load(Ordering::Acquire));
+        let mut open = self.slots.open();
         if open.len() < self.max_connections {
             return true;
         }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use crate::gate::KeepAlive;
+use crate::gate::{KeepAlive, OwnConnection};
 
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
@@ -458,14 +458,11 @@ impl EventSource for StreamConsumer {
     }
 
     fn keep_alive(&self) -> Option<KeepAlive> {
-        // A connection of the keep-alive's own, made on its runtime when first used.
-        let connection = Arc::new(tokio::sync::Mutex::new(None));
-        let client = self.client.clone();
+        let connection = OwnConnection::new(self.client.clone());
         let held = Arc::clone(&self.held);
         let (key, group, name) = (self.key.clone(), self.group.clone(), self.name.clone());
         Some(KeepAlive::new(self.lease / 3, move |_claims| {
-            let (client, connection, held) =
-                (client.clone(), Arc::clone(&connection), Arc::clone(&held));
+            let (connection, held) = (connection.clone(), Arc::clone(&held));
             let (key, group, name) = (key.clone(), group.clone(), name.clone());
             Box::pin(async move {
                 // Held across the round trip: a hand-back waits for it, never undone.
@@ -479,29 +476,20 @@ impl EventSource for StreamConsumer {
                 if ids.is_empty() {
                     return Ok(());
                 }
-                let mut slot = connection.lock().await;
-                if slot.is_none() {
-                    let made = client.get_multiplexed_async_connection().await;
-                    *slot = Some(made.map_err(|e| unavailable("cannot connect to Redis", e))?);
-                }
-                let Some(live) = slot.as_mut() else {
-                    return Ok(());
-                };
                 // Resets their idle time; their delivery counts stay as they are.
-                let kept: Result<Vec<String>, _> = redis::cmd("XCLAIM")
+                let mut command = redis::cmd("XCLAIM");
+                command
                     .arg(&key)
                     .arg(&group)
                     .arg(&name)
                     .arg(0)
                     .arg(&ids)
-                    .arg("JUSTID")
-                    .query_async(live)
-                    .await;
-                if kept.is_err() {
-                    *slot = None; // connect again next time
-                }
-                kept.map(drop)
-                    .map_err(|e| unavailable("cannot keep stream entries", e))
+                    .arg("JUSTID");
+                let kept = "cannot keep stream entries";
+                connection
+                    .run::<Vec<String>>(&command, kept)
+                    .await
+                    .map(drop)
             })
         }))
     }
