@@ -44,6 +44,8 @@ struct Entry<D> {
     delivery: D,
     /// The event and its delivery id, unless the record is not an event.
     event: Option<(Event<'static>, String)>,
+    /// When it was received, read once.
+    received_at: Option<SystemTime>,
     /// `None` while its lane is on it.
     outcome: Option<Outcome>,
 }
@@ -58,8 +60,8 @@ struct Item {
 }
 
 /// The events of one entity still to handle; `closed` once its future ended.
-#[derive(Default)]
 struct Lane {
+    key: LaneKey,
     queue: VecDeque<Item>,
     closed: bool,
 }
@@ -97,6 +99,8 @@ struct Lanes<'w, S, H> {
     to_complete: Mutex<Vec<(u64, Event<'static>, String)>>,
     completing: AtomicUsize,
     completions: Notify,
+    /// Lanes whose future ended, for the worker to forget.
+    ended: Mutex<Vec<LaneKey>>,
 }
 
 impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
@@ -112,6 +116,7 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
                     Some(item) => item,
                     None => {
                         lane.closed = true;
+                        lock(&self.ended).push(lane.key.clone());
                         return;
                     }
                 }
@@ -163,7 +168,7 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
         let left = || {
             // Not finished: the claim expires with its lease, and the same delivery
             // may claim it again.
-            self.claims.drop_claim(event.event_id(), &delivery);
+            self.claims.drop_claim(&delivery);
             Outcome::Unfinished
         };
         let mut attempt = 0;
@@ -233,8 +238,8 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
             };
             drop(claims);
             let mut results = lock(&self.results);
-            for (seq, event, id) in &batch {
-                self.claims.drop_claim(event.event_id(), id);
+            for (seq, _, id) in &batch {
+                self.claims.drop_claim(id);
                 let outcome = if completed {
                     Outcome::Done
                 } else {
@@ -357,6 +362,7 @@ where
         to_complete: Mutex::default(),
         completing: AtomicUsize::new(0),
         completions: Notify::new(),
+        ended: Mutex::default(),
     };
     let keep_alives = [source.keep_alive(), store.keep_alive()];
     let _keeper = Keeper::start(
@@ -437,11 +443,13 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                 self.window.insert(seq, done(delivery, Some((event, id))));
                 continue;
             }
+            let received_at = delivery.received_at();
             self.window.insert(
                 seq,
                 Entry {
                     delivery,
                     event: Some((event, id)),
+                    received_at,
                     outcome: None,
                 },
             );
@@ -455,7 +463,7 @@ impl<D: Delivery + Send + Sync> Flow<D> {
             .filter_map(|seq| {
                 let entry = self.window.get(seq)?;
                 let (event, id) = entry.event.as_ref()?;
-                Some((event, id.as_str(), entry.delivery.received_at()))
+                Some((event, id.as_str(), entry.received_at))
             })
             .collect();
         let quit = || source.stopping() || lanes.abandon.is_set();
@@ -484,7 +492,7 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                         (Some(entity), family) => LaneKey::Entity(family, entity.to_owned()),
                         (None, _) => LaneKey::Alone(seq),
                     };
-                    let received_at = self.window.get(&seq).and_then(|e| e.delivery.received_at());
+                    let received_at = self.window.get(&seq).and_then(|e| e.received_at);
                     let item = Item {
                         seq,
                         event,
@@ -519,6 +527,7 @@ impl<D: Delivery + Send + Sync> Flow<D> {
             }
         }
         let lane = Arc::new(Mutex::new(Lane {
+            key: key.clone(),
             queue: VecDeque::from([item]),
             closed: false,
         }));
@@ -583,9 +592,11 @@ impl<D: Delivery + Send + Sync> Flow<D> {
             let entry = entry.remove();
             drive(pump, source.finished(&entry.delivery)).await?;
         }
-        // Lanes that ended, forgotten now and then rather than at every step.
-        if self.lanes.len() > lanes.config.window {
-            self.lanes.retain(|_, lane| !lock(lane).closed);
+        // Lanes that ended are forgotten, unless a new one took the key meanwhile.
+        for key in std::mem::take(&mut *lock(&lanes.ended)) {
+            if self.lanes.get(&key).is_some_and(|lane| lock(lane).closed) {
+                self.lanes.remove(&key);
+            }
         }
         lanes.settled.notify_waiters();
         Ok(())
@@ -600,8 +611,8 @@ impl<D: Delivery + Send + Sync> Flow<D> {
     }
 
     fn forget_claim<S, H>(&self, seq: u64, lanes: &Lanes<'_, S, H>) {
-        if let Some((event, id)) = self.window.get(&seq).and_then(|e| e.event.as_ref()) {
-            lanes.claims.drop_claim(event.event_id(), id);
+        if let Some((_, id)) = self.window.get(&seq).and_then(|e| e.event.as_ref()) {
+            lanes.claims.drop_claim(id);
         }
     }
 }
@@ -611,6 +622,7 @@ fn done<D>(delivery: D, event: Option<(Event<'static>, String)>) -> Entry<D> {
     Entry {
         delivery,
         event,
+        received_at: None,
         outcome: Some(Outcome::Done),
     }
 }

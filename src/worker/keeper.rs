@@ -3,7 +3,7 @@
 //! one that blocks its thread, can let a lease run out while the worker is still on
 //! its event.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -11,30 +11,33 @@ use std::time::Instant;
 
 use crate::gate::KeepAlive;
 
-/// The claims the worker holds now, `(event id, delivery)` pairs, shared with the
-/// keep-alive thread.
+/// The claims the worker holds now, by delivery (each names one stored copy) with
+/// its event id, shared with the keep-alive thread.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Claims(Arc<Mutex<HashSet<(String, String)>>>);
+pub(super) struct Claims(Arc<Mutex<HashMap<String, String>>>);
 
 impl Claims {
     /// The worker holds a claim on `event_id` for `delivery`.
     pub(super) fn hold(&self, event_id: &str, delivery: &str) {
-        self.lock()
-            .insert((event_id.to_owned(), delivery.to_owned()));
+        self.lock().insert(delivery.to_owned(), event_id.to_owned());
     }
 
-    /// The worker no longer holds that claim (completed, released, or left to expire).
-    pub(super) fn drop_claim(&self, event_id: &str, delivery: &str) {
-        self.lock()
-            .remove(&(event_id.to_owned(), delivery.to_owned()));
+    /// The worker no longer holds `delivery`'s claim (completed, released, or left
+    /// to expire).
+    pub(super) fn drop_claim(&self, delivery: &str) {
+        self.lock().remove(delivery);
     }
 
+    /// `(event id, delivery)` pairs.
     fn snapshot(&self) -> Vec<(String, String)> {
-        self.lock().iter().cloned().collect()
+        self.lock()
+            .iter()
+            .map(|(delivery, event_id)| (event_id.clone(), delivery.clone()))
+            .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
-        // A panic while holding the lock cannot leave the set half-updated.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // A panic while holding the lock cannot leave the map half-updated.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
