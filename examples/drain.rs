@@ -142,6 +142,7 @@ async fn work(events: u64) -> Result<(), String> {
                 .map_err(|_| "DRAIN_HANDLER_MS must be milliseconds")
         })
         .transpose()?
+        .filter(|&ms| ms > 0) // 0: no wait at all (a timer of 0 still waits for a tick)
         .map(Duration::from_millis);
     let handled = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&handled);
