@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, KeepAlive, ReplayWindow};
+use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, ReplayWindow};
 use crate::event::Family;
 use crate::{Error, Event};
 
@@ -151,7 +151,10 @@ impl Gate {
     }
 
     /// Extends `delivery`'s claim on the event with id `event_id` by a lease from
-    /// now, if it still holds it. See [`DecisionStore::keep_alive`].
+    /// now, if it still holds it. The worker needs none of this on one spool (the
+    /// copies of an event share its entity's lane, one at a time), so the gate has
+    /// no keep-alive ([`DecisionStore::keep_alive`]); call it yourself when several
+    /// workers share one in-memory gate and a handler may outlast the lease.
     pub fn renew(&self, event_id: &str, delivery: &str) {
         let until = Instant::now() + self.inner.lease;
         self.inner
@@ -274,16 +277,6 @@ impl DecisionStore for Gate {
     ) -> impl Future<Output = Result<Decision, Error>> + Send {
         let decision = Gate::claim_received(self, event, delivery, received_at);
         async move { Ok(decision) }
-    }
-
-    fn keep_alive(&self) -> Option<KeepAlive> {
-        let gate = self.clone();
-        Some(KeepAlive::new(self.inner.lease / 3, move |claims| {
-            for (event_id, delivery) in claims {
-                gate.renew(event_id, delivery);
-            }
-            Box::pin(async { Ok(()) })
-        }))
     }
 
     fn complete(

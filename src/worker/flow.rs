@@ -7,8 +7,9 @@
 //! the source or the store ([`drive`]), so no handler waits on a read, and no
 //! read is ever cancelled halfway.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
+use std::hash::{BuildHasher, RandomState};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,7 +21,6 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::keeper::{Claims, Keeper};
 use super::{ASK_AGAIN_AFTER, Abandon, EventHandler, WorkerConfig, attempt_once, unless};
-use crate::event::Family;
 use crate::gate::DecisionStore;
 use crate::store::{Delivery, EventSource};
 use crate::{Decision, Error, Event};
@@ -31,7 +31,11 @@ enum Outcome {
     /// Skipped, set aside, dead-lettered or processed and completed: acknowledge it.
     Done,
     /// Failed its last attempt: dead-letter it, release its claim, acknowledge it.
-    Failed { error: String, attempts: u32 },
+    Failed {
+        event: Box<Event<'static>>,
+        error: String,
+        attempts: u32,
+    },
     /// Not finished (the worker is stopping): it comes again.
     Unfinished,
     /// Processed, its claim being completed (never in the window: the completer
@@ -42,11 +46,9 @@ enum Outcome {
 /// A stored event read and not yet acknowledged.
 struct Entry<D> {
     delivery: D,
-    /// The event and its delivery id, unless the record is not an event.
-    event: Option<(Event<'static>, String)>,
-    /// When it was received, read once.
-    received_at: Option<SystemTime>,
-    /// `None` while its lane is on it.
+    /// Its delivery id, unless the record is not an event.
+    id: Option<String>,
+    /// `None` while its lane (or the completer) is on it.
     outcome: Option<Outcome>,
 }
 
@@ -66,10 +68,11 @@ struct Lane {
     closed: bool,
 }
 
-/// Which lane an event goes to: its entity's, or one of its own without one.
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Which lane an event goes to: a hash of its entity (two entities that collide
+/// share a lane, which costs concurrency, never order), or one of its own.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum LaneKey {
-    Entity(Family, String),
+    Entity(u64),
     Alone(u64),
 }
 
@@ -116,7 +119,7 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
                     Some(item) => item,
                     None => {
                         lane.closed = true;
-                        lock(&self.ended).push(lane.key.clone());
+                        lock(&self.ended).push(lane.key);
                         return;
                     }
                 }
@@ -176,7 +179,11 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
             if quit() {
                 return left();
             }
-            let Some(Ok(permit)) = unless(quit, self.permits.acquire()).await else {
+            let permit = match self.permits.try_acquire() {
+                Ok(permit) => Some(Ok(permit)),
+                Err(_) => unless(quit, self.permits.acquire()).await,
+            };
+            let Some(Ok(permit)) = permit else {
                 return left();
             };
             attempt += 1;
@@ -196,6 +203,7 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
             let retry = &self.config.retry;
             if attempt >= retry.attempts {
                 return Outcome::Failed {
+                    event: Box::new(event),
                     error,
                     attempts: attempt,
                 };
@@ -331,9 +339,11 @@ where
 
 /// The events read and not acknowledged, and the lanes they are in.
 struct Flow<D> {
-    window: BTreeMap<u64, Entry<D>>,
-    next_seq: u64,
+    /// The events read and not acknowledged, in order; the first is number `base`.
+    window: VecDeque<Entry<D>>,
+    base: u64,
     lanes: HashMap<LaneKey, Arc<Mutex<Lane>>>,
+    hasher: RandomState,
 }
 
 /// See [`run_worker`](super::run_worker).
@@ -349,13 +359,14 @@ where
     S: DecisionStore,
     H: EventHandler,
 {
+    let (source_keeps, store_keeps) = (source.keep_alive(), store.keep_alive());
     let lanes = Lanes {
         store,
         handler,
         config,
         abandon,
         permits: Semaphore::new(config.concurrency.max(1)),
-        claims: Claims::default(),
+        claims: Claims::new(store_keeps.is_some()),
         stopping: AtomicBool::new(false),
         results: Mutex::default(),
         settled: Notify::new(),
@@ -364,15 +375,13 @@ where
         completions: Notify::new(),
         ended: Mutex::default(),
     };
-    let keep_alives = [source.keep_alive(), store.keep_alive()];
-    let _keeper = Keeper::start(
-        keep_alives.into_iter().flatten().collect(),
-        lanes.claims.clone(),
-    );
+    let keep_alives = [source_keeps, store_keeps].into_iter().flatten().collect();
+    let _keeper = Keeper::start(keep_alives, lanes.claims.clone());
     let mut flow = Flow {
-        window: BTreeMap::new(),
-        next_seq: 0,
+        window: VecDeque::new(),
+        base: 0,
         lanes: HashMap::new(),
+        hasher: RandomState::new(),
     };
     let mut pump = Pump {
         running: FuturesUnordered::new(),
@@ -419,16 +428,16 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         H: EventHandler,
     {
         let attempts = lanes.config.retry.attempts;
-        let mut asked = Vec::new();
+        // The events to claim: number, event, delivery id, receipt time.
+        let mut asked: Vec<(u64, Event<'static>, String, Option<SystemTime>)> = Vec::new();
         for delivery in batch {
-            let seq = self.next_seq;
-            self.next_seq += 1;
+            let seq = self.base + self.window.len() as u64;
             let event = match delivery.event() {
                 Ok(event) => event.into_owned(),
                 Err(error) => {
                     drive(pump, source.set_aside(&delivery, &error)).await?;
                     lanes.handler.set_aside(delivery.record(), &error);
-                    self.window.insert(seq, done(delivery, None));
+                    self.window.push_back(done(delivery, None));
                     continue;
                 }
             };
@@ -440,31 +449,23 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                 );
                 drive(pump, source.dead_letter(&delivery, &error, times - 1)).await?;
                 lanes.handler.dead_lettered(&event, &error, times - 1);
-                self.window.insert(seq, done(delivery, Some((event, id))));
+                self.window.push_back(done(delivery, Some(id)));
                 continue;
             }
             let received_at = delivery.received_at();
-            self.window.insert(
-                seq,
-                Entry {
-                    delivery,
-                    event: Some((event, id)),
-                    received_at,
-                    outcome: None,
-                },
-            );
-            asked.push(seq);
+            self.window.push_back(Entry {
+                delivery,
+                id: Some(id.clone()),
+                outcome: None,
+            });
+            asked.push((seq, event, id, received_at));
         }
         if asked.is_empty() {
             return Ok(());
         }
         let claims: Vec<(&Event<'_>, &str, Option<SystemTime>)> = asked
             .iter()
-            .filter_map(|seq| {
-                let entry = self.window.get(seq)?;
-                let (event, id) = entry.event.as_ref()?;
-                Some((event, id.as_str(), entry.received_at))
-            })
+            .map(|(_, event, id, received_at)| (event, id.as_str(), *received_at))
             .collect();
         let quit = || source.stopping() || lanes.abandon.is_set();
         let call = || lanes.store.claim_batch(&claims);
@@ -473,26 +474,24 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         let decisions = match decisions {
             Some(decisions) if decisions.len() == asked.len() => decisions,
             _ => {
-                for seq in &asked {
+                for (seq, ..) in &asked {
                     self.outcome(*seq, Outcome::Unfinished);
                 }
                 return Ok(());
             }
         };
-        for (seq, decision) in asked.into_iter().zip(decisions) {
-            let Some((event, id)) = self.window.get(&seq).and_then(|e| e.event.clone()) else {
-                continue;
-            };
+        for ((seq, event, id, received_at), decision) in asked.into_iter().zip(decisions) {
             match decision {
                 Decision::Fresh | Decision::Busy => {
                     if decision == Decision::Fresh {
                         lanes.claims.hold(event.event_id(), &id);
                     }
-                    let key = match (event.entity_id(), event.kind().family()) {
-                        (Some(entity), family) => LaneKey::Entity(family, entity.to_owned()),
-                        (None, _) => LaneKey::Alone(seq),
+                    let key = match event.entity_id() {
+                        Some(entity) => {
+                            LaneKey::Entity(self.hasher.hash_one((event.kind().family(), entity)))
+                        }
+                        None => LaneKey::Alone(seq),
                     };
-                    let received_at = self.window.get(&seq).and_then(|e| e.received_at);
                     let item = Item {
                         seq,
                         event,
@@ -527,7 +526,7 @@ impl<D: Delivery + Send + Sync> Flow<D> {
             }
         }
         let lane = Arc::new(Mutex::new(Lane {
-            key: key.clone(),
+            key,
             queue: VecDeque::from([item]),
             closed: false,
         }));
@@ -536,7 +535,10 @@ impl<D: Delivery + Send + Sync> Flow<D> {
     }
 
     fn outcome(&mut self, seq: u64, outcome: Outcome) {
-        if let Some(entry) = self.window.get_mut(&seq) {
+        let at = seq
+            .checked_sub(self.base)
+            .and_then(|at| usize::try_from(at).ok());
+        if let Some(entry) = at.and_then(|at| self.window.get_mut(at)) {
             entry.outcome = Some(outcome);
         }
     }
@@ -558,38 +560,49 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         let results = std::mem::take(&mut *lock(&lanes.results));
         let mut failed = Vec::new();
         for (seq, outcome) in results {
-            if matches!(outcome, Outcome::Failed { .. }) {
-                failed.push(seq);
+            match outcome {
+                Outcome::Failed {
+                    event,
+                    error,
+                    attempts,
+                } => failed.push((seq, event, error, attempts)),
+                outcome => self.outcome(seq, outcome),
             }
-            self.outcome(seq, outcome);
         }
-        for seq in &failed {
-            let Some(entry) = self.window.get(seq) else {
+        for (seq, event, error, attempts) in &failed {
+            let at = seq
+                .checked_sub(self.base)
+                .and_then(|at| usize::try_from(at).ok());
+            let Some(entry) = at.and_then(|at| self.window.get(at)) else {
                 continue;
             };
-            if let (Some(Outcome::Failed { error, attempts }), Some((event, _))) =
-                (&entry.outcome, &entry.event)
-            {
-                let kept = source.dead_letter(&entry.delivery, error, *attempts);
-                drive(pump, kept).await?;
-                lanes.handler.dead_lettered(event, error, *attempts);
-            }
+            drive(pump, source.dead_letter(&entry.delivery, error, *attempts)).await?;
+            lanes.handler.dead_lettered(event, error, *attempts);
         }
         if !failed.is_empty() {
             // Best effort: if the store cannot hear it, the claims expire with their lease.
-            let given_up = self.events(&failed);
+            let given_up: Vec<(&Event<'_>, &str)> = failed
+                .iter()
+                .filter_map(|(seq, event, ..)| Some((&**event, self.id(*seq)?)))
+                .collect();
             let _ = drive(pump, lanes.store.release_batch(&given_up)).await;
             drop(given_up);
-            for seq in failed {
-                self.forget_claim(seq, lanes);
+            for (seq, ..) in failed {
+                if let Some(id) = self.id(seq) {
+                    lanes.claims.drop_claim(id);
+                }
                 self.outcome(seq, Outcome::Done);
             }
         }
-        while let Some(entry) = self.window.first_entry() {
-            if !matches!(entry.get().outcome, Some(Outcome::Done)) {
+        while self
+            .window
+            .front()
+            .is_some_and(|entry| matches!(entry.outcome, Some(Outcome::Done)))
+        {
+            let Some(entry) = self.window.pop_front() else {
                 break;
-            }
-            let entry = entry.remove();
+            };
+            self.base += 1;
             drive(pump, source.finished(&entry.delivery)).await?;
         }
         // Lanes that ended are forgotten, unless a new one took the key meanwhile.
@@ -602,27 +615,18 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         Ok(())
     }
 
-    /// The events and deliveries of `seqs`, for the gate.
-    fn events(&self, seqs: &[u64]) -> Vec<(&Event<'static>, &str)> {
-        seqs.iter()
-            .filter_map(|seq| self.window.get(seq)?.event.as_ref())
-            .map(|(event, id)| (event, id.as_str()))
-            .collect()
-    }
-
-    fn forget_claim<S, H>(&self, seq: u64, lanes: &Lanes<'_, S, H>) {
-        if let Some((_, id)) = self.window.get(&seq).and_then(|e| e.event.as_ref()) {
-            lanes.claims.drop_claim(id);
-        }
+    /// The delivery id of event number `seq`.
+    fn id(&self, seq: u64) -> Option<&str> {
+        let at = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.window.get(at)?.id.as_deref()
     }
 }
 
 /// An entry finished as it was read.
-fn done<D>(delivery: D, event: Option<(Event<'static>, String)>) -> Entry<D> {
+fn done<D>(delivery: D, id: Option<String>) -> Entry<D> {
     Entry {
         delivery,
-        event,
-        received_at: None,
+        id,
         outcome: Some(Outcome::Done),
     }
 }

@@ -12,34 +12,46 @@ use std::time::Instant;
 use crate::gate::KeepAlive;
 
 /// The claims the worker holds now, by delivery (each names one stored copy) with
-/// its event id, shared with the keep-alive thread.
+/// its event id, shared with the keep-alive thread; kept only for a store whose
+/// claims need renewing.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Claims(Arc<Mutex<HashMap<String, String>>>);
+pub(super) struct Claims(Option<Arc<Mutex<HashMap<String, String>>>>);
 
 impl Claims {
+    /// Claims to keep track of when `renewed`, none otherwise.
+    pub(super) fn new(renewed: bool) -> Self {
+        Claims(renewed.then(Arc::default))
+    }
+
     /// The worker holds a claim on `event_id` for `delivery`.
     pub(super) fn hold(&self, event_id: &str, delivery: &str) {
-        self.lock().insert(delivery.to_owned(), event_id.to_owned());
+        if let Some(held) = &self.0 {
+            lock(held).insert(delivery.to_owned(), event_id.to_owned());
+        }
     }
 
     /// The worker no longer holds `delivery`'s claim (completed, released, or left
     /// to expire).
     pub(super) fn drop_claim(&self, delivery: &str) {
-        self.lock().remove(delivery);
+        if let Some(held) = &self.0 {
+            lock(held).remove(delivery);
+        }
     }
 
     /// `(event id, delivery)` pairs.
     fn snapshot(&self) -> Vec<(String, String)> {
-        self.lock()
-            .iter()
-            .map(|(delivery, event_id)| (event_id.clone(), delivery.clone()))
-            .collect()
+        self.0.as_ref().map_or_else(Vec::new, |held| {
+            lock(held)
+                .iter()
+                .map(|(delivery, event_id)| (event_id.clone(), delivery.clone()))
+                .collect()
+        })
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        // A panic while holding the lock cannot leave the map half-updated.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the map half-updated.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The running keep-alive thread; dropping it stops the thread (without waiting

@@ -306,6 +306,11 @@ impl Abandon {
 /// [`STOP_POLL`], the first time once `work` had that long): `None` then.
 async fn unless<T>(quit: impl Fn() -> bool, work: impl Future<Output = T>) -> Option<T> {
     let mut work = std::pin::pin!(work);
+    // Work that is done at once (a handler that does not wait) costs no timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    if let Poll::Ready(done) = first {
+        return Some(done);
+    }
     loop {
         if let Ok(done) = tokio::time::timeout(STOP_POLL, &mut work).await {
             return Some(done);
