@@ -3,16 +3,16 @@
 //! with up to `concurrency` handlers in flight across lanes, completes the claims
 //! of what was processed together, and acknowledges in stored order.
 //!
-//! The lanes are futures polled by the worker's one task, also while it waits for
-//! the source or the store ([`drive`]), so no handler waits on a read, and no
-//! read is ever cancelled halfway.
+//! The lanes (`lanes.rs`) are futures polled by the worker's one task, also while
+//! it waits for the source or the store ([`drive`]), so no handler waits on a
+//! read, and no read is ever cancelled halfway.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::hash::{BuildHasher, RandomState};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::SystemTime;
 
@@ -20,28 +20,11 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, Semaphore};
 
 use super::keeper::{Claims, Keeper};
-use super::{ASK_AGAIN_AFTER, Abandon, EventHandler, WorkerConfig, attempt_once, unless};
+use super::lanes::{Item, Lane, LaneKey, Lanes, Outcome, Running, lock};
+use super::{ASK_AGAIN_AFTER, Abandon, EventHandler, WorkerConfig, unless};
 use crate::gate::DecisionStore;
 use crate::store::{Delivery, EventSource};
 use crate::{Decision, Error, Event};
-
-/// What became of a stored event, as far as the worker took it.
-#[derive(Debug)]
-enum Outcome {
-    /// Skipped, set aside, dead-lettered or processed and completed: acknowledge it.
-    Done,
-    /// Failed its last attempt: dead-letter it, release its claim, acknowledge it.
-    Failed {
-        event: Box<Event<'static>>,
-        error: String,
-        attempts: u32,
-    },
-    /// Not finished (the worker is stopping): it comes again.
-    Unfinished,
-    /// Processed, its claim being completed (never in the window: the completer
-    /// reports `Done` or `Unfinished`).
-    Completing,
-}
 
 /// A stored event read and not yet acknowledged.
 struct Entry<D> {
@@ -50,224 +33,6 @@ struct Entry<D> {
     id: Option<String>,
     /// `None` while its lane (or the completer) is on it.
     outcome: Option<Outcome>,
-}
-
-/// A fresh (or busy) event waiting in its entity's lane.
-struct Item {
-    seq: u64,
-    event: Event<'static>,
-    delivery: String,
-    received_at: Option<SystemTime>,
-    decision: Decision,
-}
-
-/// The events of one entity still to handle; `closed` once its future ended.
-struct Lane {
-    key: LaneKey,
-    queue: VecDeque<Item>,
-    closed: bool,
-}
-
-/// Which lane an event goes to: a hash of its entity (two entities that collide
-/// share a lane, which costs concurrency, never order), or one of its own.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum LaneKey {
-    Entity(u64),
-    Alone(u64),
-}
-
-type Running<'a> = FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing here can leave the data half-updated on a panic.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// What the lanes share.
-struct Lanes<'w, S, H> {
-    store: &'w S,
-    handler: &'w H,
-    config: &'w WorkerConfig,
-    abandon: &'w Abandon,
-    permits: Semaphore,
-    claims: Claims,
-    /// The source asked to stop: start nothing new.
-    stopping: AtomicBool,
-    results: Mutex<Vec<(u64, Outcome)>>,
-    /// Told each time the worker completed or released claims: a copy waiting for
-    /// a claim this worker held asks again at once.
-    settled: Notify,
-    /// Processed events whose claims the completer is to complete, and how many
-    /// it has taken and not yet reported.
-    to_complete: Mutex<Vec<(u64, Event<'static>, String)>>,
-    completing: AtomicUsize,
-    completions: Notify,
-    /// Lanes whose future ended, for the worker to forget.
-    ended: Mutex<Vec<LaneKey>>,
-}
-
-impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
-    fn quit(&self) -> bool {
-        self.stopping.load(Ordering::Acquire) || self.abandon.is_set()
-    }
-
-    async fn run_lane(&self, lane: Arc<Mutex<Lane>>) {
-        loop {
-            let item = {
-                let mut lane = lock(&lane);
-                match lane.queue.pop_front() {
-                    Some(item) => item,
-                    None => {
-                        lane.closed = true;
-                        lock(&self.ended).push(lane.key);
-                        return;
-                    }
-                }
-            };
-            let seq = item.seq;
-            let outcome = self.handle(item).await;
-            if !matches!(outcome, Outcome::Completing) {
-                lock(&self.results).push((seq, outcome));
-            }
-        }
-    }
-
-    /// One event in its lane: claimed again while busy, then attempted until it
-    /// succeeds or fails its last attempt, or the worker stops.
-    async fn handle(&self, item: Item) -> Outcome {
-        let Item {
-            seq,
-            event,
-            delivery,
-            received_at,
-            mut decision,
-        } = item;
-        let quit = || self.quit();
-        let abandoned = || self.abandon.is_set();
-        while decision == Decision::Busy {
-            let wait = async {
-                tokio::select! {
-                    () = tokio::time::sleep(ASK_AGAIN_AFTER) => {}
-                    () = self.settled.notified() => {}
-                }
-            };
-            if unless(quit, wait).await.is_none() {
-                return Outcome::Unfinished;
-            }
-            let claimed = self.store.claim_received(&event, &delivery, received_at);
-            match unless(abandoned, claimed).await {
-                None => return Outcome::Unfinished,
-                Some(Ok(now)) => decision = now,
-                Some(Err(_)) => {} // the store is unavailable: ask again
-            }
-            if decision == Decision::Fresh {
-                self.claims.hold(event.event_id(), &delivery);
-            }
-        }
-        if decision != Decision::Fresh {
-            self.handler.skipped(&event, decision);
-            return Outcome::Done;
-        }
-        let left = || {
-            // Not finished: the claim expires with its lease, and the same delivery
-            // may claim it again.
-            self.claims.drop_claim(&delivery);
-            Outcome::Unfinished
-        };
-        let mut attempt = 0;
-        loop {
-            if quit() {
-                return left();
-            }
-            let permit = match self.permits.try_acquire() {
-                Ok(permit) => Some(Ok(permit)),
-                Err(_) => unless(quit, self.permits.acquire()).await,
-            };
-            let Some(Ok(permit)) = permit else {
-                return left();
-            };
-            attempt += 1;
-            let outcome = unless(abandoned, attempt_once(self.handler, event.clone())).await;
-            drop(permit);
-            let error = match outcome {
-                None => return left(),
-                Some(Ok(())) => {
-                    // The completer completes its claim with others' and reports it.
-                    self.completing.fetch_add(1, Ordering::AcqRel);
-                    lock(&self.to_complete).push((seq, event, delivery));
-                    self.completions.notify_one();
-                    return Outcome::Completing;
-                }
-                Some(Err(error)) => error,
-            };
-            let retry = &self.config.retry;
-            if attempt >= retry.attempts {
-                return Outcome::Failed {
-                    event: Box::new(event),
-                    error,
-                    attempts: attempt,
-                };
-            }
-            let delay = retry.delay(attempt);
-            self.handler.attempt_failed(&event, &error, attempt, delay);
-            if unless(quit, tokio::time::sleep(delay)).await.is_none() {
-                return left();
-            }
-        }
-    }
-}
-
-impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
-    /// Completes the claims of processed events, as many as are waiting, in one
-    /// call to the store, again and again for as long as the worker runs.
-    async fn completer(&self) {
-        loop {
-            let batch = std::mem::take(&mut *lock(&self.to_complete));
-            if batch.is_empty() {
-                self.completions.notified().await;
-                continue;
-            }
-            let claims: Vec<(&Event<'_>, &str)> = batch
-                .iter()
-                .map(|(_, event, id)| (event, id.as_str()))
-                .collect();
-            let completed = loop {
-                let call = self.store.complete_batch(&claims);
-                match unless(|| self.abandon.is_set(), call).await {
-                    None => break false,
-                    Some(Ok(())) => break true,
-                    Some(Err(_)) => {
-                        let wait = tokio::time::sleep(ASK_AGAIN_AFTER);
-                        if unless(|| self.quit(), wait).await.is_none() {
-                            break false;
-                        }
-                    }
-                }
-            };
-            drop(claims);
-            let mut results = lock(&self.results);
-            for (seq, _, id) in &batch {
-                self.claims.drop_claim(id);
-                let outcome = if completed {
-                    Outcome::Done
-                } else {
-                    Outcome::Unfinished
-                };
-                results.push((*seq, outcome));
-            }
-            drop(results);
-            self.completing.fetch_sub(batch.len(), Ordering::AcqRel);
-            self.settled.notify_waiters();
-        }
-    }
-
-    /// Whether nothing is left to report: no lane running (`running`), no result
-    /// waiting, no claim being completed.
-    fn idle(&self, running: &Running<'_>) -> bool {
-        running.is_empty()
-            && lock(&self.results).is_empty()
-            && self.completing.load(Ordering::Acquire) == 0
-    }
 }
 
 /// The lanes and the completer, polled together while the worker waits.

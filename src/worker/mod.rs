@@ -24,6 +24,7 @@ use crate::{Decision, Error, Event};
 
 mod flow;
 mod keeper;
+mod lanes;
 mod supervise;
 
 pub use supervise::{DEFAULT_SHUTDOWN_GRACE, Sources, Worker};
