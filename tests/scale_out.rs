@@ -181,10 +181,23 @@ fn two_receivers_and_workers_lose_nothing_when_a_worker_is_killed() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Exactly once, but for the event the killed worker may have had in hand.
+        // Exactly once, but for the events the killed worker had in hand: processed
+        // by it, their claims not yet completed when it died. Each of those runs
+        // once more, on a surviving worker, and never twice there.
         let counts = processed_counts(&logs());
+        let by_first = processed_counts(&logs()[..1]);
         let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.len() <= 1, "processed more than once: {twice:?}");
+        for (id, n) in &twice {
+            assert_eq!(**n, 2, "{id} processed {n} times");
+            assert_eq!(
+                by_first.get(*id),
+                Some(&1),
+                "{id} processed twice, not once by the killed worker"
+            );
+        }
+        // (How many: the handlers running and those that finished while the
+        // completing round trip was on the wire, 0 to about 30 here.)
+        eprintln!("processed twice after the kill: {}", twice.len());
         assert_eq!(counts.len(), 2000, "nothing but what was sent");
         // Everything acknowledged: the killed worker's entries were taken over.
         let deadline = Instant::now() + Duration::from_secs(30);
