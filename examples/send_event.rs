@@ -2,13 +2,16 @@
 //! without the Comapi portal.
 //!
 //! ```sh
-//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --release --features receiver --example send_event -- [--url URL] [--file EVENT.json] [--curl]
+//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --release --features receiver --example send_event -- [--url URL] [--file EVENT.json] [--as-is] [--curl]
 //! ```
 //!
 //! Without `--file` it sends Comapi's documented `message.sent` example as a new
-//! message: a fresh `eventId` and message id, raised now. `--file` sends the file
-//! exactly as it is. `--curl` also prints the equivalent `curl` command (use that for
-//! `https://` URLs, which this small sender does not speak).
+//! message: a fresh `eventId` and message id, raised now. `--file` sends a file's
+//! event or batch as new events too: each gets a fresh `eventId` and the current
+//! time as its `timestamp` (the repository's fixtures are dated 2017, which a
+//! receiver's replay window would skip); `--as-is` sends the file byte for byte.
+//! `--curl` also prints the equivalent `curl` command (use that for `https://` URLs,
+//! which this small sender does not speak).
 
 use std::process::ExitCode;
 
@@ -19,10 +22,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 const SAMPLE: &str = include_str!("../tests/fixtures/events/message_sent_sms.json");
-const USAGE: &str = "usage: send_event [--url URL] [--secret SECRET] [--file EVENT.json] [--curl]
+const USAGE: &str =
+    "usage: send_event [--url URL] [--secret SECRET] [--file EVENT.json] [--as-is] [--curl]
   --url     where to POST (default http://127.0.0.1:8080/)
   --secret  the shared secret (default: $COMAPI_WEBHOOK_SECRET; the primary if comma-separated)
-  --file    a JSON event or batch to send (default: a sample message.sent event)
+  --file    a JSON event or batch to send, each event with a fresh eventId and
+            timestamp (default: a sample message.sent event)
+  --as-is   send the --file exactly as it is: its ids and its dates
   --curl    also print the equivalent curl command";
 
 struct Args {
@@ -38,6 +44,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut secret = std::env::var("COMAPI_WEBHOOK_SECRET").ok();
     let mut file = None;
     let mut curl = false;
+    let mut as_is = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
@@ -46,6 +53,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--secret" => secret = Some(value()?),
             "--file" => file = Some(value()?),
             "--curl" => curl = true,
+            "--as-is" => as_is = true,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -55,7 +63,16 @@ fn parse_args() -> Result<Option<Args>, String> {
         .filter(|s| !s.is_empty())
         .ok_or("no secret: pass --secret or set COMAPI_WEBHOOK_SECRET")?;
     let body = match file {
-        Some(path) => std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?,
+        Some(path) => {
+            let body = std::fs::read(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            if as_is {
+                body
+            } else {
+                fresh(&body).map_err(|e| {
+                    format!("{path}: {e} (send it with --as-is to keep it byte for byte)")
+                })?
+            }
+        }
         None => sample_event().into_bytes(),
     };
     Ok(Some(Args {
@@ -101,6 +118,26 @@ fn sample_event() -> String {
         )
 }
 
+/// A file's event or batch as new events: each with a fresh `eventId` and raised
+/// now, everything else as it is.
+fn fresh(body: &[u8]) -> Result<Vec<u8>, String> {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let events = match &mut json {
+        serde_json::Value::Array(events) => events.iter_mut().collect(),
+        event => vec![event],
+    };
+    for (salt, event) in (0u128..).zip(events) {
+        let serde_json::Value::Object(event) = event else {
+            return Err("an event is not a JSON object".to_owned());
+        };
+        event.insert("eventId".to_owned(), unique_id(salt).into());
+        event.insert("timestamp".to_owned(), now.clone().into());
+    }
+    serde_json::to_vec(&json).map_err(|e| e.to_string())
+}
+
 fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
@@ -137,9 +174,13 @@ async fn main() -> ExitCode {
         );
     }
     if args.url.starts_with("https://") {
-        eprintln!(
-            "error: this sender speaks plain http only; run the curl command above (--curl) for https"
-        );
+        if args.curl {
+            eprintln!("error: this sender speaks plain http only; run the curl command above");
+        } else {
+            eprintln!(
+                "error: this sender speaks plain http only; add --curl to print the equivalent curl command"
+            );
+        }
         return ExitCode::from(2);
     }
     let request = http::Request::post(&args.url)

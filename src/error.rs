@@ -80,9 +80,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The shared decision store (Redis) could not be reached or answered badly.
+    /// A store shared across processes (the Redis gate or the Redis stream) could
+    /// not be reached or answered badly; `context` names which and what was being done.
     /// Never read as "fresh": the caller should retry later (a receiver answers 503).
-    #[error("decision store unavailable: {context}")]
+    #[error("store unavailable: {context}")]
     StoreUnavailable {
         /// What was being done, without credentials.
         context: String,
@@ -223,11 +224,53 @@ struct Report<'e>(&'e Error);
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)?;
+        let mut shown = self.0.to_string();
         let mut cause = self.0.source();
         while let Some(error) = cause {
-            write!(f, ": {error}")?;
+            // A cause whose text its error already showed (a `redis::RedisError` shows
+            // its I/O error and also returns it from `source()`) is not repeated.
+            let text = error.to_string();
+            if !shown.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
             cause = error.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::Error;
+
+    #[test]
+    fn a_report_shows_each_cause_once() {
+        let error = Error::storage(
+            "cannot write the spool",
+            io::Error::other(Error::store_unavailable("inner", io::Error::other("disk"))),
+        );
+        assert_eq!(
+            error.report().to_string(),
+            "storage failed: cannot write the spool: store unavailable: inner: disk"
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_redis_error_that_shows_its_cause_has_it_shown_once() {
+        let broken = io::Error::new(io::ErrorKind::BrokenPipe, "broken pipe");
+        let error = Error::store_unavailable(
+            "cannot add the events to the Redis stream",
+            redis::RedisError::from(broken),
+        );
+        let report = error.report().to_string();
+        assert_eq!(report.matches("broken pipe").count(), 1, "{report}");
+        assert!(
+            report.starts_with("store unavailable: cannot add the events to the Redis stream: "),
+            "{report}"
+        );
     }
 }

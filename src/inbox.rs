@@ -1,11 +1,11 @@
 //! The framework-agnostic receive step: verify, parse, store durably, then answer.
 
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::HeaderMap;
 
 use crate::event::split_already_verified;
+use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::store::spool::{Spool, encode_lines};
 use crate::store::{EventStore, Records};
@@ -274,33 +274,13 @@ const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
 /// [`REFUSALS_LOGGED_PER_SECOND`] lines a second, so a flood cannot fill a disk; the
 /// next line says how many were left out.
 fn log_refusal(reply: &Reply) {
-    struct Window {
-        start: Instant,
-        logged: u32,
-        suppressed: u64,
-    }
-    static WINDOW: Mutex<Option<Window>> = Mutex::new(None);
+    static BUDGET: LogBudget = LogBudget::new(REFUSALS_LOGGED_PER_SECOND);
     if reply.status().is_success() {
         return;
     }
-    let mut window = WINDOW.lock().unwrap_or_else(PoisonError::into_inner);
-    let now = Instant::now();
-    let current = window.get_or_insert(Window {
-        start: now,
-        logged: 0,
-        suppressed: 0,
-    });
-    if now.duration_since(current.start) >= Duration::from_secs(1) {
-        current.start = now;
-        current.logged = 0;
-    }
-    if current.logged >= REFUSALS_LOGGED_PER_SECOND {
-        current.suppressed += 1;
+    let Some(suppressed) = BUDGET.admit() else {
         return;
-    }
-    current.logged += 1;
-    let suppressed = std::mem::take(&mut current.suppressed);
-    drop(window);
+    };
     tracing::warn!(
         status = reply.status().as_u16(),
         reason = %reply.reason(),

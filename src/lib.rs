@@ -11,6 +11,8 @@ pub mod gate;
 #[cfg(feature = "receiver")]
 pub mod inbox;
 #[cfg(feature = "receiver")]
+mod log_budget;
+#[cfg(feature = "receiver")]
 pub mod metrics;
 #[cfg(feature = "receiver")]
 pub mod receiver;

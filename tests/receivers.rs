@@ -622,20 +622,38 @@ fn the_sender_signs_and_posts() {
     )
     .unwrap();
     assert!(
-        send(SECRET, &["--file", file.to_str().unwrap()])
+        send(SECRET, &["--file", file.to_str().unwrap(), "--as-is"])
             .status
             .success()
     );
+    // A fixture dated 2017 goes out as a new event, processed rather than skipped
+    // as outside the replay window.
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/events/message_delivered.json"
+    );
+    let sent = send(SECRET, &["--file", fixture]);
+    assert!(sent.status.success(), "{sent:?}");
     let wrong = send("a-wrong-secret-0123456789", &[]);
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stdout).starts_with("401"));
     let stored = spooled(&dir);
     assert_eq!(
         stored.len(),
-        4,
-        "the two samples and the two from the file: {stored:?}"
+        5,
+        "the two samples, the two from the file, the fixture: {stored:?}"
     );
     assert!(stored.contains_key("file-1") && stored.contains_key("file-2"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.processed().len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "not all processed:\n{}",
+            receiver.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!receiver.log.lock().unwrap().contains("event skipped"));
     drop(receiver);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -21,6 +21,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::keeper::{Claims, Keeper};
 use super::lanes::{Item, Lane, LaneKey, Lanes, Outcome, Running, lock};
+use super::supervise::Health;
 use super::{ASK_AGAIN_AFTER, Abandon, EventHandler, WorkerConfig, unless};
 use crate::gate::DecisionStore;
 use crate::store::{Delivery, EventSource};
@@ -118,6 +119,7 @@ pub(super) async fn run_with<Src, S, H>(
     handler: &H,
     config: &WorkerConfig,
     abandon: &Abandon,
+    health: &Health,
 ) -> Result<(), Error>
 where
     Src: EventSource,
@@ -164,7 +166,10 @@ where
         if !exhausted && !stopping && flow.window.len() < config.window.max(1) {
             match drive(&mut pump, source.next_batch()).await? {
                 None => exhausted = true,
-                Some(batch) => flow.admit(batch, &lanes, &mut source, &mut pump).await?,
+                Some(batch) => {
+                    health.up();
+                    flow.admit(batch, &lanes, &mut source, &mut pump).await?;
+                }
             }
             continue;
         }

@@ -284,7 +284,16 @@ where
     S: DecisionStore,
     H: EventHandler,
 {
-    flow::run_with(source, store, &handler, &config.into(), &Abandon::default()).await
+    let health = supervise::Health::default();
+    flow::run_with(
+        source,
+        store,
+        &handler,
+        &config.into(),
+        &Abandon::default(),
+        &health,
+    )
+    .await
 }
 
 /// Asks a running worker to let go of its events in hand at once (a supervisor's

@@ -3,20 +3,25 @@
 //! [`Worker::shutdown`].
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::{Abandon, EventHandler, HandlerError, WorkerConfig, flow};
 use crate::gate::DecisionStore;
+use crate::log_budget::LogBudget;
 use crate::store::EventSource;
 use crate::store::spool::Spool;
 use crate::{Decision, Error, Event};
 
-/// A failed run starts again after this long.
+/// A failed run starts again after this long, then twice as long after each
+/// further failure, up to [`RESTART_AT_MOST_AFTER`].
 const RESTART_AFTER: Duration = Duration::from_secs(1);
+const RESTART_AT_MOST_AFTER: Duration = Duration::from_secs(8);
+/// At most so many skipped events are logged a second, of each kind.
+const SKIPS_LOGGED_PER_SECOND: u32 = 10;
 /// The name of the worker's thread.
 const THREAD_NAME: &str = "comapi-worker";
 /// How long [`Worker::shutdown`] takes at most, by default: 25 s, inside the 30 s
@@ -63,7 +68,8 @@ impl Sources for Spool {
 
 /// The worker on a thread of its own: it runs [`run_worker`](super::run_worker)
 /// over its [`Sources`], and when a run fails (a full disk, Redis down) or panics,
-/// it logs the error and starts again a second later from what was last
+/// it logs the error and starts again a second later (then after 2, 4, 8, 8… s
+/// while it keeps failing; one line when it runs again) from what was last
 /// acknowledged; events processed since then come again, and the gate calls them
 /// duplicates. It logs through `tracing`: failed attempts at `warn`, dead letters
 /// and records set aside at `error`, skipped events at `info` (expired ones at
@@ -214,7 +220,10 @@ impl Worker {
     }
 }
 
-/// Runs until the sources are stopped, starting again after a failure or a panic.
+/// Runs until the sources are stopped, starting again after a failure or a panic,
+/// [`RESTART_AFTER`] later at first, then twice as long each time up to
+/// [`RESTART_AT_MOST_AFTER`]. It logs a failure when the worker goes down or the
+/// error changes, and one line when it runs again.
 async fn supervise<T: Sources, S: DecisionStore, H: EventHandler>(
     sources: &T,
     store: &S,
@@ -222,22 +231,76 @@ async fn supervise<T: Sources, S: DecisionStore, H: EventHandler>(
     config: &WorkerConfig,
     abandon: &Abandon,
 ) {
+    let health = Health::default();
     loop {
         let run = async {
             let source = sources.open().await?;
-            flow::run_with(source, store, handler, config, abandon).await
+            flow::run_with(source, store, handler, config, abandon, &health).await
         };
         let error = match super::CatchUnwind(Box::pin(run)).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.report().to_string(),
             Err(panic) => format!("the worker panicked: {}", super::panic_text(&*panic)),
         };
-        if sources.is_stopped() || abandon.is_set() {
+        let stopped = || sources.is_stopped() || abandon.is_set();
+        if stopped() {
             tracing::error!(%error, "worker stopped");
             return;
         }
-        tracing::error!(%error, "worker failed; resuming in 1 s");
-        tokio::time::sleep(RESTART_AFTER).await;
+        let wait = health.failed(error);
+        let until = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < until && !stopped() {
+            tokio::time::sleep(Duration::from_millis(100).min(wait)).await;
+        }
+    }
+}
+
+/// Whether the worker's runs fail, for its log: one line when it goes down or the
+/// error changes, one when it runs again.
+#[derive(Debug, Default)]
+pub(super) struct Health {
+    down: AtomicBool,
+    /// Since when, how many runs failed, the last error, the next wait.
+    failing: Mutex<Option<(Instant, u32, String, Duration)>>,
+}
+
+impl Health {
+    /// A run failed: logs it if it is news, and returns how long to wait.
+    fn failed(&self, error: String) -> Duration {
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.down.store(true, Ordering::Release);
+        match &mut *failing {
+            Some((_, runs, last, wait)) => {
+                *runs += 1;
+                *wait = (*wait * 2).min(RESTART_AT_MOST_AFTER);
+                if *last == error {
+                    tracing::debug!(%error, retry_in = ?*wait, "worker failed again");
+                } else {
+                    tracing::error!(%error, retry_in = ?*wait, "worker failed; retrying");
+                    *last = error;
+                }
+                *wait
+            }
+            None => {
+                tracing::error!(%error, retry_in = ?RESTART_AFTER, "worker failed; retrying");
+                *failing = Some((Instant::now(), 1, error, RESTART_AFTER));
+                RESTART_AFTER
+            }
+        }
+    }
+
+    /// A run made progress (the source handed out a batch): logs the recovery.
+    pub(super) fn up(&self) {
+        if self.down.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel) {
+            let failing = self
+                .failing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some((since, runs, _, _)) = failing {
+                tracing::info!(down_for = ?since.elapsed(), failed_runs = runs, "worker running again");
+            }
+        }
     }
 }
 
@@ -253,20 +316,27 @@ impl<H: EventHandler> EventHandler for Logged<H> {
     }
 
     fn skipped(&self, event: &Event<'_>, decision: Decision) {
+        // A flood of replays or retries logs at most so many lines a second.
+        static EXPIRED: LogBudget = LogBudget::new(SKIPS_LOGGED_PER_SECOND);
+        static OTHERS: LogBudget = LogBudget::new(SKIPS_LOGGED_PER_SECOND);
         if let Decision::Expired { age_secs } = decision {
-            tracing::warn!(
-                event_id = %event.event_id(),
-                name = %event.name(),
-                age_secs,
-                decision = %decision.as_str(),
-                "event skipped: dated outside the replay window (a replay, or check this machine's clock)"
-            );
-        } else {
+            if let Some(suppressed) = EXPIRED.admit() {
+                tracing::warn!(
+                    event_id = %event.event_id(),
+                    name = %event.name(),
+                    age_secs,
+                    decision = %decision.as_str(),
+                    suppressed_before = suppressed,
+                    "event skipped: dated outside the replay window (a replay, or check this machine's clock)"
+                );
+            }
+        } else if let Some(suppressed) = OTHERS.admit() {
             tracing::info!(
                 event_id = %event.event_id(),
                 name = %event.name(),
                 revision = ?event.revision(),
                 decision = %decision.as_str(),
+                suppressed_before = suppressed,
                 "event skipped"
             );
         }

@@ -34,7 +34,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -258,6 +258,12 @@ pub struct RedisStream {
     /// Set by a failed store: the next success reads the persistence again, since
     /// the Redis that answers may have restarted with other settings.
     failed: Arc<AtomicBool>,
+    /// Since when storing has failed, for the recovery's log line.
+    down_since: Arc<Mutex<Option<Instant>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl RedisStream {
@@ -279,6 +285,7 @@ impl RedisStream {
             replicas: config.replicas,
             durability: Arc::new(Mutex::new(durability)),
             failed: Arc::default(),
+            down_since: Arc::default(),
         })
     }
 
@@ -296,7 +303,8 @@ impl RedisStream {
     /// After a recovery: says so, and reads the persistence settings again, off
     /// the request's path.
     fn recovered(&self) {
-        tracing::info!(stream = %self.key, "storing into Redis again");
+        let down_for = lock(&self.down_since).take().map(|since| since.elapsed());
+        tracing::info!(stream = %self.key, ?down_for, "storing into Redis again");
         let (mut connection, shared) = (self.connection.clone(), Arc::clone(&self.durability));
         tokio::spawn(async move {
             let now = durability(&mut connection).await;
@@ -360,7 +368,7 @@ impl RedisStream {
         let replies: Vec<redis::Value> = pipe
             .query_async(&mut self.connection.clone())
             .await
-            .map_err(|e| unavailable("cannot store the events in Redis", e))?;
+            .map_err(|e| unavailable("cannot add the events to the Redis stream", e))?;
         if self.replicas > 0 {
             let acked = match replies.last() {
                 Some(redis::Value::Int(n)) => *n,
@@ -368,7 +376,7 @@ impl RedisStream {
             };
             if acked < i64::from(self.replicas) {
                 return Err(Error::store_unavailable(
-                    "cannot store the events in Redis",
+                    "cannot add the events to the Redis stream",
                     format!("{acked} of {} replicas have them in time", self.replicas),
                 ));
             }
@@ -382,14 +390,26 @@ impl EventStore for RedisStream {
         let stored = match tokio::time::timeout(self.deadline, self.store_now(&records)).await {
             Ok(stored) => stored,
             Err(_) => Err(Error::store_unavailable(
-                "cannot store the events in Redis",
+                "cannot add the events to the Redis stream",
                 format!("no answer within {:?}", self.deadline),
             )),
         };
-        if stored.is_err() {
-            self.failed.store(true, Ordering::Release);
-        } else if self.failed.swap(false, Ordering::AcqRel) {
-            self.recovered();
+        match &stored {
+            Err(error) => {
+                if !self.failed.swap(true, Ordering::AcqRel) {
+                    *lock(&self.down_since) = Some(Instant::now());
+                    tracing::warn!(
+                        stream = %self.key,
+                        error = %error.report(),
+                        "cannot store into Redis: answering 503 until it is back"
+                    );
+                }
+            }
+            Ok(()) => {
+                if self.failed.swap(false, Ordering::AcqRel) {
+                    self.recovered();
+                }
+            }
         }
         stored
     }
