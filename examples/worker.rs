@@ -78,7 +78,7 @@ async fn main() -> ExitCode {
         Ok(connected) => connected,
         Err(error) => return fail(&format!("COMAPI_REDIS_URL: {}", error.report()), 1),
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_worker());
     if let Some(port) = port {
         let addr = SocketAddr::new(ip, port);
         let listener = match tokio::net::TcpListener::bind(addr).await {

@@ -102,9 +102,28 @@ enum Outcome {
 }
 
 impl Metrics {
-    /// Every metric at zero, registered under the prefix `comapi_webhook`.
+    /// Every metric at zero, registered under the prefix `comapi_webhook`: a
+    /// receiver's (requests, events stored, store time), a worker's (decisions,
+    /// handler outcomes and time) and the store's gauges.
     #[must_use]
     pub fn new() -> Self {
+        Self::with_parts(true)
+    }
+
+    /// A worker process's metrics: [`Metrics::new`] without the receiver's
+    /// (`requests`, `events_stored`, `store_seconds`), which it never counts.
+    ///
+    /// ```
+    /// let text = comapi_webhook::metrics::Metrics::for_worker().encode();
+    /// assert!(text.contains("comapi_webhook_handler_seconds"));
+    /// assert!(!text.contains("comapi_webhook_requests"));
+    /// ```
+    #[must_use]
+    pub fn for_worker() -> Self {
+        Self::with_parts(false)
+    }
+
+    fn with_parts(receiver: bool) -> Self {
         let mut registry = Registry::with_prefix("comapi_webhook");
         // 0.5 ms to about 8 s, doubling.
         let seconds = || Histogram::new(exponential_buckets(0.0005, 2.0, 15));
@@ -137,23 +156,25 @@ impl Metrics {
             registry: Registry::default(),
         };
         let m = &metrics;
-        registry.register("requests", "Answers by HTTP status", m.requests.clone());
-        registry.register(
-            "events_stored",
-            "Events stored durably",
-            m.events_stored.clone(),
-        );
+        if receiver {
+            registry.register("requests", "Answers by HTTP status", m.requests.clone());
+            registry.register(
+                "events_stored",
+                "Events stored durably",
+                m.events_stored.clone(),
+            );
+            registry.register(
+                "store_seconds",
+                "Time to store a request",
+                m.store_seconds.clone(),
+            );
+        }
         registry.register(
             "decisions",
             "Gate decisions, one per claim",
             m.decisions.clone(),
         );
         registry.register("handler", "Handler outcomes", m.handler.clone());
-        registry.register(
-            "store_seconds",
-            "Time to store a request",
-            m.store_seconds.clone(),
-        );
         registry.register(
             "handler_seconds",
             "Time of a handler attempt",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use comapi_webhook::gate::{RedisGate, RedisGateConfig};
 use comapi_webhook::store::redis_stream::{
-    Durability, RedisStream, RedisStreamConfig, StreamConsumer,
+    Durability, RedisStream, RedisStreamConfig, StreamConsumer, StreamConsumers,
 };
 use comapi_webhook::store::{Delivery, EventSource, EventStore};
 use comapi_webhook::worker::{RetryPolicy, run_worker};
@@ -552,4 +552,18 @@ fn an_event_worked_on_longer_than_the_lease_is_not_taken_over() {
         assert_eq!(slow, 1, "processed once: {attempts:?}");
         assert_eq!(attempts.len(), 2, "{attempts:?}");
     });
+}
+
+#[test]
+fn consumers_are_named_after_the_os_host_name_without_hostname_exported() {
+    if std::env::var_os("DYNO").is_some() {
+        return; // named after the dyno
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let consumers = StreamConsumers::new("redis://127.0.0.1:1/", RedisStreamConfig::default());
+    assert!(
+        consumers.name().starts_with(&format!("{}-", host.trim())),
+        "{} is not named after {host:?}",
+        consumers.name()
+    );
 }

@@ -152,7 +152,12 @@ impl Receiver {
             spool.close().await;
         }
         let status = crate::store::EventStore::status(self.inbox.store()).await;
-        tracing::info!(stored = ?status.stored, backlog = ?status.backlog, "stopped");
+        let count = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+        tracing::info!(
+            stored = %count(status.stored),
+            backlog = %count(status.backlog),
+            "stopped"
+        );
     }
 }
 

@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use crate::gate::{KeepAlive, OwnConnection};
@@ -13,6 +13,7 @@ use crate::gate::{KeepAlive, OwnConnection};
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 
+use super::scripts::{DEAD_SCRIPT, FORGET_SCRIPT, TRIM_SCRIPT};
 use super::{RECORD_FIELD, RedisStreamConfig, connect, unavailable};
 use crate::store::spool::record_event;
 use crate::store::{Delivery, EventSource};
@@ -24,45 +25,6 @@ use crate::{Error, Event};
 const READ_BLOCK: Duration = Duration::from_secs(1);
 /// How often finished entries are trimmed from the stream, at most.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
-
-/// Trims the stream (KEYS[1]) up to what every consumer group acknowledged: the
-/// oldest of each group's first pending entry, or its last delivered entry when
-/// nothing is pending. Stream ids compare as `ms-seq` number pairs.
-const TRIM: &str = r"
-local function less(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local floor = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local f = {}
-  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-  local id = f['last-delivered-id']
-  local summary = redis.call('XPENDING', KEYS[1], f['name'])
-  if summary[1] > 0 then id = summary[2] end
-  if floor == nil or less(id, floor) then floor = id end
-end
-if floor == nil then return 0 end
-return redis.call('XTRIM', KEYS[1], 'MINID', floor)
-";
-
-static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TRIM));
-
-/// Keeps an entry in the dead-letter stream (KEYS[2]) and acknowledges it in the
-/// stream (KEYS[1]) in one atomic step, so that no crash or take-over between the
-/// two can dead-letter it twice. ARGV: the group, the entry id, then the dead
-/// entry's fields and values.
-const DEAD: &str = r"
-local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], '*', unpack(fields))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-";
-
-static DEAD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DEAD));
 
 /// One worker's consumer in the stream's consumer group: the worker's
 /// [`EventSource`] on Redis.
@@ -290,6 +252,7 @@ impl StreamConsumer {
         if self.claim_from == "0-0" {
             // A full pass: the next one after half a lease.
             self.last_claim = Some(Instant::now());
+            self.forget_idle_consumers().await;
         }
         let (Some(first), Some(last)) = (reply.claimed.first(), reply.claimed.last()) else {
             return Ok(Vec::new());
@@ -317,6 +280,27 @@ impl StreamConsumer {
                 delivery(entry, u32::try_from(count).unwrap_or(u32::MAX))
             })
             .collect())
+    }
+
+    /// Marks this consumer alive (in the hash `<stream>:consumers`) and removes
+    /// from the group the consumers with nothing pending, idle and not marked alive
+    /// for longer than the lease: those of workers that stopped or were killed,
+    /// once their entries were taken over. One that is alive after all comes back
+    /// with its next read. A failure waits for the next pass.
+    async fn forget_idle_consumers(&mut self) {
+        let forgotten: Result<i64, _> = FORGET_SCRIPT
+            .key(&self.key)
+            .key(format!("{}:consumers", self.key))
+            .arg(&self.group)
+            .arg(Self::millis(self.lease))
+            .arg(&self.name)
+            .invoke_async(&mut self.connection)
+            .await;
+        match forgotten {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(consumers = n, "idle consumers with nothing pending removed"),
+            Err(error) => tracing::debug!(%error, "cannot remove idle consumers"),
+        }
     }
 
     /// New entries, waiting up to [`READ_BLOCK`] for some.
@@ -531,12 +515,13 @@ pub struct StreamConsumers {
 
 impl StreamConsumers {
     /// Consumers of the group in `config` on Redis at `url`, named after this host
-    /// (`DYNO` or `HOSTNAME`), process id and start time.
+    /// (`DYNO` on Heroku, else the OS's host name), process id and start time.
     #[must_use]
     pub fn new(url: &str, config: RedisStreamConfig) -> Self {
         let host = std::env::var("DYNO")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| "worker".to_owned());
+            .ok()
+            .or_else(host_name)
+            .unwrap_or_else(|| "worker".to_owned());
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -582,4 +567,15 @@ impl fmt::Debug for StreamConsumer {
             .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
+}
+
+/// The OS's host name (Linux's `/proc/sys/kernel/hostname`, else `/etc/hostname`,
+/// else `HOSTNAME`, which shells set but seldom export).
+fn host_name() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
 }

@@ -42,6 +42,7 @@ use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
 mod consumer;
+mod scripts;
 
 pub use consumer::{StopHandle, StreamConsumer, StreamConsumers, StreamDelivery};
 
