@@ -7,7 +7,7 @@ mod common;
 
 use actix_web::web;
 use actix_web::{App, HttpRequest, HttpServer};
-use comapi_webhook::receiver::{ConfigError, shutdown_signal};
+use comapi_webhook::receiver::{ConfigError, ReceiverConfig, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
 
@@ -15,6 +15,10 @@ type Shared = web::Data<Inbox<Store>>;
 
 #[actix_web::main]
 async fn main() {
+    common::help_if_asked(
+        "actix_receiver: receives Comapi webhooks on actix-web (GET / status, POST / events, GET /metrics)",
+        ReceiverConfig::HELP,
+    );
     let config = common::config();
     let addr = config.addr;
     let (header_deadline, max_connections) = (config.header_deadline, config.max_connections);
@@ -32,7 +36,10 @@ async fn main() {
             )
             .route(
                 "/metrics",
-                web::get().to(async |inbox: Shared| inbox.metrics().await),
+                web::get().to(async |inbox: Shared, request: HttpRequest| {
+                    let token = request.headers().get("authorization");
+                    inbox.metrics(token.map(|t| t.as_bytes())).await
+                }),
             )
             .route("/", web::post().to(receive))
     });

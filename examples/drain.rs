@@ -36,11 +36,19 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const USAGE: &str = "usage: drain store URL EVENTS | drain work EVENTS";
+const USAGE: &str = "usage: drain store URL EVENTS | drain work EVENTS
+  drain store URL N  POSTs N signed events to the receiver at URL, prints events/s
+  drain work N       a worker over COMAPI_REDIS_URL (else COMAPI_SPOOL_DIR) until it
+                     handled N events, prints events/s; DRAIN_HANDLER_MS: each
+                     handler waits that long; COMAPI_CONCURRENCY: calls in flight";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(args.first().map(String::as_str), Some("-h" | "--help")) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let count = |at: usize| args.get(at).and_then(|n| n.parse::<u64>().ok());
     let outcome = match (args.first().map(String::as_str), args.len()) {
         (Some("store"), 3) => match count(2) {

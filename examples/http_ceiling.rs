@@ -23,6 +23,19 @@ use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() {
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "--help" || a == "-h")
+    {
+        println!(
+            "http_ceiling: a bare hyper server for the load test's reference (stores nothing)\n\n\
+             Settings, from the environment:\n  \
+             PORT                   where to listen on 127.0.0.1 (default 8080)\n  \
+             CEILING                bare (default) or verify\n  \
+             COMAPI_WEBHOOK_SECRET  the secret, for CEILING=verify"
+        );
+        return;
+    }
     let verifier = match verifier_from_env() {
         Ok(verifier) => verifier,
         Err(message) => {

@@ -8,7 +8,7 @@ mod common;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use comapi_webhook::receiver::{Busy, shutdown_signal};
+use comapi_webhook::receiver::{Busy, ReceiverConfig, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
 use hyper::{Method, Request, Response, body::Incoming, server::conn::http1, service::service_fn};
@@ -16,6 +16,10 @@ use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 
 #[tokio::main]
 async fn main() {
+    common::help_if_asked(
+        "hyper_receiver: receives Comapi webhooks on hyper (GET / status, POST / events, GET /metrics)",
+        ReceiverConfig::HELP,
+    );
     let config = common::config();
     let addr = config.addr;
     let listener = config
@@ -65,7 +69,10 @@ async fn route(
 ) -> Result<Response<String>, Infallible> {
     let reply = match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => inbox.status_page().await,
-        (&Method::GET, "/metrics") => inbox.metrics().await,
+        (&Method::GET, "/metrics") => {
+            let token = request.headers().get(http::header::AUTHORIZATION);
+            inbox.metrics(token.map(|t| t.as_bytes())).await
+        }
         (&Method::POST, "/") => inbox.receive_request(request).await,
         (_, "/") => Reply::method_not_allowed(),
         _ => Reply::not_found(),

@@ -26,8 +26,24 @@ use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 
+const WORKER_HELP: &str = "\
+  COMAPI_REDIS_URL          required: the Redis the receivers store into
+  COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
+  COMAPI_LEASE              how long a worker may hold an event (default 60s)
+  COMAPI_CONCURRENCY        handler calls in flight (default 32)
+  COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)
+  COMAPI_RETRY_FIRST_DELAY  the wait after the first failure, then doubling (default 1s)
+  COMAPI_RETRY_MAX_DELAY    the longest wait between attempts (default 60s)
+  COMAPI_SHUTDOWN_GRACE     how long a shutdown may take (default 25s)
+  METRICS_PORT, BIND        serve GET /metrics there (default: no metrics; BIND 127.0.0.1)
+  RUST_LOG                  the log filter (default info)";
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    common::help_if_asked(
+        "worker: processes the events the receivers store in a Redis stream",
+        WORKER_HELP,
+    );
     common::init_logging();
     let redis = match RedisSettings::from_env() {
         Ok(Some(redis)) => redis,

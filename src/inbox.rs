@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use http::HeaderMap;
+use subtle::ConstantTimeEq;
 
 use crate::event::split_already_verified;
 use crate::log_budget::LogBudget;
@@ -37,6 +38,7 @@ pub struct Inbox<S = Spool> {
     max_body_bytes: usize,
     body_deadline: Duration,
     metrics: Option<Arc<Metrics>>,
+    metrics_token: Option<Arc<[u8]>>,
 }
 
 impl<S: EventStore> Inbox<S> {
@@ -49,6 +51,7 @@ impl<S: EventStore> Inbox<S> {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             body_deadline: DEFAULT_BODY_DEADLINE,
             metrics: None,
+            metrics_token: None,
         }
     }
 
@@ -201,12 +204,43 @@ impl<S: EventStore> Inbox<S> {
         )
     }
 
+    /// The same inbox, its [`Inbox::metrics`] only for requests that bring
+    /// `Authorization: Bearer <token>`.
+    #[must_use]
+    pub fn with_metrics_token(mut self, token: impl AsRef<[u8]>) -> Self {
+        self.metrics_token = Some(token.as_ref().into());
+        self
+    }
+
+    /// Whether [`Inbox::metrics`] asks for a token ([`Inbox::with_metrics_token`]).
+    #[must_use]
+    pub fn metrics_protected(&self) -> bool {
+        self.metrics_token.is_some()
+    }
+
     /// The metrics given to [`Inbox::with_metrics`], with the store's gauges read
-    /// now, in the OpenMetrics text format; 404 without metrics.
-    pub async fn metrics(&self) -> Reply {
+    /// now, in the OpenMetrics text format; 404 without metrics. `authorization`
+    /// is the request's `Authorization` header: with a token set, anything but
+    /// `Bearer <token>` (compared in constant time) gets a 401.
+    ///
+    /// ```
+    /// # async fn demo(inbox: comapi_webhook::Inbox) {
+    /// let reply = inbox.metrics(Some(b"Bearer the-metrics-token")).await;
+    /// # }
+    /// ```
+    pub async fn metrics(&self, authorization: Option<&[u8]>) -> Reply {
         let Some(metrics) = self.metrics.as_ref() else {
             return Reply::not_found();
         };
+        if let Some(token) = &self.metrics_token {
+            let given = authorization
+                .and_then(|value| value.strip_prefix(b"Bearer "))
+                .map(<[u8]>::trim_ascii);
+            let right = given.is_some_and(|given| bool::from(given.ct_eq(token)));
+            if !right {
+                return Reply::metrics_token_required();
+            }
+        }
         metrics.set_store_status(&self.store.status().await);
         metrics.reply()
     }

@@ -42,6 +42,8 @@ pub struct Reply {
     /// Set for errors; otherwise the body says it all.
     reason: Option<String>,
     events: usize,
+    /// A 401 that asks for a bearer token (`WWW-Authenticate: Bearer`).
+    bearer: bool,
 }
 
 impl Reply {
@@ -56,6 +58,22 @@ impl Reply {
             body: body.into(),
             reason: None,
             events: 0,
+            bearer: false,
+        }
+    }
+
+    /// `401` for a `GET /metrics` without the right bearer token;
+    /// `WWW-Authenticate: Bearer`.
+    #[cfg(feature = "receiver")]
+    pub(crate) fn metrics_token_required() -> Self {
+        Reply {
+            reason: Some("no or wrong metrics token".to_owned()),
+            bearer: true,
+            ..Reply::new(
+                StatusCode::UNAUTHORIZED,
+                TEXT,
+                "the metrics need Authorization: Bearer <COMAPI_METRICS_TOKEN>\n",
+            )
         }
     }
 
@@ -225,6 +243,12 @@ impl From<Reply> for http::Response<String> {
         if allow {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
         }
+        if reply.bearer {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"metrics\""),
+            );
+        }
         response
     }
 }
@@ -275,6 +299,12 @@ impl Reply {
             actix_web::http::header::CONTENT_TYPE,
             actix_web::http::header::HeaderValue::from_static(self.content_type),
         );
+        if self.bearer {
+            headers.insert(
+                actix_web::http::header::WWW_AUTHENTICATE,
+                actix_web::http::header::HeaderValue::from_static("Bearer realm=\"metrics\""),
+            );
+        }
         if status == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
             headers.insert(
                 actix_web::http::header::CONNECTION,

@@ -8,7 +8,10 @@
 #[path = "support/process.rs"]
 mod process;
 mod support;
-use process::{MAX_BODY, Receiver, SECRET, client, event_json, metric, post, post_signed};
+use process::{
+    MAX_BODY, Receiver, SECRET, client, event_json, metric, output_within, post, post_signed,
+    spooled,
+};
 use support::{example_binary, runtime, spool_line, temp_dir};
 
 use std::collections::{HashMap, HashSet};
@@ -22,33 +25,6 @@ use comapi_webhook::Verifier;
 use http_body_util::BodyExt;
 
 const PREVIOUS: &str = "the-previous-secret-0123456789";
-
-/// Every event id in the spool's segments, with how often it appears.
-fn spooled(dir: &Path) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let segment = path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("segment-"));
-        if segment {
-            let text = std::fs::read_to_string(&path).unwrap();
-            // A live segment is preallocated: its data ends at the first zero byte.
-            let data = text.split('\0').next().unwrap();
-            for line in data.lines() {
-                let line: serde_json::Value = serde_json::from_str(line).unwrap();
-                assert!(
-                    line["receivedAt"].is_string() && line["secretIndex"].is_u64(),
-                    "{line}"
-                );
-                *counts
-                    .entry(line["event"]["eventId"].as_str().unwrap().to_owned())
-                    .or_default() += 1;
-            }
-        }
-    }
-    counts
-}
 
 fn answers(name: &str) {
     let dir = temp_dir(&format!("{name}-answers"));
@@ -502,26 +478,6 @@ fn sets_aside_a_damaged_line_and_goes_on(name: &str) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Runs `command` to its end; a receiver that starts instead of refusing is killed,
-/// and the test fails rather than hangs.
-fn output_within(mut command: Command, timeout: Duration) -> std::process::Output {
-    let mut child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running after {timeout:?}: a bad configuration was accepted");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn refuses_bad_configuration(name: &str) {
     let dir = temp_dir(&format!("{name}-config"));
     let a_file = dir.join("not-a-folder");
@@ -574,90 +530,6 @@ fn refuses_bad_configuration(name: &str) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn the_sender_signs_and_posts() {
-    let dir = temp_dir("sender");
-    let receiver = Receiver::start("hyper_receiver", &dir, SECRET);
-    let send = |secret: &str, extra: &[&str]| {
-        Command::new(example_binary("send_event"))
-            .args(["--url", &format!("{}/", receiver.url), "--secret", secret])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let ok = send(SECRET, &["--curl"]);
-    let stdout = String::from_utf8_lossy(&ok.stdout);
-    assert!(ok.status.success(), "{stdout}");
-    assert!(
-        stdout
-            .lines()
-            .next()
-            .unwrap()
-            .starts_with("curl -sS -X POST"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.lines().nth(1).unwrap().starts_with("200"),
-        "{stdout}"
-    );
-    // A second run is a new message, not a retry or an older state of the first.
-    assert!(send(SECRET, &[]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while receiver.processed().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "both samples were not processed as fresh:\n{}",
-            receiver.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!receiver.log.lock().unwrap().contains("decision=stale"));
-    let help = send(SECRET, &["--help"]);
-    assert!(help.status.success(), "{help:?}");
-    assert!(String::from_utf8_lossy(&help.stdout).starts_with("usage: send_event"));
-    let file = dir.join("batch.json");
-    std::fs::write(
-        &file,
-        format!("[{},{}]", event_json("file-1"), event_json("file-2")),
-    )
-    .unwrap();
-    assert!(
-        send(SECRET, &["--file", file.to_str().unwrap(), "--as-is"])
-            .status
-            .success()
-    );
-    // A fixture dated 2017 goes out as a new event, processed rather than skipped
-    // as outside the replay window.
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/events/message_delivered.json"
-    );
-    let sent = send(SECRET, &["--file", fixture]);
-    assert!(sent.status.success(), "{sent:?}");
-    let wrong = send("a-wrong-secret-0123456789", &[]);
-    assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stdout).starts_with("401"));
-    let stored = spooled(&dir);
-    assert_eq!(
-        stored.len(),
-        5,
-        "the two samples, the two from the file, the fixture: {stored:?}"
-    );
-    assert!(stored.contains_key("file-1") && stored.contains_key("file-2"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while receiver.processed().len() < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "not all processed:\n{}",
-            receiver.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!receiver.log.lock().unwrap().contains("event skipped"));
-    drop(receiver);
-    let _ = std::fs::remove_dir_all(dir);
-}
-
 /// The worker thread runs at idle CPU priority, so it only takes CPU time that
 /// requests leave unused; the threads that answer requests keep the normal policy.
 #[cfg(target_os = "linux")]
@@ -696,41 +568,6 @@ fn worker_yields_to_requests(name: &str) {
     assert_eq!(policies("comapi-spool-wr"), [SCHED_OTHER]);
     drop(receiver);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// The load benchmark's reference that verifies and parses without storing must
-/// answer as the receivers do, or the gap it shows would mean nothing.
-#[test]
-fn the_verifying_ceiling_verifies_and_parses() {
-    let mut command = Command::new(example_binary("http_ceiling"));
-    command.env("CEILING", "verify");
-    let ceiling = Receiver::start_command("http_ceiling", command, SECRET);
-    let url = format!("{}/", ceiling.url);
-    let event = event_json("ceiling-1");
-    runtime().block_on(async {
-        let client = client();
-        assert_eq!(
-            post_signed(&client, &url, SECRET, event.clone()).await,
-            Ok(200)
-        );
-        let answer = post(&client, &url, None, event.clone().into_bytes()).await;
-        assert_eq!(answer.map(|(status, _)| status), Ok(401));
-        let answer = post_signed(&client, &url, PREVIOUS, event).await;
-        assert_eq!(answer, Ok(401));
-        let answer = post_signed(&client, &url, SECRET, "not json".to_owned()).await;
-        assert_eq!(answer, Ok(400));
-    });
-    drop(ceiling);
-
-    let mut command = Command::new(example_binary("http_ceiling"));
-    command.env("CEILING", "sometimes").env("PORT", "0");
-    let output = output_within(command, Duration::from_secs(30));
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("CEILING must be bare or verify"),
-        "{stderr}"
-    );
 }
 
 macro_rules! receiver_tests {

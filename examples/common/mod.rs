@@ -40,3 +40,18 @@ pub(crate) fn exit(error: &dyn std::fmt::Display, code: i32) -> ! {
     eprintln!("error: {error}");
     std::process::exit(code)
 }
+
+/// With `--help` (or `-h`): prints `about`, then the settings, and exits 0. Any
+/// other argument: says so and exits 2; the settings come from the environment.
+pub(crate) fn help_if_asked(about: &str, settings: &str) {
+    let Some(arg) = std::env::args().nth(1) else {
+        return;
+    };
+    let usage = format!("{about}\n\nSettings, from the environment:\n{settings}");
+    if arg == "--help" || arg == "-h" {
+        println!("{usage}");
+        std::process::exit(0);
+    }
+    eprintln!("error: unknown argument {arg:?}: the settings come from the environment\n\n{usage}");
+    std::process::exit(2);
+}

@@ -10,7 +10,7 @@ use crate::Verifier;
 use crate::inbox::DEFAULT_MAX_BODY_BYTES;
 use crate::signature::MIN_SECRET_LEN;
 use crate::store::spool::SpoolConfig;
-use crate::worker::WorkerConfig;
+use crate::worker::{RetryPolicy, WorkerConfig};
 
 /// The port a receiver listens on unless `PORT` says otherwise.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -37,6 +37,12 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default 512 |
 /// | `COMAPI_SHUTDOWN_GRACE` | how long a shutdown may take, default `25s` |
 /// | `COMAPI_CONCURRENCY` | handler calls a worker keeps in flight (one entity at a time each), default 32 |
+/// | `COMAPI_RETRY_ATTEMPTS` | attempts at an event before it goes to the dead letter, the first included, default 8 |
+/// | `COMAPI_RETRY_FIRST_DELAY` | the wait after the first failed attempt, doubling after each next one, default `1s` |
+/// | `COMAPI_RETRY_MAX_DELAY` | the longest wait between attempts, default `60s` |
+/// | `COMAPI_METRICS_TOKEN` | when set, `GET /metrics` needs `Authorization: Bearer <token>`; otherwise it answers anyone |
+///
+/// [`ReceiverConfig::HELP`] lists them as the binaries' `--help` prints them.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReceiverConfig {
@@ -62,6 +68,8 @@ pub struct ReceiverConfig {
     pub shutdown_grace: Duration,
     /// How the worker runs: its retries and its concurrency.
     pub worker_config: WorkerConfig,
+    /// The bearer token `GET /metrics` asks for, if any.
+    pub metrics_token: Option<String>,
 }
 
 /// Where and how a receiver and its workers use Redis.
@@ -190,6 +198,30 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl ReceiverConfig {
+    /// The variables, one per line with its default, as the reference binaries'
+    /// `--help` prints them.
+    pub const HELP: &'static str = "\
+  COMAPI_WEBHOOK_SECRET     required: the webhook's secret from the Comapi portal
+                            (comma-separated for rotation, primary first; >= 16 bytes)
+  PORT, BIND                where to listen (default 8080 on 127.0.0.1; PORT=0: any free port)
+  COMAPI_SPOOL_DIR          the spool folder (default comapi-webhook-spool in the temp folder)
+  COMAPI_SPOOL_KEEP         true keeps processed spool segments (default false)
+  COMAPI_MAX_BODY_BYTES     the body limit (default 4194304)
+  COMAPI_REDIS_URL          store into a Redis stream: redis://[:password@]host:port/[db]
+  COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
+  COMAPI_LEASE              how long a worker may hold an event (default 60s)
+  COMAPI_WORKER             run a worker in this process (default: true without Redis)
+  COMAPI_HEADER_TIMEOUT     time for a request's headers, or idling (default 5s)
+  COMAPI_BODY_TIMEOUT       time for a request's body, then 408 (default 10s)
+  COMAPI_MAX_CONNECTIONS    connections at once (default 512)
+  COMAPI_SHUTDOWN_GRACE     how long a shutdown may take (default 25s)
+  COMAPI_CONCURRENCY        handler calls in flight (default 32)
+  COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)
+  COMAPI_RETRY_FIRST_DELAY  the wait after the first failure, then doubling (default 1s)
+  COMAPI_RETRY_MAX_DELAY    the longest wait between attempts (default 60s)
+  COMAPI_METRICS_TOKEN      GET /metrics needs Authorization: Bearer <token> (default: open)
+  RUST_LOG                  the log filter (default info)";
+
     /// Reads the settings from the environment (see the table above).
     ///
     /// # Errors
@@ -200,7 +232,8 @@ impl ReceiverConfig {
         Self::from_lookup(&env)
     }
 
-    /// The worker's settings alone (`COMAPI_CONCURRENCY`), for a worker process.
+    /// The worker's settings alone (`COMAPI_CONCURRENCY`, `COMAPI_RETRY_ATTEMPTS`,
+    /// `COMAPI_RETRY_FIRST_DELAY`, `COMAPI_RETRY_MAX_DELAY`), for a worker process.
     ///
     /// # Errors
     /// [`ConfigError`] naming the variable when a value is wrong.
@@ -308,6 +341,7 @@ impl ReceiverConfig {
                 crate::worker::DEFAULT_SHUTDOWN_GRACE,
             )?,
             worker_config: worker_config(&var)?,
+            metrics_token: var("COMAPI_METRICS_TOKEN").map(|t| t.trim().to_owned()),
         })
     }
 }
@@ -333,8 +367,35 @@ fn redis_from(
     }))
 }
 
-/// The worker's settings from `COMAPI_CONCURRENCY`.
+/// The worker's settings from `COMAPI_CONCURRENCY` and the `COMAPI_RETRY_…`
+/// variables.
 fn worker_config(var: &dyn Fn(&str) -> Option<String>) -> Result<WorkerConfig, ConfigError> {
+    let defaults = RetryPolicy::default();
+    let attempts = parsed(
+        var,
+        "COMAPI_RETRY_ATTEMPTS",
+        "a positive number",
+        defaults.attempts,
+    )?;
+    if attempts == 0 {
+        return Err(ConfigError::setting(
+            "COMAPI_RETRY_ATTEMPTS must be a positive number (1: no retry), not \"0\"",
+        ));
+    }
+    let first_delay = duration(var, "COMAPI_RETRY_FIRST_DELAY", defaults.first_delay)?;
+    let max_delay = duration(
+        var,
+        "COMAPI_RETRY_MAX_DELAY",
+        defaults.max_delay.max(first_delay),
+    )?;
+    if max_delay < first_delay {
+        return Err(ConfigError::setting(format!(
+            "COMAPI_RETRY_MAX_DELAY ({}) must not be shorter than COMAPI_RETRY_FIRST_DELAY ({})",
+            humantime::format_duration(max_delay),
+            humantime::format_duration(first_delay)
+        )));
+    }
+    let retry = RetryPolicy::new(first_delay, max_delay, attempts);
     let concurrency = parsed(
         var,
         "COMAPI_CONCURRENCY",
@@ -346,7 +407,7 @@ fn worker_config(var: &dyn Fn(&str) -> Option<String>) -> Result<WorkerConfig, C
             "COMAPI_CONCURRENCY must be a positive number, not \"0\"",
         ));
     }
-    Ok(WorkerConfig::default().with_concurrency(concurrency))
+    Ok(WorkerConfig::from(retry).with_concurrency(concurrency))
 }
 
 /// `name` as a positive duration (`60s`, `500ms`), or `default` when unset.
@@ -398,122 +459,5 @@ fn flag(var: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>
 }
 
 #[cfg(test)]
-#[allow(clippy::panic)]
-mod tests {
-    use super::*;
-
-    const SECRET: &str = "the-current-secret-0123456789";
-
-    fn config(vars: &[(&str, &str)]) -> Result<ReceiverConfig, String> {
-        let vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        ReceiverConfig::from_lookup(&|name| {
-            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-        })
-        .map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn defaults_and_each_variable() {
-        let defaults =
-            config(&[("COMAPI_WEBHOOK_SECRET", SECRET)]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(defaults.addr, SocketAddr::from(([127, 0, 0, 1], 8080)));
-        assert_eq!(defaults.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
-        assert!(defaults.worker && defaults.redis.is_none() && defaults.spool.remove_processed);
-        let set = config(&[
-            (
-                "COMAPI_WEBHOOK_SECRET",
-                &format!("{SECRET}, the-previous-secret-0123"),
-            ),
-            ("PORT", "0"),
-            ("BIND", "0.0.0.0"),
-            ("COMAPI_SPOOL_DIR", "/var/spool/comapi"),
-            ("COMAPI_SPOOL_KEEP", "yes"),
-            ("COMAPI_MAX_BODY_BYTES", "1000"),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(set.addr, SocketAddr::from(([0, 0, 0, 0], 0)));
-        assert_eq!(set.spool.dir, PathBuf::from("/var/spool/comapi"));
-        assert!(!set.spool.remove_processed);
-        assert_eq!(set.max_body_bytes, 1000);
-    }
-
-    #[test]
-    fn each_error_names_the_variable_and_never_the_secret() {
-        let cases: [(&[(&str, &str)], &str); 8] = [
-            (&[], "COMAPI_WEBHOOK_SECRET is required"),
-            (
-                &[("COMAPI_WEBHOOK_SECRET", "short")],
-                "COMAPI_WEBHOOK_SECRET: entry 1 of 1 is 5 bytes; Comapi requires at least 16 bytes",
-            ),
-            (
-                &[("COMAPI_WEBHOOK_SECRET", "the-current-secret-0123456789, ,x")],
-                "COMAPI_WEBHOOK_SECRET: entry 2 of 3 is empty",
-            ),
-            (
-                &[("COMAPI_WEBHOOK_SECRET", SECRET), ("PORT", "http")],
-                "PORT must be a port number",
-            ),
-            (
-                &[("COMAPI_WEBHOOK_SECRET", SECRET), ("BIND", "localhost")],
-                "BIND must be an IP address",
-            ),
-            (
-                &[
-                    ("COMAPI_WEBHOOK_SECRET", SECRET),
-                    ("COMAPI_SPOOL_KEEP", "sometimes"),
-                ],
-                "COMAPI_SPOOL_KEEP must be true or false",
-            ),
-            (
-                &[
-                    ("COMAPI_WEBHOOK_SECRET", SECRET),
-                    ("COMAPI_MAX_BODY_BYTES", "0"),
-                ],
-                "COMAPI_MAX_BODY_BYTES must be a positive number",
-            ),
-            (
-                &[
-                    ("COMAPI_WEBHOOK_SECRET", SECRET),
-                    ("COMAPI_WORKER", "maybe"),
-                ],
-                "COMAPI_WORKER must be true or false",
-            ),
-        ];
-        for (vars, message) in cases {
-            let error = config(vars).err().unwrap_or_default();
-            assert!(error.starts_with(message), "{vars:?}: {error}");
-            assert!(!error.contains("0123456789"), "{error}");
-        }
-    }
-
-    #[cfg(feature = "redis")]
-    #[test]
-    fn redis_turns_the_worker_off_unless_asked() {
-        let redis = config(&[
-            ("COMAPI_WEBHOOK_SECRET", SECRET),
-            ("COMAPI_REDIS_URL", "redis://127.0.0.1:6379/"),
-            ("COMAPI_LEASE", "2s"),
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert!(!redis.worker);
-        let settings = redis.redis.unwrap_or_else(|| panic!("no Redis"));
-        assert_eq!(
-            (settings.key_prefix.as_str(), settings.lease),
-            (DEFAULT_KEY_PREFIX, Duration::from_secs(2))
-        );
-        let error = config(&[
-            ("COMAPI_WEBHOOK_SECRET", SECRET),
-            ("COMAPI_REDIS_URL", "redis://x/"),
-            ("COMAPI_LEASE", "soon"),
-        ]);
-        assert!(
-            error
-                .err()
-                .unwrap_or_default()
-                .starts_with("COMAPI_LEASE must be a duration")
-        );
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

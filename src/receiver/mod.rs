@@ -86,10 +86,19 @@ impl ReceiverConfig {
             #[cfg(not(feature = "redis"))]
             Some(_) => return Err(ConfigError::new("COMAPI_REDIS_URL needs the redis feature")),
         };
-        let inbox = Inbox::new(self.verifier, store)
+        let mut inbox = Inbox::new(self.verifier, store)
             .with_max_body_bytes(self.max_body_bytes)
             .with_body_deadline(self.body_deadline)
             .with_metrics(metrics);
+        match &self.metrics_token {
+            Some(token) => inbox = inbox.with_metrics_token(token),
+            None if !self.addr.ip().is_loopback() => tracing::warn!(
+                addr = %self.addr,
+                "GET /metrics answers anyone who can reach this address (event volumes, the \
+                 backlog, the dead letter): set COMAPI_METRICS_TOKEN to ask for a bearer token"
+            ),
+            None => {}
+        }
         Ok(Receiver {
             inbox,
             worker,

@@ -9,7 +9,7 @@
     clippy::panic
 )]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -90,7 +90,8 @@ impl Receiver {
             .iter()
             .find_map(|ready| line.split_once(ready))
             .map(|(_, url)| url.trim().trim_end_matches("/metrics").to_owned())
-            .unwrap_or_else(|| panic!("{name} printed {line:?}"));
+            .unwrap_or_else(|| panic!("{name} printed {line:?}"))
+            .replace("http://0.0.0.0:", "http://127.0.0.1:"); // BIND=0.0.0.0
         assert!(url.starts_with("http://127.0.0.1:"), "{line}");
         Receiver {
             child,
@@ -299,4 +300,51 @@ impl Drop for OwnRedis {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Every event id in the spool's segments, with how often it appears.
+pub fn spooled(dir: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let segment = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("segment-"));
+        if segment {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // A live segment is preallocated: its data ends at the first zero byte.
+            let data = text.split('\0').next().unwrap();
+            for line in data.lines() {
+                let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert!(
+                    line["receivedAt"].is_string() && line["secretIndex"].is_u64(),
+                    "{line}"
+                );
+                *counts
+                    .entry(line["event"]["eventId"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Runs `command` to its end; a receiver that starts instead of refusing is killed,
+/// and the test fails rather than hangs.
+pub fn output_within(mut command: Command, timeout: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {timeout:?}: a bad configuration was accepted");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }

@@ -1,0 +1,155 @@
+//! `ReceiverConfig` from a map of variables: defaults, each variable, each error.
+#![allow(clippy::panic)]
+
+use super::*;
+
+const SECRET: &str = "the-current-secret-0123456789";
+
+fn config(vars: &[(&str, &str)]) -> Result<ReceiverConfig, String> {
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    ReceiverConfig::from_lookup(&|name| {
+        vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    })
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn defaults_and_each_variable() {
+    let defaults = config(&[("COMAPI_WEBHOOK_SECRET", SECRET)]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(defaults.addr, SocketAddr::from(([127, 0, 0, 1], 8080)));
+    assert_eq!(defaults.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert!(defaults.worker && defaults.redis.is_none() && defaults.spool.remove_processed);
+    let set = config(&[
+        (
+            "COMAPI_WEBHOOK_SECRET",
+            &format!("{SECRET}, the-previous-secret-0123"),
+        ),
+        ("PORT", "0"),
+        ("BIND", "0.0.0.0"),
+        ("COMAPI_SPOOL_DIR", "/var/spool/comapi"),
+        ("COMAPI_SPOOL_KEEP", "yes"),
+        ("COMAPI_MAX_BODY_BYTES", "1000"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set.addr, SocketAddr::from(([0, 0, 0, 0], 0)));
+    assert_eq!(set.spool.dir, PathBuf::from("/var/spool/comapi"));
+    assert!(!set.spool.remove_processed);
+    assert_eq!(set.max_body_bytes, 1000);
+    assert_eq!(defaults.worker_config.retry, RetryPolicy::default());
+    assert_eq!(defaults.metrics_token, None);
+    let tuned = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_RETRY_ATTEMPTS", "2"),
+        ("COMAPI_RETRY_FIRST_DELAY", "100ms"),
+        ("COMAPI_RETRY_MAX_DELAY", "1s"),
+        ("COMAPI_METRICS_TOKEN", " a-token "),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        tuned.worker_config.retry,
+        RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(1), 2)
+    );
+    assert_eq!(tuned.metrics_token.as_deref(), Some("a-token"));
+    // A first delay over the default longest one raises the longest one with it.
+    let slow = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_RETRY_FIRST_DELAY", "5m"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(slow.worker_config.retry.max_delay, Duration::from_secs(300));
+}
+
+#[test]
+fn each_error_names_the_variable_and_never_the_secret() {
+    let cases: [(&[(&str, &str)], &str); 10] = [
+        (&[], "COMAPI_WEBHOOK_SECRET is required"),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", "short")],
+            "COMAPI_WEBHOOK_SECRET: entry 1 of 1 is 5 bytes; Comapi requires at least 16 bytes",
+        ),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", "the-current-secret-0123456789, ,x")],
+            "COMAPI_WEBHOOK_SECRET: entry 2 of 3 is empty",
+        ),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", SECRET), ("PORT", "http")],
+            "PORT must be a port number",
+        ),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", SECRET), ("BIND", "localhost")],
+            "BIND must be an IP address",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_SPOOL_KEEP", "sometimes"),
+            ],
+            "COMAPI_SPOOL_KEEP must be true or false",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_MAX_BODY_BYTES", "0"),
+            ],
+            "COMAPI_MAX_BODY_BYTES must be a positive number",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_WORKER", "maybe"),
+            ],
+            "COMAPI_WORKER must be true or false",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_RETRY_ATTEMPTS", "0"),
+            ],
+            "COMAPI_RETRY_ATTEMPTS must be a positive number (1: no retry)",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_RETRY_FIRST_DELAY", "10s"),
+                ("COMAPI_RETRY_MAX_DELAY", "1s"),
+            ],
+            "COMAPI_RETRY_MAX_DELAY (1s) must not be shorter than COMAPI_RETRY_FIRST_DELAY (10s)",
+        ),
+    ];
+    for (vars, message) in cases {
+        let error = config(vars).err().unwrap_or_default();
+        assert!(error.starts_with(message), "{vars:?}: {error}");
+        assert!(!error.contains("0123456789"), "{error}");
+    }
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn redis_turns_the_worker_off_unless_asked() {
+    let redis = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_REDIS_URL", "redis://127.0.0.1:6379/"),
+        ("COMAPI_LEASE", "2s"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!redis.worker);
+    let settings = redis.redis.unwrap_or_else(|| panic!("no Redis"));
+    assert_eq!(
+        (settings.key_prefix.as_str(), settings.lease),
+        (DEFAULT_KEY_PREFIX, Duration::from_secs(2))
+    );
+    let error = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_REDIS_URL", "redis://x/"),
+        ("COMAPI_LEASE", "soon"),
+    ]);
+    assert!(
+        error
+            .err()
+            .unwrap_or_default()
+            .starts_with("COMAPI_LEASE must be a duration")
+    );
+}
