@@ -3,7 +3,7 @@
 
 Usage: python3 scripts/bench-ratios.py GROUP
 Reads target/criterion/GROUP/*/*/new/estimates.json written by `cargo bench`.
-For GROUP `verify`: verify / raw SHA-1 and naive / verify, per body size.
+For GROUP `verify`: verify / the bare hmac crate, verify / raw SHA-1 and naive / verify, per body size.
 For other groups every function is shown against the group's first baseline.
 """
 import json
@@ -39,13 +39,16 @@ def main():
     if not times:
         sys.exit(f"no criterion results under target/criterion/{group}: run `cargo bench --bench {group}` first")
     if group == "verify":
-        print(f"{'body':>9} {'verify':>11} {'sha1':>11} {'naive':>11} {'verify/sha1':>12} {'naive/verify':>13}")
+        print(f"{'body':>9} {'verify':>11} {'bare hmac':>11} {'lookup':>9} {'parse':>9} {'naive':>11} "
+              f"{'verify/bare':>12} {'verify/sha1':>12} {'naive/verify':>13}")
         for param in sorted(times, key=sort_key):
             t = times[param]
-            v, s, n = t.get("verify"), t.get("sha1"), t.get("naive")
-            if None in (v, s, n):
+            v, b, s, n = t.get("verify"), t.get("bare"), t.get("sha1"), t.get("naive")
+            if None in (v, b, s, n):
                 continue
-            print(f"{param:>9} {fmt_ns(v):>11} {fmt_ns(s):>11} {fmt_ns(n):>11} {v / s:>11.2f}x {n / v:>12.2f}x")
+            lookup, parse = t.get("lookup", 0), t.get("parse", 0)
+            print(f"{param:>9} {fmt_ns(v):>11} {fmt_ns(b):>11} {fmt_ns(lookup):>9} {fmt_ns(parse):>9} "
+                  f"{fmt_ns(n):>11} {v / b:>11.2f}x {v / s:>11.2f}x {n / v:>12.2f}x")
         return
     for param in sorted(times, key=sort_key):
         t = times[param]
