@@ -38,6 +38,11 @@ elif [ -z "${COMAPI_TEST_REDIS_URL:-}" ]; then
   echo "!!! no redis-server on PATH: the Redis tests will be SKIPPED (apt-get install redis-server)"
 fi
 
+# The tests' folders go in a temp folder of this run's own, which must be empty
+# at the end: every test removes what it made, a failing one too.
+test_tmp=$(mktemp -d)
+export TMPDIR=$test_tmp
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -68,5 +73,12 @@ done
 
 step "cargo bench --no-run"
 cargo bench --all-features --no-run
+
+step "no folder left in the temp folder"
+left=$(find "$test_tmp" -mindepth 1 -maxdepth 1 | head -20)
+if [ -n "$left" ]; then
+  echo "the tests left these behind:"; echo "$left"; exit 1
+fi
+rmdir "$test_tmp"
 
 step "all checks passed in $(( $(date +%s) - started )) s"

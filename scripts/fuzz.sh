@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 seconds=${1:-30}
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 1; }
 export RUSTC_BOOTSTRAP=1
+# The receive target's spool goes in a folder of this run's own, removed at the end.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR=$scratch
 
 for target in ${TARGETS:-signature_header verify parse_events receive}; do
   corpus=fuzz/corpus/$target
@@ -21,7 +25,7 @@ for target in ${TARGETS:-signature_header verify parse_events receive}; do
       while read -r sig; do printf '%s' "$sig" > "$corpus/vector-$sig"; done
   fi
   echo "==> fuzzing $target for ${seconds}s"
-  log=$(mktemp)
+  log=$(mktemp -p "$scratch")
   if ! cargo fuzz run "$target" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 \
       -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
     tail -60 "$log"

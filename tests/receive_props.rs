@@ -6,23 +6,16 @@
 
 mod support;
 
-use std::sync::LazyLock;
-
 use comapi_webhook::signature::Signature;
 use comapi_webhook::store::spool::{Spool, SpoolConfig};
 use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use support::{runtime, temp_dir};
 
 const SECRET: &str = "the-current-secret-0123456789";
 const PREVIOUS: &str = "the-previous-secret-0123456789";
-
-static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(runtime);
-static INBOX: LazyLock<Inbox> = LazyLock::new(|| {
-    let (spool, _) = Spool::open(&SpoolConfig::new(temp_dir("receive-props"))).unwrap();
-    Inbox::new(Verifier::with_secrets([SECRET, PREVIOUS]).unwrap(), spool).with_max_body_bytes(4096)
-});
 
 fn body() -> impl Strategy<Value = Vec<u8>> {
     let event = r#"{"eventId":"e-1","name":"message.sent","payload":{"id":"m"},"revision":1}"#;
@@ -59,31 +52,59 @@ fn headers() -> impl Strategy<Value = Vec<(String, Value)>> {
     proptest::collection::vec((name, value), 0..4)
 }
 
-proptest! {
-    #[test]
-    fn the_receive_step_answers_sensibly(headers in headers(), body in body()) {
+#[test]
+fn the_receive_step_answers_sensibly() {
+    let dir = temp_dir("receive-props");
+    let rt = runtime();
+    let (spool, _) = Spool::open(&SpoolConfig::new(dir.to_path_buf())).unwrap();
+    let inbox = Inbox::new(Verifier::with_secrets([SECRET, PREVIOUS]).unwrap(), spool)
+        .with_max_body_bytes(4096);
+    let mut runner = TestRunner::new(ProptestConfig::default());
+    let outcome = runner.run(&(headers(), body()), |(headers, body)| {
         let secrets = [SECRET, PREVIOUS, "a-wrong-secret-0123456789"];
         let mut map = HeaderMap::new();
         for (name, value) in &headers {
             let bytes = match value {
-                Value::Right(i) => Verifier::new(secrets[*i]).unwrap().sign(&body).to_string().into_bytes(),
-                Value::Upper => Verifier::new(SECRET).unwrap().sign(&body).to_string().to_uppercase().into_bytes(),
+                Value::Right(i) => Verifier::new(secrets[*i])
+                    .unwrap()
+                    .sign(&body)
+                    .to_string()
+                    .into_bytes(),
+                Value::Upper => Verifier::new(SECRET)
+                    .unwrap()
+                    .sign(&body)
+                    .to_string()
+                    .to_uppercase()
+                    .into_bytes(),
                 Value::Junk(bytes) => bytes.clone(),
             };
-            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(&bytes)) {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(&bytes),
+            ) {
                 map.append(name, value);
             }
         }
-        let reply = RUNTIME.block_on(INBOX.receive(&map, &body));
+        let reply = rt.block_on(inbox.receive(&map, &body));
         let status = reply.status().as_u16();
-        prop_assert!(matches!(status, 200 | 400 | 401 | 413 | 503), "status {}", status);
+        prop_assert!(
+            matches!(status, 200 | 400 | 401 | 413 | 503),
+            "status {}",
+            status
+        );
         if status == 200 {
             let values: Vec<&HeaderValue> = map.get_all(SIGNATURE_HEADER).iter().collect();
             prop_assert_eq!(values.len(), 1);
             let signature = Signature::parse(values[0].as_bytes()).unwrap();
-            let valid = [SECRET, PREVIOUS].iter().any(|s| Verifier::new(s).unwrap().sign(&body) == signature);
+            let valid = [SECRET, PREVIOUS]
+                .iter()
+                .any(|s| Verifier::new(s).unwrap().sign(&body) == signature);
             prop_assert!(valid, "200 without a valid signature");
         }
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
     }
 }
 
@@ -93,13 +114,15 @@ proptest! {
 fn a_body_that_is_not_utf8_is_refused_single_or_batch() {
     let event = b"{\"eventId\":\"e-1\",\"name\":\"message.sent\",\"payload\":{\"id\":\"m\",\"note\":\"\xff\"},\"revision\":1}";
     let batch = [&b"["[..], event, b"]"].concat();
-    let (spool, _) = Spool::open(&SpoolConfig::new(temp_dir("not-utf8"))).unwrap();
+    let dir = temp_dir("not-utf8");
+    let (spool, _) = Spool::open(&SpoolConfig::new(dir.to_path_buf())).unwrap();
     let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), spool);
+    let rt = runtime();
     for body in [event.to_vec(), batch] {
         let mut headers = HeaderMap::new();
         let signature = Verifier::new(SECRET).unwrap().sign(&body).to_string();
         headers.insert(SIGNATURE_HEADER, HeaderValue::from_str(&signature).unwrap());
-        let reply = RUNTIME.block_on(inbox.receive(&headers, &body));
+        let reply = rt.block_on(inbox.receive(&headers, &body));
         assert_eq!(reply.status().as_u16(), 400, "{}", reply.body());
         assert!(
             reply.body().contains("UTF-8") || reply.body().contains("unicode"),

@@ -44,12 +44,14 @@ async fn read_all(spool: &Spool) -> Vec<String> {
 
 #[test]
 fn concurrent_appends_share_syncs_and_all_land() {
-    concurrent_appends_all_land(SpoolConfig::new(temp_dir("group")));
+    let dir = temp_dir("group");
+    concurrent_appends_all_land(SpoolConfig::new(dir.to_path_buf()));
 }
 
 #[test]
 fn without_a_group_linger_concurrent_appends_all_land_too() {
-    let config = SpoolConfig::new(temp_dir("group-no-linger")).with_group_linger(Duration::ZERO);
+    let dir = temp_dir("group-no-linger");
+    let config = SpoolConfig::new(dir.to_path_buf()).with_group_linger(Duration::ZERO);
     assert_eq!(config.group_linger, Duration::ZERO);
     concurrent_appends_all_land(config);
 }

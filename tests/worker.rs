@@ -403,7 +403,9 @@ fn a_supervised_worker_resumes_after_a_failure_and_drains_on_shutdown() {
         let worker = Worker::spawn(spool.clone(), Gate::in_memory(), handler, quick(3)).unwrap();
         spool.append(line("w-1"), 1).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while log().matches("worker failed; resuming").count() < 2 {
+        // Failing again and again (the run reads, then cannot acknowledge): one
+        // line, not one a run, and no "running again" in between.
+        while log().matches("worker failed; retrying").count() < 1 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no failure and resumption:\n{}",
@@ -412,12 +414,28 @@ fn a_supervised_worker_resumes_after_a_failure_and_drains_on_shutdown() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(log().contains("cannot write the offset file"), "{}", log());
+        tokio::time::sleep(Duration::from_millis(3500)).await; // runs at 1 s and 3 s
+        assert_eq!(
+            log().matches("worker failed; retrying").count(),
+            1,
+            "{}",
+            log()
+        );
+        assert!(!log().contains("worker running again"), "{}", log());
         std::fs::remove_dir(&blocker).unwrap();
         spool.append(line("w-2"), 1).await.unwrap();
         while !dir.join("offset").exists() || !seen.lock().unwrap().contains(&"w-2".to_owned()) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the worker did not carry on:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while !log().contains("worker running again") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no recovery line:\n{}",
                 log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

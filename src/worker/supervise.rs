@@ -260,9 +260,22 @@ async fn supervise<T: Sources, S: DecisionStore, H: EventHandler>(
 #[derive(Debug, Default)]
 pub(super) struct Health {
     down: AtomicBool,
-    /// Since when, how many runs failed, the last error, the next wait.
-    failing: Mutex<Option<(Instant, u32, String, Duration)>>,
+    failing: Mutex<Option<Failing>>,
 }
+
+#[derive(Debug)]
+struct Failing {
+    since: Instant,
+    runs: u32,
+    last: String,
+    wait: Duration,
+    /// When the current run first got a batch from its source.
+    read_at: Option<Instant>,
+}
+
+/// A run that keeps reading this long after its first batch runs again: one that
+/// reads and then fails to acknowledge (a full disk) is still down.
+const UP_AFTER: Duration = Duration::from_secs(1);
 
 impl Health {
     /// A run failed: logs it if it is news, and returns how long to wait.
@@ -270,36 +283,51 @@ impl Health {
         let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
         self.down.store(true, Ordering::Release);
         match &mut *failing {
-            Some((_, runs, last, wait)) => {
-                *runs += 1;
-                *wait = (*wait * 2).min(RESTART_AT_MOST_AFTER);
-                if *last == error {
-                    tracing::debug!(%error, retry_in = ?*wait, "worker failed again");
+            Some(failing) => {
+                failing.runs += 1;
+                failing.wait = (failing.wait * 2).min(RESTART_AT_MOST_AFTER);
+                failing.read_at = None;
+                if failing.last == error {
+                    tracing::debug!(%error, retry_in = ?failing.wait, "worker failed again");
                 } else {
-                    tracing::error!(%error, retry_in = ?*wait, "worker failed; retrying");
-                    *last = error;
+                    tracing::error!(%error, retry_in = ?failing.wait, "worker failed; retrying");
+                    failing.last = error;
                 }
-                *wait
+                failing.wait
             }
             None => {
                 tracing::error!(%error, retry_in = ?RESTART_AFTER, "worker failed; retrying");
-                *failing = Some((Instant::now(), 1, error, RESTART_AFTER));
+                *failing = Some(Failing {
+                    since: Instant::now(),
+                    runs: 1,
+                    last: error,
+                    wait: RESTART_AFTER,
+                    read_at: None,
+                });
                 RESTART_AFTER
             }
         }
     }
 
-    /// A run made progress (the source handed out a batch): logs the recovery.
+    /// The source handed out a batch: after a failure, the worker runs again once
+    /// it keeps reading for [`UP_AFTER`]; that is logged once.
     pub(super) fn up(&self) {
-        if self.down.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel) {
-            let failing = self
-                .failing
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some((since, runs, _, _)) = failing {
-                tracing::info!(down_for = ?since.elapsed(), failed_runs = runs, "worker running again");
-            }
+        if !self.down.load(Ordering::Acquire) {
+            return;
+        }
+        let mut guard = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(failing) = guard.as_mut() else {
+            return;
+        };
+        let read_at = *failing.read_at.get_or_insert_with(Instant::now);
+        if read_at.elapsed() >= UP_AFTER {
+            tracing::info!(
+                down_for = ?failing.since.elapsed(),
+                failed_runs = failing.runs,
+                "worker running again"
+            );
+            *guard = None;
+            self.down.store(false, Ordering::Release);
         }
     }
 }

@@ -98,8 +98,10 @@ pub fn recorder(
     }
 }
 
-/// A fresh folder under the OS temp folder; the caller removes it.
-pub fn temp_dir(label: &str) -> std::path::PathBuf {
+/// A fresh folder under the OS temp folder, removed with what it holds when the
+/// guard is dropped, a failing test's too (its panic unwinds through the drop).
+/// Derefs to its path.
+pub fn temp_dir(label: &str) -> TempDir {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -109,7 +111,37 @@ pub fn temp_dir(label: &str) -> std::path::PathBuf {
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
+}
+
+/// See [`temp_dir`].
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::PathBuf;
+
+    fn deref(&self) -> &std::path::PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A two-thread runtime, like the receivers' on this two-core machine.

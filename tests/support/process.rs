@@ -225,7 +225,7 @@ pub async fn post_signed(
 pub struct OwnRedis {
     child: Option<Child>,
     port: u16,
-    dir: std::path::PathBuf,
+    dir: super::support::TempDir,
 }
 
 impl OwnRedis {
@@ -297,8 +297,7 @@ impl OwnRedis {
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.kill(); // then the folder goes
     }
 }
 
