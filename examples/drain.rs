@@ -17,7 +17,7 @@
 //! COMAPI_WEBHOOK_SECRET=… COMAPI_SPOOL_DIR=… cargo run --release --features receiver,redis --example drain -- work 20000
 //! ```
 
-#[path = "common/mod.rs"]
+#[path = "../src/bin/common/mod.rs"]
 mod common;
 
 use std::process::ExitCode;

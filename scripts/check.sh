@@ -49,8 +49,8 @@ cargo fmt --all -- --check
 # Every feature set a user can pick: none (the defaults: verifier, events, in-memory
 # gate), each feature on its own, and all of them. Each is linted warning-free and
 # tested; the docs are built for the smallest and the largest.
-feature_sets=("--no-default-features" "" "--features receiver" "--features redis"
-  "--features actix" "--features axum" "--all-features")
+feature_sets=("--no-default-features" "" "--features receiver" "--features binaries"
+  "--features redis" "--features actix" "--features axum" "--all-features")
 for features in "${feature_sets[@]}"; do
   step "cargo clippy --all-targets ${features:-(default features)} -- -D warnings"
   # shellcheck disable=SC2086 # the feature flags are separate words

@@ -25,7 +25,7 @@ SECRET=drain-benchmark-secret-0123456789
 export COMAPI_WEBHOOK_SECRET=$SECRET RUST_LOG=warn
 
 command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
-cargo build --release --features receiver,redis,actix --examples --quiet
+cargo build --release --features binaries,redis,actix --bins --examples --quiet
 bin=target/release/examples
 
 work=$(mktemp -d)
@@ -49,7 +49,7 @@ redis_url="redis://127.0.0.1:$redis_port/"
 # by the environment; prints the ingest rate (events/s).
 fill() {
   rm -f "$work/receiver.out"
-  COMAPI_WORKER=false PORT=0 "$bin/hyper_receiver" >"$work/receiver.out" 2>"$work/receiver.err" &
+  COMAPI_WORKER=false PORT=0 target/release/hyper_receiver >"$work/receiver.out" 2>"$work/receiver.err" &
   local pid=$!
   pids+=("$pid")
   local url=

@@ -37,7 +37,7 @@ SECRET=load-test-secret-0123456789abcdef
 BODY=tests/fixtures/events/message_sent_sms.json
 
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-cargo build --release --all-features --examples --quiet
+cargo build --release --all-features --bins --examples --quiet
 
 work=$(mktemp -d)
 pids=()
@@ -52,8 +52,10 @@ trap cleanup EXIT
 # The targets in the order they take turns, and the binary each runs.
 targets=(http_ceiling verify_parse_only hyper_receiver actix_receiver)
 declare -A binary mode
-for name in "${targets[@]}"; do binary[$name]="target/release/examples/$name"; done
+binary[http_ceiling]=target/release/examples/http_ceiling
 binary[verify_parse_only]=target/release/examples/http_ceiling
+binary[hyper_receiver]=target/release/hyper_receiver
+binary[actix_receiver]=target/release/actix_receiver
 mode[verify_parse_only]=verify
 redis_pid=
 if command -v redis-server >/dev/null; then
@@ -64,7 +66,7 @@ if command -v redis-server >/dev/null; then
   redis_pid=$!
   for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
   targets+=(hyper_redis)
-  binary[hyper_redis]=target/release/examples/hyper_receiver
+  binary[hyper_redis]=target/release/hyper_receiver
 else
   echo "no redis-server on PATH: hyper_redis is left out (apt-get install redis-server)"
 fi
@@ -72,10 +74,12 @@ if [ -n "$BASELINE" ]; then
   rev=$(git rev-parse --short "$BASELINE^{commit}")
   git worktree add --quiet --detach "$work/baseline" "$rev"
   echo "building the receivers at $rev for the baseline"
-  (cd "$work/baseline" && cargo build --release --all-features --examples --quiet --target-dir "$work/baseline-target")
+  (cd "$work/baseline" && cargo build --release --all-features --bins --examples --quiet --target-dir "$work/baseline-target")
   for name in hyper_receiver actix_receiver; do
     targets+=("$name@$rev")
-    binary[$name@$rev]="$work/baseline-target/release/examples/$name"
+    # Bins since the feature `binaries`; examples before.
+    binary[$name@$rev]="$work/baseline-target/release/$name"
+    [ -x "${binary[$name@$rev]}" ] || binary[$name@$rev]="$work/baseline-target/release/examples/$name"
   done
 fi
 

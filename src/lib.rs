@@ -1,3 +1,7 @@
+// On docs.rs the README's links to files of the repository go to the package's
+// source there: a link's first definition wins, and these come before the README's.
+#![doc = "[examples]: https://docs.rs/crate/comapi-webhook/latest/source/examples/README.md"]
+#![doc = "[axum-example]: https://docs.rs/crate/comapi-webhook/latest/source/examples/axum_receiver.rs"]
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -23,6 +27,11 @@ pub mod store;
 mod timestamp;
 #[cfg(feature = "receiver")]
 pub mod worker;
+
+/// The `http` crate (1.x) whose types this crate's API takes and gives
+/// (`HeaderMap`, `StatusCode`, `Response`): use it as `comapi_webhook::http` rather
+/// than adding `http = "1"` yourself.
+pub use http;
 
 pub use error::Error;
 pub use event::{Event, EventKind};

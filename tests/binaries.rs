@@ -147,6 +147,9 @@ fn every_binary_prints_its_usage_on_help_and_exits_0() {
     if cfg!(feature = "redis") {
         binaries.extend(["worker", "drain"]);
     }
+    if cfg!(feature = "axum") {
+        binaries.push("axum_receiver");
+    }
     for name in binaries {
         let mut command = Command::new(example_binary(name));
         command.arg("--help").env("COMAPI_WEBHOOK_SECRET", SECRET);
@@ -240,4 +243,108 @@ fn a_metrics_token_protects_the_metrics_of_both_receivers() {
     assert_eq!(log.matches("set COMAPI_METRICS_TOKEN").count(), 1, "{log}");
     drop(receiver);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The axum example serves what the README's snippet builds: `send_event` gets a
+/// 200, and the event is processed.
+#[cfg(feature = "axum")]
+#[test]
+fn the_axum_example_serves_and_processes_what_send_event_sends() {
+    let dir = temp_dir("axum");
+    let mut command = Command::new(example_binary("axum_receiver"));
+    command.env("COMAPI_SPOOL_DIR", &dir);
+    let receiver = Receiver::start_command("axum_receiver", command, SECRET);
+    let sent = Command::new(example_binary("send_event"))
+        .args(["--url", &format!("{}/", receiver.url), "--secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(String::from_utf8_lossy(&sent.stdout).starts_with("200"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.processed().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "not processed:\n{}",
+            receiver.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    runtime().block_on(async {
+        let (status, _, body) = get_metrics(&receiver.url, None).await;
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("comapi_webhook_events_stored_total 1"),
+            "{body}"
+        );
+    });
+}
+
+/// The dead letter in seconds, with no code edit: `DEMO_FAIL` fails the sample,
+/// the retry variables make three quick attempts, `requeue` brings it back and the
+/// receiver, restarted without the switch, processes it.
+#[test]
+fn the_dead_letter_demo_takes_seconds_and_the_requeue_brings_it_back() {
+    let dir = temp_dir("dead-letter-demo");
+    let start = |demo: bool| {
+        let mut command = Command::new(example_binary("hyper_receiver"));
+        command
+            .env("COMAPI_SPOOL_DIR", &dir)
+            .env("COMAPI_RETRY_ATTEMPTS", "3")
+            .env("COMAPI_RETRY_FIRST_DELAY", "100ms");
+        if demo {
+            command.env("DEMO_FAIL", "message.sent");
+        }
+        Receiver::start_command("hyper_receiver", command, SECRET)
+    };
+    let mut receiver = start(true);
+    let sent = Command::new(example_binary("send_event"))
+        .args(["--url", &format!("{}/", receiver.url), "--secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&sent.stdout).starts_with("200"),
+        "{sent:?}"
+    );
+    let sent_at = Instant::now();
+    while !receiver
+        .log
+        .lock()
+        .unwrap()
+        .contains("kept in the dead letter")
+    {
+        assert!(
+            sent_at.elapsed() < Duration::from_secs(10),
+            "not dead-lettered:\n{}",
+            receiver.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("dead-lettered {:?} after the 200", sent_at.elapsed());
+    let log = receiver.log.lock().unwrap().clone();
+    assert_eq!(
+        log.matches("processing failed; retrying").count(),
+        2,
+        "{log}"
+    );
+    let dead = std::fs::read_to_string(dir.join("dead-letter.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(dead.contains("DEMO_FAIL=message.sent"), "{dead}");
+    receiver.signal("-TERM");
+    assert!(receiver.wait(Duration::from_secs(30)).success());
+
+    let requeued = Command::new(example_binary("requeue"))
+        .env("COMAPI_SPOOL_DIR", &*dir)
+        .output()
+        .unwrap();
+    assert!(requeued.status.success(), "{requeued:?}");
+    let receiver = start(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.processed().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the requeued event was not processed:\n{}",
+            receiver.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

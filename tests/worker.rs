@@ -310,6 +310,7 @@ fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
 
 /// The dead letter as the worker writes it, and the `requeue` example binary
 /// bringing it back into the spool.
+#[cfg(feature = "binaries")]
 #[test]
 fn the_requeue_command_brings_dead_letters_back() {
     let dir = temp_dir("worker-requeue-cmd");

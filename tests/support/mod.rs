@@ -74,15 +74,21 @@ pub fn event(
     parse_unverified(&body).unwrap().pop().unwrap().into_owned()
 }
 
-/// The built example binary `name`: `cargo test` builds the examples beside the
-/// test binaries (target/<profile>/deps/<test>-<hash> -> target/<profile>/examples).
+/// The built binary `name`, a bin or an example: `cargo test` builds both beside
+/// the test binaries (target/<profile>/deps/<test>-<hash> -> target/<profile>/ and
+/// target/<profile>/examples).
 pub fn example_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
+    // The reference binaries are bins (feature `binaries`), the benchmark tools examples.
+    let bin = profile_dir.join(name);
+    if bin.exists() {
+        return bin;
+    }
     let path = profile_dir.join("examples").join(name);
     assert!(
         path.exists(),
-        "{} is missing: `cargo test` builds the examples",
+        "{} is missing: `cargo test` builds the bins and the examples",
         path.display()
     );
     path

@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! COMAPI_REDIS_URL=redis://127.0.0.1:6379/ METRICS_PORT=9090 \
-//!   cargo run --release --features receiver,redis --example worker
+//!   cargo run --release --features binaries,redis --bin worker
 //! ```
 
 #[path = "common/mod.rs"]

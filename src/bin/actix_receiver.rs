@@ -1,6 +1,6 @@
 //! The reference receiver on actix-web 4, behaving exactly like `hyper_receiver`:
 //! `GET /` a status page, `POST /` the receive step, `GET /metrics` the metrics.
-//! `COMAPI_WEBHOOK_SECRET=… cargo run --release --features receiver,actix --example actix_receiver`
+//! `COMAPI_WEBHOOK_SECRET=… cargo run --release --features binaries,actix --bin actix_receiver`
 
 #[path = "common/mod.rs"]
 mod common;

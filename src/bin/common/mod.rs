@@ -12,9 +12,22 @@ use comapi_webhook::worker::HandlerError;
 /// the dead letter. Delivery is at least once: make it idempotent.
 pub(crate) async fn process(event: Event<'static>) -> Result<(), HandlerError> {
     // ============  PLUG IN YOUR OWN PROCESSING HERE: a database update, …  ============
+    if DEMO_FAIL.as_deref() == Some(event.name()) {
+        return Err(format!(
+            "DEMO_FAIL={}: this demo fails every such event",
+            event.name()
+        )
+        .into());
+    }
     tracing::info!(event_id = %event.event_id(), name = %event.name(), revision = ?event.revision(), decision = "fresh", "event processed");
     Ok(())
 }
+
+/// `DEMO_FAIL=<event name>` (for example `message.sent`): a demo switch that makes
+/// [`process`] fail every event of that name, to watch the retries and the dead
+/// letter without editing code. Unset by default.
+pub(crate) static DEMO_FAIL: std::sync::LazyLock<Option<String>> =
+    std::sync::LazyLock::new(|| std::env::var("DEMO_FAIL").ok().filter(|n| !n.is_empty()));
 
 /// Logs through `tracing` to standard error, filtered by `RUST_LOG` (default `info`).
 pub(crate) fn init_logging() {
@@ -41,13 +54,18 @@ pub(crate) fn exit(error: &dyn std::fmt::Display, code: i32) -> ! {
     std::process::exit(code)
 }
 
+/// The demo switch's line of `--help`.
+const DEMO_HELP: &str =
+    "  DEMO_FAIL                 fail every event of this name (message.sent, say), to
+                            watch the retries and the dead letter (default: unset)";
+
 /// With `--help` (or `-h`): prints `about`, then the settings, and exits 0. Any
 /// other argument: says so and exits 2; the settings come from the environment.
 pub(crate) fn help_if_asked(about: &str, settings: &str) {
     let Some(arg) = std::env::args().nth(1) else {
         return;
     };
-    let usage = format!("{about}\n\nSettings, from the environment:\n{settings}");
+    let usage = format!("{about}\n\nSettings, from the environment:\n{settings}\n{DEMO_HELP}");
     if arg == "--help" || arg == "-h" {
         println!("{usage}");
         std::process::exit(0);

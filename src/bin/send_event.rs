@@ -2,7 +2,7 @@
 //! without the Comapi portal.
 //!
 //! ```sh
-//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --release --features receiver --example send_event -- [--url URL] [--file EVENT.json] [--as-is] [--curl]
+//! COMAPI_WEBHOOK_SECRET=your-secret cargo run --release --features binaries --bin send_event -- [--url URL] [--file EVENT.json] [--as-is] [--curl]
 //! ```
 //!
 //! Without `--file` it sends Comapi's documented `message.sent` example as a new
@@ -21,7 +21,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const SAMPLE: &str = include_str!("../tests/fixtures/events/message_sent_sms.json");
+const SAMPLE: &str = include_str!("../../tests/fixtures/events/message_sent_sms.json");
 const USAGE: &str =
     "usage: send_event [--url URL] [--secret SECRET] [--file EVENT.json] [--as-is] [--curl]
   --url     where to POST (default http://127.0.0.1:8080/)

@@ -3,11 +3,11 @@
 //! first: a spool has one writer at a time; its next start processes them):
 //!
 //! ```sh
-//! COMAPI_SPOOL_DIR=/var/lib/comapi-spool cargo run --release --features receiver --example requeue
+//! COMAPI_SPOOL_DIR=/var/lib/comapi-spool cargo run --release --features binaries --bin requeue
 //! ```
 //!
 //! On Redis (the running workers pick them up):
-//! `COMAPI_REDIS_URL=redis://… cargo run --release --features receiver,redis --example requeue`.
+//! `COMAPI_REDIS_URL=redis://… cargo run --release --features binaries,redis --bin requeue`.
 
 use std::process::ExitCode;
 

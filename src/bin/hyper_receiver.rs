@@ -1,6 +1,6 @@
 //! The reference receiver on hyper 1.x: `GET /` a status page, `POST /` the receive
 //! step, `GET /metrics` the metrics; settings from the environment (see
-//! `ReceiverConfig`). `COMAPI_WEBHOOK_SECRET=… cargo run --release --features receiver --example hyper_receiver`
+//! `ReceiverConfig`). `COMAPI_WEBHOOK_SECRET=… cargo run --release --features binaries --bin hyper_receiver`
 
 #[path = "common/mod.rs"]
 mod common;
