@@ -278,19 +278,19 @@ fn negative_cases_say_where() {
         (
             "not_json.txt",
             "$",
-            "expected an event object or an array of events",
+            "the body is not JSON (expected ident at line 1 column 2): expected an event object or an array of events",
         ),
         ("not_an_envelope.json", "$", "missing field `eventId`"),
         ("missing_event_id.json", "$", "missing field `eventId`"),
         (
             "bare_string.json",
             "$",
-            "expected an event object or an array of events",
+            "expected an event object or an array of events, not a string",
         ),
         (
             "number.json",
             "$",
-            "expected an event object or an array of events",
+            "expected an event object or an array of events, not a number",
         ),
         (
             "nested_10000.json",
@@ -408,7 +408,16 @@ fn lenient_envelope_fields() {
 #[test]
 fn more_malformed_envelopes() {
     let cases: &[(&[u8], &str, &str)] = &[
-        (b"", "$", "expected an event object or an array of events"),
+        (
+            b"",
+            "$",
+            "the body is empty: expected an event object or an array of events",
+        ),
+        (
+            b"null",
+            "$",
+            "expected an event object or an array of events, not null",
+        ),
         (b"{", "$", "EOF while parsing an object"),
         (
             br#"{"eventId":1,"name":"x","payload":{}}"#,

@@ -15,10 +15,10 @@ pub(crate) fn parse_events(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
     let batch = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => true,
         Some(b'{') => false,
-        _ => {
+        first => {
             return Err(Error::InvalidEvent {
                 path: "$".to_owned(),
-                message: "expected an event object or an array of events".to_owned(),
+                message: not_an_event(body, first),
             });
         }
     };
@@ -28,6 +28,25 @@ pub(crate) fn parse_events(body: &[u8]) -> Result<Vec<Event<'_>>, Error> {
         from_body::<Event<'_>>(body).map(|event| vec![event])
     };
     parsed.map_err(|error| locate_error(body, batch, &error))
+}
+
+/// Why a body that starts with neither `{` nor `[` is not an event: empty, not
+/// JSON at all, or JSON of another kind.
+fn not_an_event(body: &[u8], first: Option<&u8>) -> String {
+    const EXPECTED: &str = "expected an event object or an array of events";
+    let Some(first) = first else {
+        return format!("the body is empty: {EXPECTED}");
+    };
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return format!("the body is not JSON ({error}): {EXPECTED}");
+    }
+    let kind = match first {
+        b'"' => "a string",
+        b't' | b'f' => "a boolean",
+        b'n' => "null",
+        _ => "a number",
+    };
+    format!("{EXPECTED}, not {kind}")
 }
 
 /// Parses a body that is UTF-8 as text, which is faster (serde_json then checks no
