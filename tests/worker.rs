@@ -15,7 +15,7 @@ use comapi_webhook::metrics::Metrics;
 use comapi_webhook::store::spool::{DEAD_LETTER_FILE, Spool, SpoolConfig, requeue_dead_letters};
 use comapi_webhook::worker::{EventHandler, HandlerError, RetryPolicy, run_worker};
 use comapi_webhook::{Decision, Event, Gate, Worker};
-use support::{example_binary, runtime, spool_line, temp_dir};
+use support::{runtime, spool_line, temp_dir};
 
 fn line(id: &str) -> Vec<u8> {
     spool_line(&format!(
@@ -323,7 +323,7 @@ fn the_requeue_command_brings_dead_letters_back() {
     assert_eq!(entry["record"]["event"]["eventId"], "q-1");
     assert!(entry["deadAt"].as_str().is_some_and(|t| t.ends_with('Z')));
 
-    let requeue = example_binary("requeue");
+    let requeue = support::example_binary("requeue");
     let output = std::process::Command::new(&requeue)
         .env("COMAPI_SPOOL_DIR", &dir)
         .output()
