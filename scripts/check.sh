@@ -8,13 +8,21 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 started=$(date +%s)
 
+# What to stop on exit, in order; never failing (under `set -e` a failing trap
+# would fail the run).
+cleanups=()
+cleanup() { for c in "${cleanups[@]}"; do "$c" || true; done; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 # A throwaway Redis for the gate and stream tests: loopback, a free port, durable as
 # production must be (AOF, fsynced before every reply), stopped on exit. Skipped when COMAPI_TEST_REDIS_URL is already set; without a
 # redis-server binary the Redis tests say loudly that they were skipped (and fail
 # under CI=true).
 if [ -z "${COMAPI_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1; then
   redis_dir=$(mktemp -d)
-  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis_port=$(free_port)
   redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly yes --appendfsync always \
     --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log" --dir "$redis_dir"
   # Waits for redis-server to exit before removing its folder (it writes its log on
@@ -27,7 +35,7 @@ if [ -z "${COMAPI_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&
     fi
     rm -rf "$redis_dir" 2>/dev/null || true
   }
-  trap stop_redis EXIT
+  cleanups+=(stop_redis)
   for _ in $(seq 50); do
     redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
     sleep 0.1
@@ -36,6 +44,43 @@ if [ -z "${COMAPI_TEST_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&
   echo "redis-server for the tests on 127.0.0.1:$redis_port"
 elif [ -z "${COMAPI_TEST_REDIS_URL:-}" ]; then
   echo "!!! no redis-server on PATH: the Redis tests will be SKIPPED (apt-get install redis-server)"
+fi
+
+
+# A throwaway RabbitMQ node for the RabbitMQ tests: Debian's rabbitmq-server without a
+# service manager (its own HOME and cookie, free loopback ports, folders in a temp
+# folder), stopped with its epmd on exit. Skipped when COMAPI_TEST_AMQP_URL is set;
+# without rabbitmq-server the RabbitMQ tests say they were skipped (and fail under CI=true).
+if [ -z "${COMAPI_TEST_AMQP_URL:-}" ] && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  rabbit_dir=$(mktemp -d)
+  rabbit_port=$(free_port)
+  rabbit_epmd=$(free_port)
+  printf 'CHECK%s' "$$" > "$rabbit_dir/.erlang.cookie"
+  chmod 400 "$rabbit_dir/.erlang.cookie"
+  echo '[].' > "$rabbit_dir/enabled_plugins"
+  echo 'log.console = false' > "$rabbit_dir/rabbitmq.conf"
+  HOME=$rabbit_dir RABBITMQ_NODENAME="check$rabbit_port@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT=$rabbit_port RABBITMQ_DIST_PORT=$(free_port) ERL_EPMD_PORT=$rabbit_epmd \
+    ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$rabbit_dir/mnesia" RABBITMQ_LOG_BASE="$rabbit_dir/log" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$rabbit_dir/enabled_plugins" RABBITMQ_CONFIG_FILE="$rabbit_dir/rabbitmq.conf" \
+    setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$rabbit_dir/server.out" 2>&1 &
+  rabbit_pid=$!
+  stop_rabbit() {
+    kill -TERM -- "-$rabbit_pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$rabbit_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$rabbit_pid" 2>/dev/null || true
+    epmd -port "$rabbit_epmd" -kill >/dev/null 2>&1 || true
+    rm -rf "$rabbit_dir" 2>/dev/null || true
+  }
+  cleanups+=(stop_rabbit)
+  for _ in $(seq 600); do
+    python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$rabbit_port),1); s.sendall(b'AMQP\x00\x00\x09\x01'); sys.exit(0 if s.recv(1)==b'\x01' else 1)" 2>/dev/null && break
+    sleep 0.2
+  done
+  export COMAPI_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$rabbit_port/%2f"
+  echo "rabbitmq-server for the tests on 127.0.0.1:$rabbit_port"
+elif [ -z "${COMAPI_TEST_AMQP_URL:-}" ]; then
+  echo "!!! no rabbitmq-server: the RabbitMQ tests will be SKIPPED (apt-get install rabbitmq-server)"
 fi
 
 # The tests' folders go in a temp folder of this run's own, which must be empty
@@ -50,7 +95,7 @@ cargo fmt --all -- --check
 # gate), each feature on its own, and all of them. Each is linted warning-free and
 # tested; the docs are built for the smallest and the largest.
 feature_sets=("--no-default-features" "" "--features receiver" "--features binaries"
-  "--features redis" "--features actix" "--features axum" "--all-features")
+  "--features redis" "--features rabbitmq" "--features actix" "--features axum" "--all-features")
 for features in "${feature_sets[@]}"; do
   step "cargo clippy --all-targets ${features:-(default features)} -- -D warnings"
   # shellcheck disable=SC2086 # the feature flags are separate words

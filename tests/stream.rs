@@ -18,35 +18,11 @@ use comapi_webhook::store::redis_stream::{
 };
 use comapi_webhook::store::{Delivery, EventSource, EventStore};
 use comapi_webhook::worker::{RetryPolicy, run_worker};
-use comapi_webhook::{Event, Inbox, SIGNATURE_HEADER, Verifier};
-use support::{recorder, redis_connection, redis_url, runtime, unique_prefix};
-
-const SECRET: &str = "a-comapi-webhook-secret-of-36-chars!";
+use comapi_webhook::{Event, Inbox, Verifier};
+use support::{SECRET, post, recorder, redis_connection, redis_url, runtime, unique_prefix};
 
 fn config(prefix: &str) -> RedisStreamConfig {
     RedisStreamConfig::default().with_key_prefix(prefix)
-}
-
-fn body(ids: &[&str]) -> Vec<u8> {
-    let events: Vec<serde_json::Value> = ids
-        .iter()
-        .map(|id| {
-            serde_json::json!({"eventId": id, "name": "message.sent", "payload": {"id": format!("m-{id}")},
-                "timestamp": support::now_rfc3339()})
-        })
-        .collect();
-    serde_json::to_vec(&events).unwrap()
-}
-
-async fn post(inbox: &Inbox<RedisStream>, ids: &[&str]) -> u16 {
-    let body = body(ids);
-    let verifier = Verifier::new(SECRET).unwrap();
-    let mut headers = http::HeaderMap::new();
-    headers.insert(
-        SIGNATURE_HEADER,
-        verifier.sign(&body).to_string().parse().unwrap(),
-    );
-    inbox.receive(&headers, &body).await.status().as_u16()
 }
 
 async fn gate(url: &str, prefix: &str) -> RedisGate {
@@ -84,22 +60,8 @@ async fn process_until(
     expected: usize,
 ) {
     let stop = consumer.stop_handle();
-    let worker = run_worker(
-        consumer,
-        gate,
-        recorder(seen),
-        support::worker_config(RetryPolicy::default()),
-    );
-    let watch = async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while seen.lock().unwrap().len() < expected {
-            assert!(Instant::now() < deadline, "only {:?}", seen.lock().unwrap());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stop.stop();
-    };
-    let (done, ()) = tokio::join!(worker, watch);
-    done.unwrap();
+    let retry = RetryPolicy::default();
+    support::process_until(consumer, move || stop.stop(), gate, seen, expected, retry).await;
 }
 
 #[test]
@@ -368,38 +330,6 @@ fn a_copy_delivered_more_times_than_the_attempts_goes_to_the_dead_letter() {
 
 /// A TCP proxy to `target` that forwards both ways, and while `stalled` is set,
 /// holds what it reads instead of passing it on.
-async fn stalling_proxy(target: String, stalled: Arc<AtomicBool>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            tokio::spawn(pump(client_read, server_write, Arc::clone(&stalled)));
-            tokio::spawn(pump(server_read, client_write, Arc::clone(&stalled)));
-        }
-    });
-    format!("redis://{addr}/")
-}
-
-async fn pump(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-    stalled: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0; 64 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf).await {
-        while stalled.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[test]
 fn a_store_without_an_answer_gives_up_at_its_deadline_and_recovers() {
     let Some(url) = redis_url("a_store_without_an_answer_gives_up_at_its_deadline") else {
@@ -411,7 +341,10 @@ fn a_store_without_an_answer_gives_up_at_its_deadline_and_recovers() {
             .trim_end_matches('/')
             .to_owned();
         let stalled = Arc::new(AtomicBool::new(false));
-        let proxied = stalling_proxy(target, Arc::clone(&stalled)).await;
+        let proxied = format!(
+            "redis://{}/",
+            support::stalling_proxy(target, Arc::clone(&stalled)).await
+        );
         let prefix = unique_prefix("deadline");
         let deadline = Duration::from_millis(500);
         let config = config(&prefix).with_deadline(deadline);

@@ -18,9 +18,16 @@ use std::future::Future;
 
 use crate::{Error, Event};
 
+#[cfg(any(feature = "redis", feature = "rabbitmq"))]
+mod broker;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_stream;
 pub mod spool;
+
+#[cfg(any(feature = "redis", feature = "rabbitmq"))]
+pub use broker::{ConsumerConfig, Consumers, StopHandle};
 
 /// The records of one request, one per event, as the receive step encodes them:
 /// each a line of JSON `{"receivedAt":…,"secretIndex":…,"event":{…}}` ending in a
@@ -139,6 +146,8 @@ pub struct StoreStatus {
     pub pending: Option<u64>,
     /// Events in the dead letter.
     pub dead_letters: Option<u64>,
+    /// Workers consuming now (a RabbitMQ queue's consumers).
+    pub consumers: Option<u64>,
     /// Why the figures are missing, when the store could not be asked.
     pub error: Option<String>,
 }

@@ -214,3 +214,111 @@ pub fn worker_config(
         None => config,
     }
 }
+
+/// The secret the in-process stores' tests sign with.
+pub const SECRET: &str = "a-comapi-webhook-secret-of-36-chars!";
+
+/// A batch of `message.sent` events with these ids, raised now.
+pub fn body(ids: &[&str]) -> Vec<u8> {
+    let events: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::json!({"eventId": id, "name": "message.sent", "payload": {"id": format!("m-{id}")},
+                "timestamp": now_rfc3339()})
+        })
+        .collect();
+    serde_json::to_vec(&events).unwrap()
+}
+
+/// Posts `body(ids)`, signed with [`SECRET`], to `inbox`; returns the status.
+#[cfg(feature = "receiver")]
+pub async fn post<S: comapi_webhook::store::EventStore>(
+    inbox: &comapi_webhook::Inbox<S>,
+    ids: &[&str],
+) -> u16 {
+    let body = body(ids);
+    let verifier = comapi_webhook::Verifier::new(SECRET).unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        comapi_webhook::SIGNATURE_HEADER,
+        verifier.sign(&body).to_string().parse().unwrap(),
+    );
+    inbox.receive(&headers, &body).await.status().as_u16()
+}
+
+/// A TCP proxy to `target` (`host:port`) that holds every byte while `stalled` is
+/// set; returns its own `host:port`.
+pub async fn stalling_proxy(
+    target: String,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pump(
+                client_read,
+                server_write,
+                std::sync::Arc::clone(&stalled),
+            ));
+            tokio::spawn(pump(
+                server_read,
+                client_write,
+                std::sync::Arc::clone(&stalled),
+            ));
+        }
+    });
+    addr.to_string()
+}
+
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        while stalled.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs a worker on `source` until `expected` events were handled (recorded in
+/// `seen`), then calls `stop` and waits for the worker to finish.
+#[cfg(feature = "receiver")]
+pub async fn process_until<Src, S>(
+    source: Src,
+    stop: impl FnOnce(),
+    store: &S,
+    seen: &std::sync::Mutex<Vec<String>>,
+    expected: usize,
+    retry: comapi_webhook::worker::RetryPolicy,
+) where
+    Src: comapi_webhook::store::EventSource,
+    S: comapi_webhook::gate::DecisionStore,
+{
+    let worker =
+        comapi_webhook::worker::run_worker(source, store, recorder(seen), worker_config(retry));
+    let watch = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while seen.lock().unwrap().len() < expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {:?}",
+                seen.lock().unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop();
+    };
+    let (done, ()) = tokio::join!(worker, watch);
+    done.unwrap();
+}

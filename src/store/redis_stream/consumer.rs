@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::gate::{KeepAlive, OwnConnection};
@@ -15,9 +14,9 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 
 use super::scripts::{DEAD_SCRIPT, FORGET_SCRIPT, TRIM_SCRIPT};
 use super::{RECORD_FIELD, RedisStreamConfig, connect, unavailable};
+use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
 use crate::store::spool::record_event;
 use crate::store::{Delivery, EventSource};
-use crate::worker::Sources;
 use crate::{Error, Event};
 
 /// How long one read waits for new entries before it looks at the stop flag and
@@ -82,29 +81,6 @@ struct Held {
     in_hand: VecDeque<(String, u32)>,
     /// Finished entries not yet acknowledged.
     finished: Vec<String>,
-}
-
-/// Asks a [`StreamConsumer`] to stop: the worker finishes the event in hand,
-/// acknowledges it and returns (within about a second when it is waiting for
-/// events). Entries it read and did not start are handed back: marked idle for a
-/// whole lease, so that another worker takes them over at its next look, within
-/// half a lease.
-#[derive(Debug, Clone, Default)]
-pub struct StopHandle {
-    stopped: Arc<AtomicBool>,
-}
-
-impl StopHandle {
-    /// Asks the consumer to stop.
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
-    }
-
-    /// Whether [`StopHandle::stop`] was called.
-    #[must_use]
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
-    }
 }
 
 /// One stream entry handed to the worker.
@@ -502,59 +478,22 @@ impl EventSource for StreamConsumer {
     }
 }
 
-/// The consumers a supervised [`Worker`](crate::Worker) runs, one after the other
-/// (a new one after a failure), all under one unique name and stopped by one
-/// [`StopHandle`].
-#[derive(Debug, Clone)]
-pub struct StreamConsumers {
-    url: String,
-    config: RedisStreamConfig,
-    name: String,
-    stop: StopHandle,
-}
+/// The stream's consumers for a supervised [`Worker`](crate::Worker): each run
+/// connects a new [`StreamConsumer`] of the group, all under one name.
+pub type StreamConsumers = Consumers<RedisStreamConfig>;
 
-impl StreamConsumers {
-    /// Consumers of the group in `config` on Redis at `url`, named after this host
-    /// (`DYNO` on Heroku, else the OS's host name), process id and start time.
-    #[must_use]
-    pub fn new(url: &str, config: RedisStreamConfig) -> Self {
-        let host = std::env::var("DYNO")
-            .ok()
-            .or_else(host_name)
-            .unwrap_or_else(|| "worker".to_owned());
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        StreamConsumers {
-            url: url.to_owned(),
-            config,
-            name: format!("{host}-{}-{started}", std::process::id()),
-            stop: StopHandle::default(),
-        }
-    }
+impl ConsumerConfig for RedisStreamConfig {
+    type Consumer = StreamConsumer;
 
-    /// The consumers' name in the group.
-    #[must_use]
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Sources for StreamConsumers {
-    type Source = StreamConsumer;
-
-    async fn open(&self) -> Result<StreamConsumer, Error> {
-        let consumer = StreamConsumer::connect(&self.url, self.config.clone(), &self.name).await?;
-        tracing::info!(consumer = %self.name, "worker reading the Redis stream");
-        Ok(consumer.stopped_by(&self.stop))
-    }
-
-    async fn stop(&self) {
-        self.stop.stop();
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.stop.is_stopped()
+    async fn connect(
+        &self,
+        url: &str,
+        name: &str,
+        stop: &StopHandle,
+    ) -> Result<StreamConsumer, Error> {
+        let consumer = StreamConsumer::connect(url, self.clone(), name).await?;
+        tracing::info!(consumer = %name, "worker reading the Redis stream");
+        Ok(consumer.stopped_by(stop))
     }
 }
 
@@ -567,15 +506,4 @@ impl fmt::Debug for StreamConsumer {
             .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
-}
-
-/// The OS's host name (Linux's `/proc/sys/kernel/hostname`, else `/etc/hostname`,
-/// else `HOSTNAME`, which shells set but seldom export).
-fn host_name() -> Option<String> {
-    ["/proc/sys/kernel/hostname", "/etc/hostname"]
-        .iter()
-        .find_map(|path| std::fs::read_to_string(path).ok())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
 }

