@@ -186,6 +186,9 @@ impl<S: EventStore> Inbox<S> {
         let pending = status.pending.map_or_else(String::new, |n| {
             format!(" ({n} of them handed to a worker, not yet acknowledged)")
         });
+        let consumers = status.consumers.map_or_else(String::new, |n| {
+            format!("<p>Workers consuming: <strong>{n}</strong></p>\n")
+        });
         let error = status.error.as_deref().map_or_else(String::new, |e| {
             format!("<p>The store cannot be asked now: {}</p>\n", html_text(e))
         });
@@ -195,7 +198,7 @@ impl<S: EventStore> Inbox<S> {
              <p>Store: {}</p>\n{error}\
              <p>Events stored: <strong>{}</strong></p>\n\
              <p>Waiting to be processed: <strong>{}</strong>{pending}</p>\n\
-             <p>In the dead letter: <strong>{}</strong></p>\n\
+             <p>In the dead letter: <strong>{}</strong></p>\n{consumers}\
              <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
             html_text(&status.store),
             figure(status.stored),

@@ -65,6 +65,7 @@ pub struct Metrics {
     backlog: Gauge,
     pending: Gauge,
     dead_letters: Gauge,
+    consumers: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -153,6 +154,7 @@ impl Metrics {
             backlog: Gauge::default(),
             pending: Gauge::default(),
             dead_letters: Gauge::default(),
+            consumers: Gauge::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -197,6 +199,11 @@ impl Metrics {
                 "Events in the dead letter",
                 &m.dead_letters,
             ),
+            (
+                "consumers",
+                "Workers consuming from the store (RabbitMQ)",
+                &m.consumers,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -229,6 +236,7 @@ impl Metrics {
             (&self.backlog, status.backlog),
             (&self.pending, status.pending),
             (&self.dead_letters, status.dead_letters),
+            (&self.consumers, status.consumers),
         ];
         for (gauge, figure) in gauges {
             if let Some(n) = figure {

@@ -144,8 +144,9 @@ fn every_binary_prints_its_usage_on_help_and_exits_0() {
         "requeue",
         "http_ceiling",
     ];
+    binaries.push("worker");
     if cfg!(feature = "redis") {
-        binaries.extend(["worker", "drain"]);
+        binaries.push("drain");
     }
     if cfg!(feature = "axum") {
         binaries.push("axum_receiver");

@@ -167,3 +167,52 @@ fn a_stalled_broker_gets_503_at_the_deadline_and_the_store_recovers() {
         eprintln!("200 again {:?} after the stall ended", started.elapsed());
     });
 }
+
+#[test]
+fn a_poison_message_that_kills_its_consumers_is_dead_lettered_by_the_delivery_limit() {
+    let Some(url) = amqp_url("a_poison_message") else {
+        return;
+    };
+    runtime().block_on(async {
+        let config = config("poison").with_delivery_limit(2);
+        let store = RabbitStore::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), store.clone());
+        assert_eq!(post(&inbox, &["poison"]).await, 200);
+        // Each consumer takes it and dies without acknowledging it, as a worker
+        // that crashes on it would: the broker counts each return.
+        let mut deliveries = Vec::new();
+        for n in 0..3 {
+            let mut consumer = RabbitConsumer::connect(&url, config.clone(), &format!("crash-{n}"))
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let batch = loop {
+                use comapi_webhook::store::EventSource;
+                let batch = consumer.next_batch().await.unwrap().unwrap();
+                if !batch.is_empty() || Instant::now() > deadline {
+                    break batch;
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            use comapi_webhook::store::Delivery;
+            deliveries.push(batch[0].times_delivered());
+            drop(consumer); // the connection closes: the message returns to the queue
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.status().await.dead_letters != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "{:?} {deliveries:?}",
+                store.status().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(store.status().await.backlog, Some(0));
+        assert_eq!(deliveries[..2], [1, 2], "the broker's count of deliveries");
+        // The requeue brings it back to be tried again once the cause is fixed.
+        assert_eq!(store.requeue_dead_letters().await.unwrap(), 1);
+        assert_eq!(store.status().await.backlog, Some(1));
+    });
+}

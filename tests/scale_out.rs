@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use comapi_webhook::store::redis_stream::{RedisStream, RedisStreamConfig};
 use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
-use process::{OwnRedis, Receiver, SECRET, client, event_json, metric, post_signed};
+use process::{
+    OwnRedis, Receiver, SECRET, client, event_json, metric, post_signed, processed_counts,
+};
 use support::{example_binary, redis_connection, redis_url, runtime, unique_prefix};
 
 /// A receiver (`hyper_receiver`, `actix_receiver`) or `worker` on Redis at `url`,
@@ -30,24 +32,6 @@ fn start(name: &str, url: &str, prefix: &str) -> Receiver {
         .env("COMAPI_LEASE", "2s")
         .env("METRICS_PORT", "0");
     Receiver::start_command(name, command, SECRET)
-}
-
-/// How many times each event id was processed, from the logs.
-fn processed_counts(logs: &[String]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for line in logs.iter().flat_map(|l| l.lines()) {
-        if !line.contains("event processed") {
-            continue;
-        }
-        if let Some(id) = line
-            .split("event_id=")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-        {
-            *counts.entry(id.to_owned()).or_default() += 1;
-        }
-    }
-    counts
 }
 
 /// The group's pending entries and the dead stream's length.

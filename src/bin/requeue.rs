@@ -6,6 +6,9 @@
 //! COMAPI_SPOOL_DIR=/var/lib/comapi-spool cargo run --release --features binaries --bin requeue
 //! ```
 //!
+//! On RabbitMQ, `COMAPI_AMQP_URL=amqp://… cargo run --release --features binaries,rabbitmq --bin requeue`
+//! (a confirmed publish back to the queue, then the acknowledgement).
+//!
 //! On Redis (the running workers pick them up):
 //! `COMAPI_REDIS_URL=redis://… cargo run --release --features binaries,redis --bin requeue`.
 
@@ -17,9 +20,15 @@ use comapi_webhook::store::spool::{Spool, SpoolConfig, requeue_dead_letters};
 async fn main() -> ExitCode {
     if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: COMAPI_SPOOL_DIR=<spool folder> requeue\n       COMAPI_REDIS_URL=<redis url> requeue"
+            "usage: COMAPI_SPOOL_DIR=<spool folder> requeue\n       COMAPI_REDIS_URL=<redis url> requeue\n       COMAPI_AMQP_URL=<amqp url> [COMAPI_AMQP_QUEUE=<queue>] requeue"
         );
         return ExitCode::SUCCESS;
+    }
+    #[cfg(feature = "rabbitmq")]
+    match comapi_webhook::receiver::AmqpSettings::from_env() {
+        Ok(Some(amqp)) => return requeue_rabbit(&amqp).await,
+        Ok(None) => {}
+        Err(error) => return fail(&error.to_string(), 2),
     }
     #[cfg(feature = "redis")]
     match comapi_webhook::receiver::RedisSettings::from_env() {
@@ -67,6 +76,22 @@ async fn requeue_redis(redis: &comapi_webhook::receiver::RedisSettings) -> ExitC
             ExitCode::SUCCESS
         }
         Err(error) => fail(&format!("COMAPI_REDIS_URL: {}", error.report()), 1),
+    }
+}
+
+#[cfg(feature = "rabbitmq")]
+async fn requeue_rabbit(amqp: &comapi_webhook::receiver::AmqpSettings) -> ExitCode {
+    use comapi_webhook::store::rabbitmq::RabbitStore;
+    let requeued = match RabbitStore::connect(&amqp.url, amqp.rabbit_config()).await {
+        Ok(queue) => queue.requeue_dead_letters().await,
+        Err(error) => Err(error),
+    };
+    match requeued {
+        Ok(count) => {
+            println!("requeued {count} event(s) into {}", amqp.queue);
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&format!("COMAPI_AMQP_URL: {}", error.report()), 1),
     }
 }
 

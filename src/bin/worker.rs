@@ -1,14 +1,20 @@
-//! A worker as a process of its own: one consumer of the Redis stream the receivers
-//! store into, deciding through the Redis gate, running `process` in
-//! `common/mod.rs`. Run as many as you need, on any machine. SIGTERM (or Ctrl-C)
-//! finishes the event in hand, acknowledges it and exits 0, within
-//! `COMAPI_SHUTDOWN_GRACE` (25 s) whatever the worker was doing. With `METRICS_PORT`,
-//! `GET /metrics` on 127.0.0.1 (or `BIND`) serves its metrics.
+//! A worker as a process of its own: one consumer of the Redis stream or the
+//! RabbitMQ queue the receivers store into, running `process` in `common/mod.rs`.
+//! On Redis it decides through the Redis gate; on RabbitMQ through a gate in its own
+//! memory. Run as many as you need, on any machine. SIGTERM (or Ctrl-C) finishes the
+//! event in hand, acknowledges it and exits 0, within `COMAPI_SHUTDOWN_GRACE` (25 s)
+//! whatever the worker was doing. With `METRICS_PORT`, `GET /metrics` on 127.0.0.1
+//! (or `BIND`) serves its metrics.
 //!
 //! ```sh
 //! COMAPI_REDIS_URL=redis://127.0.0.1:6379/ METRICS_PORT=9090 \
 //!   cargo run --release --features binaries,redis --bin worker
+//! COMAPI_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
+//!   cargo run --release --features binaries,rabbitmq --bin worker
 //! ```
+
+// Built without a broker it only says it needs one.
+#![cfg_attr(not(any(feature = "redis", feature = "rabbitmq")), allow(dead_code))]
 
 #[path = "common/mod.rs"]
 mod common;
@@ -16,19 +22,22 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use comapi_webhook::Worker;
-use comapi_webhook::gate::{RedisGate, RedisGateConfig};
+use comapi_webhook::gate::DecisionStore;
 use comapi_webhook::metrics::Metrics;
-use comapi_webhook::receiver::{ReceiverConfig, RedisSettings, shutdown_signal};
+use comapi_webhook::receiver::{AmqpSettings, ReceiverConfig, RedisSettings, shutdown_signal};
 use comapi_webhook::store::EventStore;
-use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
+use comapi_webhook::worker::{Sources, WorkerConfig};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 
 const WORKER_HELP: &str = "\
-  COMAPI_REDIS_URL          required: the Redis the receivers store into
+  COMAPI_REDIS_URL          the Redis the receivers store into, or
+  COMAPI_AMQP_URL           the RabbitMQ they store into (one of the two is required)
   COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
+  COMAPI_AMQP_QUEUE         the RabbitMQ queue (default comapi-webhook.events)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
   COMAPI_CONCURRENCY        handler calls in flight (default 32)
   COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)
@@ -38,48 +47,77 @@ const WORKER_HELP: &str = "\
   METRICS_PORT, BIND        serve GET /metrics there (default: no metrics; BIND 127.0.0.1)
   RUST_LOG                  the log filter (default info)";
 
+/// What every broker's worker needs besides its consumers and gate.
+struct Settings {
+    grace: Duration,
+    worker: WorkerConfig,
+    metrics_at: Option<SocketAddr>,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     common::help_if_asked(
-        "worker: processes the events the receivers store in a Redis stream",
+        "worker: processes the events the receivers store in a Redis stream or a RabbitMQ queue",
         WORKER_HELP,
     );
     common::init_logging();
+    let settings = match settings() {
+        Ok(settings) => settings,
+        Err(message) => return fail(&message, 2),
+    };
+    let amqp = match AmqpSettings::from_env() {
+        Ok(amqp) => amqp,
+        Err(error) => return fail(&error.to_string(), error.exit_code()),
+    };
+    if let Some(amqp) = amqp {
+        return rabbit(&amqp, settings).await;
+    }
     let redis = match RedisSettings::from_env() {
         Ok(Some(redis)) => redis,
         Ok(None) => {
             return fail(
-                "COMAPI_REDIS_URL is required: the Redis the receivers store into",
+                "COMAPI_REDIS_URL or COMAPI_AMQP_URL is required: the broker the receivers store into",
                 2,
             );
         }
         Err(error) => return fail(&error.to_string(), 2),
     };
-    let grace = match ReceiverConfig::shutdown_grace_from_env() {
-        Ok(grace) => grace,
-        Err(error) => return fail(&error.to_string(), 2),
+    redis_worker(&redis, settings).await
+}
+
+#[cfg(feature = "rabbitmq")]
+async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
+    use comapi_webhook::Gate;
+    use comapi_webhook::store::rabbitmq::{RabbitConsumers, RabbitStore};
+    let config = amqp.rabbit_config();
+    let queue = match RabbitStore::connect(&amqp.url, config.clone()).await {
+        Ok(queue) => queue,
+        Err(error) => return fail(&format!("COMAPI_AMQP_URL: {}", error.report()), 1),
     };
-    let worker_config = match ReceiverConfig::worker_config_from_env() {
-        Ok(config) => config,
-        Err(error) => return fail(&error.to_string(), 2),
-    };
-    let port = std::env::var("METRICS_PORT").ok().filter(|p| !p.is_empty());
-    let port = match port
-        .map(|p| p.trim().parse::<u16>().map_err(|_| p))
-        .transpose()
-    {
-        Ok(port) => port,
-        Err(p) => return fail(&format!("METRICS_PORT must be a port number, not {p:?}"), 2),
-    };
-    let ip: IpAddr = match std::env::var("BIND")
-        .ok()
-        .filter(|b| !b.is_empty())
-        .map(|b| b.trim().parse())
-    {
-        None => IpAddr::from([127, 0, 0, 1]),
-        Some(Ok(ip)) => ip,
-        Some(Err(_)) => return fail("BIND must be an IP address", 2),
-    };
+    let consumers = RabbitConsumers::new(&amqp.url, config);
+    run(consumers, Gate::in_memory(), queue, settings).await
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+async fn rabbit(_: &AmqpSettings, _: Settings) -> ExitCode {
+    fail(
+        "COMAPI_AMQP_URL needs a build with --features binaries,rabbitmq",
+        2,
+    )
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_worker(_: &RedisSettings, _: Settings) -> ExitCode {
+    fail(
+        "COMAPI_REDIS_URL needs a build with --features binaries,redis",
+        2,
+    )
+}
+
+#[cfg(feature = "redis")]
+async fn redis_worker(redis: &RedisSettings, settings: Settings) -> ExitCode {
+    use comapi_webhook::gate::{RedisGate, RedisGateConfig};
+    use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
     if let Err(error) = redis.check_credentials().await {
         return fail(&error.to_string(), error.exit_code());
     }
@@ -94,9 +132,39 @@ async fn main() -> ExitCode {
         Ok(connected) => connected,
         Err(error) => return fail(&format!("COMAPI_REDIS_URL: {}", error.report()), 1),
     };
+    let consumers = StreamConsumers::new(&redis.url, redis.stream_config());
+    run(consumers, gate, stream, settings).await
+}
+
+/// The settings every broker's worker reads.
+fn settings() -> Result<Settings, String> {
+    let grace = ReceiverConfig::shutdown_grace_from_env().map_err(|e| e.to_string())?;
+    let worker = ReceiverConfig::worker_config_from_env().map_err(|e| e.to_string())?;
+    let port = std::env::var("METRICS_PORT").ok().filter(|p| !p.is_empty());
+    let port = port
+        .map(|p| p.trim().parse::<u16>().map_err(|_| p))
+        .transpose()
+        .map_err(|p| format!("METRICS_PORT must be a port number, not {p:?}"))?;
+    let ip: IpAddr = match std::env::var("BIND").ok().filter(|b| !b.is_empty()) {
+        None => IpAddr::from([127, 0, 0, 1]),
+        Some(b) => b.trim().parse().map_err(|_| "BIND must be an IP address")?,
+    };
+    Ok(Settings {
+        grace,
+        worker,
+        metrics_at: port.map(|port| SocketAddr::new(ip, port)),
+    })
+}
+
+/// Serves the metrics (with `METRICS_PORT`), runs the worker until SIGTERM, stops it.
+async fn run<T, S, E>(consumers: T, gate: S, store: E, settings: Settings) -> ExitCode
+where
+    T: Sources + std::fmt::Debug,
+    S: DecisionStore + 'static,
+    E: EventStore,
+{
     let metrics = Arc::new(Metrics::for_worker());
-    if let Some(port) = port {
-        let addr = SocketAddr::new(ip, port);
+    if let Some(addr) = settings.metrics_at {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => listener,
             Err(error) => {
@@ -110,36 +178,35 @@ async fn main() -> ExitCode {
             "metrics on http://{}/metrics",
             listener.local_addr().unwrap_or(addr)
         );
-        tokio::spawn(serve_metrics(listener, stream, Arc::clone(&metrics)));
+        tokio::spawn(serve_metrics(listener, store, Arc::clone(&metrics)));
     }
-    let consumers = StreamConsumers::new(&redis.url, redis.stream_config());
     let worker = match Worker::spawn(
         consumers,
         gate,
         metrics.meter(common::process),
-        worker_config,
+        settings.worker,
     ) {
         Ok(worker) => worker,
         Err(error) => return fail(&error.report().to_string(), 1),
     };
     shutdown_signal().await;
-    worker.shutdown_within(grace).await;
+    worker.shutdown_within(settings.grace).await;
     tracing::info!("worker stopped");
     ExitCode::SUCCESS
 }
 
-/// Answers every request on `listener` with the metrics, gauges read from `stream` now.
-async fn serve_metrics(
+/// Answers every request on `listener` with the metrics, gauges read from `store` now.
+async fn serve_metrics<E: EventStore>(
     listener: tokio::net::TcpListener,
-    stream: RedisStream,
+    store: E,
     metrics: Arc<Metrics>,
 ) {
     while let Ok((connection, _)) = listener.accept().await {
-        let (stream, metrics) = (stream.clone(), Arc::clone(&metrics));
+        let (store, metrics) = (store.clone(), Arc::clone(&metrics));
         let service = service_fn(move |_| {
-            let (stream, metrics) = (stream.clone(), Arc::clone(&metrics));
+            let (store, metrics) = (store.clone(), Arc::clone(&metrics));
             async move {
-                metrics.set_store_status(&stream.status().await);
+                metrics.set_store_status(&store.status().await);
                 Ok::<_, std::convert::Infallible>(http::Response::<String>::from(metrics.reply()))
             }
         });

@@ -30,6 +30,8 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_MAX_BODY_BYTES` | the body limit, default 4194304 (4 MiB) |
 /// | `COMAPI_REDIS_URL` | store into a Redis stream instead of the spool (feature `redis`) |
 /// | `COMAPI_REDIS_PREFIX` | the Redis keys' prefix, default `comapi-webhook:` |
+/// | `COMAPI_AMQP_URL` | store into a RabbitMQ quorum queue instead (feature `rabbitmq`): `amqp://user:pass@host:port/vhost`; not with `COMAPI_REDIS_URL` |
+/// | `COMAPI_AMQP_QUEUE` | the queue, default `comapi-webhook.events` (its dead letters in `<queue>.dead`) |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
 /// | `COMAPI_HEADER_TIMEOUT` | how long a connection may take to send a request's headers, or stay idle, default `5s` |
@@ -56,6 +58,8 @@ pub struct ReceiverConfig {
     pub max_body_bytes: usize,
     /// The Redis to store into, if any.
     pub redis: Option<RedisSettings>,
+    /// The RabbitMQ to store into, if any.
+    pub amqp: Option<super::AmqpSettings>,
     /// Whether this process runs a worker.
     pub worker: bool,
     /// How long a connection may take to send a request's headers, or stay idle.
@@ -209,8 +213,10 @@ impl ReceiverConfig {
   COMAPI_MAX_BODY_BYTES     the body limit (default 4194304)
   COMAPI_REDIS_URL          store into a Redis stream: redis://[:password@]host:port/[db]
   COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
+  COMAPI_AMQP_URL           store into a RabbitMQ quorum queue: amqp://user:pass@host:port/vhost
+  COMAPI_AMQP_QUEUE         the queue (default comapi-webhook.events)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
-  COMAPI_WORKER             run a worker in this process (default: true without Redis)
+  COMAPI_WORKER             run a worker in this process (default: true without a broker)
   COMAPI_HEADER_TIMEOUT     time for a request's headers, or idling (default 5s)
   COMAPI_BODY_TIMEOUT       time for a request's body, then 408 (default 10s)
   COMAPI_MAX_CONNECTIONS    connections at once (default 512)
@@ -304,8 +310,9 @@ impl ReceiverConfig {
                 "COMAPI_MAX_BODY_BYTES must be a positive number of bytes, not \"0\"",
             ));
         }
+        let amqp = super::amqp::amqp_from(lookup)?;
         let redis = redis_from(lookup)?;
-        let worker = flag(&var, "COMAPI_WORKER")?.unwrap_or(redis.is_none());
+        let worker = flag(&var, "COMAPI_WORKER")?.unwrap_or(redis.is_none() && amqp.is_none());
         let max_connections = parsed(
             &var,
             "COMAPI_MAX_CONNECTIONS",
@@ -323,6 +330,7 @@ impl ReceiverConfig {
             spool: spool.with_remove_processed(!keep),
             max_body_bytes,
             redis,
+            amqp,
             worker,
             header_deadline: duration(
                 &var,

@@ -153,3 +153,43 @@ fn redis_turns_the_worker_off_unless_asked() {
             .starts_with("COMAPI_LEASE must be a duration")
     );
 }
+
+#[test]
+fn redis_and_rabbitmq_at_once_is_refused_naming_both() {
+    let error = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_REDIS_URL", "redis://127.0.0.1:6379/"),
+        ("COMAPI_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+    ])
+    .err()
+    .unwrap_or_default();
+    assert!(
+        error.contains("COMAPI_REDIS_URL") && error.contains("COMAPI_AMQP_URL"),
+        "{error}"
+    );
+    assert_eq!(error.lines().count(), 1, "{error}");
+}
+
+#[cfg(feature = "rabbitmq")]
+#[test]
+fn rabbitmq_turns_the_worker_off_unless_asked_and_names_its_queue() {
+    let amqp = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("COMAPI_AMQP_QUEUE", "my.events"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!amqp.worker);
+    let settings = amqp.amqp.unwrap_or_else(|| panic!("no RabbitMQ"));
+    assert_eq!(settings.queue, "my.events");
+    let wrong = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_AMQP_URL", "rabbit://host"),
+    ]);
+    assert!(
+        wrong
+            .err()
+            .unwrap_or_default()
+            .starts_with("COMAPI_AMQP_URL must be amqp://")
+    );
+}

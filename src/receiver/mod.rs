@@ -12,9 +12,11 @@ use crate::store::Store;
 use crate::store::spool::Spool;
 use crate::worker::{EventHandler, Worker};
 
+mod amqp;
 mod config;
 mod listener;
 
+pub use amqp::{AmqpSettings, DEFAULT_QUEUE};
 pub use config::{ConfigError, DEFAULT_KEY_PREFIX, DEFAULT_PORT, ReceiverConfig, RedisSettings};
 pub use listener::{
     Busy, Connection, DEFAULT_HEADER_DEADLINE, DEFAULT_MAX_CONNECTIONS, Listener, Requests,
@@ -61,8 +63,16 @@ impl ReceiverConfig {
         let metrics = Arc::new(Metrics::new());
         let handler = metrics.meter(handler);
         let retry = self.worker_config;
-        let (store, worker) = match &self.redis {
-            None => {
+        let (store, worker) = match (&self.redis, &self.amqp) {
+            #[cfg(feature = "rabbitmq")]
+            (_, Some(amqp)) => rabbit_store(amqp, self.worker, handler, retry).await?,
+            #[cfg(not(feature = "rabbitmq"))]
+            (_, Some(_)) => {
+                return Err(ConfigError::new(
+                    "COMAPI_AMQP_URL needs the rabbitmq feature",
+                ));
+            }
+            (None, None) => {
                 let dir = self.spool.dir.display().to_string();
                 let (spool, recovery) = Spool::open(&self.spool).map_err(|e| {
                     ConfigError::new(format!("COMAPI_SPOOL_DIR={dir}: {}", e.report()))
@@ -82,9 +92,11 @@ impl ReceiverConfig {
                 (Store::Spool(spool), worker)
             }
             #[cfg(feature = "redis")]
-            Some(redis) => redis_store(redis, self.worker, handler, retry).await?,
+            (Some(redis), None) => redis_store(redis, self.worker, handler, retry).await?,
             #[cfg(not(feature = "redis"))]
-            Some(_) => return Err(ConfigError::new("COMAPI_REDIS_URL needs the redis feature")),
+            (Some(_), None) => {
+                return Err(ConfigError::new("COMAPI_REDIS_URL needs the redis feature"));
+            }
         };
         let mut inbox = Inbox::new(self.verifier, store)
             .with_max_body_bytes(self.max_body_bytes)
@@ -108,6 +120,29 @@ impl ReceiverConfig {
 }
 
 /// The Redis stream store and, if asked, a worker on its consumer group.
+#[cfg(feature = "rabbitmq")]
+async fn rabbit_store<H: EventHandler + 'static>(
+    amqp: &AmqpSettings,
+    worker: bool,
+    handler: H,
+    retry: crate::worker::WorkerConfig,
+) -> Result<(Store, Option<Worker>), ConfigError> {
+    use crate::store::rabbitmq::{RabbitConsumers, RabbitStore};
+    let failed = |e: crate::Error| ConfigError::new(format!("COMAPI_AMQP_URL: {}", e.report()));
+    let config = amqp.rabbit_config();
+    let queue = RabbitStore::connect(&amqp.url, config.clone())
+        .await
+        .map_err(failed)?;
+    tracing::info!(queue = %queue.queue(), "storing into RabbitMQ");
+    let worker = if worker {
+        let consumers = RabbitConsumers::new(&amqp.url, config);
+        Some(Worker::spawn(consumers, Gate::in_memory(), handler, retry).map_err(failed)?)
+    } else {
+        None
+    };
+    Ok((Store::Rabbit(queue), worker))
+}
+
 #[cfg(feature = "redis")]
 async fn redis_store<H: EventHandler + 'static>(
     redis: &RedisSettings,

@@ -89,8 +89,8 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     fn status(&self) -> impl Future<Output = StoreStatus> + Send;
 }
 
-/// A store chosen at run time, as the reference receivers do: the local spool, or
-/// (feature `redis`) a Redis stream.
+/// A store chosen at run time, as the reference receivers do: the local spool, a
+/// Redis stream (feature `redis`) or a RabbitMQ queue (feature `rabbitmq`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Store {
@@ -99,11 +99,21 @@ pub enum Store {
     /// A Redis stream.
     #[cfg(feature = "redis")]
     Redis(redis_stream::RedisStream),
+    /// A RabbitMQ quorum queue.
+    #[cfg(feature = "rabbitmq")]
+    Rabbit(rabbitmq::RabbitStore),
 }
 
 impl From<spool::Spool> for Store {
     fn from(spool: spool::Spool) -> Self {
         Store::Spool(spool)
+    }
+}
+
+#[cfg(feature = "rabbitmq")]
+impl From<rabbitmq::RabbitStore> for Store {
+    fn from(queue: rabbitmq::RabbitStore) -> Self {
+        Store::Rabbit(queue)
     }
 }
 
@@ -120,6 +130,8 @@ impl EventStore for Store {
             Store::Spool(spool) => spool.store(records).await,
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.store(records).await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(queue) => queue.store(records).await,
         }
     }
 
@@ -128,6 +140,8 @@ impl EventStore for Store {
             Store::Spool(spool) => spool.status().await,
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.status().await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(queue) => queue.status().await,
         }
     }
 }

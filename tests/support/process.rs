@@ -347,3 +347,21 @@ pub fn output_within(mut command: Command, timeout: Duration) -> std::process::O
     }
     child.wait_with_output().unwrap()
 }
+
+/// How many times each event id was processed, from the logs.
+pub fn processed_counts(logs: &[String]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in logs.iter().flat_map(|l| l.lines()) {
+        if !line.contains("event processed") {
+            continue;
+        }
+        if let Some(id) = line
+            .split("event_id=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+        {
+            *counts.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}

@@ -133,8 +133,10 @@ impl OwnRabbit {
     /// SIGKILL to the node and everything it started.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", child.id())])
+            // The shell's own `kill`, with `--`: procps' `kill -KILL -<pgid>` can read
+            // the group as another option and signal every process.
+            let _ = Command::new("bash")
+                .args(["-c", &format!("kill -s KILL -- -{}", child.id())])
                 .status();
             let _ = child.kill();
             let _ = child.wait();

@@ -90,6 +90,13 @@ impl RabbitConfig {
         self
     }
 
+    /// The same settings with another delivery limit (at least 1).
+    #[must_use]
+    pub fn with_delivery_limit(mut self, delivery_limit: u32) -> Self {
+        self.delivery_limit = delivery_limit.max(1);
+        self
+    }
+
     /// The same settings with another deadline.
     #[must_use]
     pub fn with_deadline(mut self, deadline: Duration) -> Self {

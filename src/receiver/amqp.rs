@@ -1,0 +1,68 @@
+//! `AmqpSettings`: where the receivers and workers use RabbitMQ (`COMAPI_AMQP_URL`,
+//! `COMAPI_AMQP_QUEUE`).
+
+use super::ConfigError;
+
+/// The queue's name unless `COMAPI_AMQP_QUEUE` says otherwise.
+pub const DEFAULT_QUEUE: &str = "comapi-webhook.events";
+
+/// Where and how a receiver and its workers use RabbitMQ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AmqpSettings {
+    /// `amqp://user:pass@host:port/vhost` (the vhost URL-encoded: `%2f` for `/`).
+    pub url: String,
+    /// The quorum queue (its dead-letter queue is `<queue>.dead`).
+    pub queue: String,
+}
+
+impl AmqpSettings {
+    /// The RabbitMQ settings alone (`COMAPI_AMQP_URL`, `COMAPI_AMQP_QUEUE`), for a
+    /// worker process: `None` without `COMAPI_AMQP_URL`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable when a value is wrong, or naming both
+    /// `COMAPI_REDIS_URL` and `COMAPI_AMQP_URL` when both are set.
+    pub fn from_env() -> Result<Option<Self>, ConfigError> {
+        amqp_from(&|name| std::env::var(name).ok())
+    }
+
+    /// The store's settings: this queue, the rest the defaults.
+    #[cfg(feature = "rabbitmq")]
+    #[must_use]
+    pub fn rabbit_config(&self) -> crate::store::rabbitmq::RabbitConfig {
+        crate::store::rabbitmq::RabbitConfig::default().with_queue(self.queue.clone())
+    }
+}
+
+pub(super) fn amqp_from(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<AmqpSettings>, ConfigError> {
+    let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+    let Some(url) = var("COMAPI_AMQP_URL") else {
+        return Ok(None);
+    };
+    if var("COMAPI_REDIS_URL").is_some() {
+        return Err(ConfigError::setting(
+            "COMAPI_REDIS_URL and COMAPI_AMQP_URL are both set: store into one broker, Redis or \
+             RabbitMQ",
+        ));
+    }
+    if !cfg!(feature = "rabbitmq") {
+        return Err(ConfigError::setting(
+            "COMAPI_AMQP_URL is set, but this binary was built without RabbitMQ: build it with \
+             --features binaries,rabbitmq",
+        ));
+    }
+    let url = url.trim().to_owned();
+    if !url.starts_with("amqp://") {
+        return Err(ConfigError::setting(
+            "COMAPI_AMQP_URL must be amqp://user:pass@host:port/vhost (amqps:// is not built in)",
+        ));
+    }
+    Ok(Some(AmqpSettings {
+        url,
+        queue: var("COMAPI_AMQP_QUEUE")
+            .map_or_else(|| DEFAULT_QUEUE.to_owned(), |q| q.trim().to_owned()),
+    }))
+}

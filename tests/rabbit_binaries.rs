@@ -1,0 +1,282 @@
+//! RabbitMQ with the real binaries: two receivers (hyper and actix) and two workers
+//! on one quorum queue process every acknowledged event once; a worker killed with
+//! SIGKILL hands its deliveries to another; the broker killed with SIGKILL under
+//! load and restarted on the same ports and folder: answers are 200 or 503 in time,
+//! the same receivers store again, and every event answered 200 is processed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/rabbit.rs"]
+mod rabbit;
+mod support;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use comapi_webhook::store::EventStore;
+use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
+use process::{Receiver, SECRET, client, event_json, post_signed, processed_counts};
+use rabbit::{OwnRabbit, amqp_url};
+use support::{example_binary, runtime, unique_prefix};
+
+/// A receiver or `worker` on the broker at `url`, storing into `queue`.
+fn start(name: &str, url: &str, queue: &str) -> Receiver {
+    let mut command = Command::new(example_binary(name));
+    command
+        .env("COMAPI_AMQP_URL", url)
+        .env("COMAPI_AMQP_QUEUE", queue)
+        .env("METRICS_PORT", "0");
+    Receiver::start_command(name, command, SECRET)
+}
+
+fn queue_name(test: &str) -> String {
+    unique_prefix(test).replace(':', ".")
+}
+
+/// POSTs `per_task` events from each of `tasks` tasks, round robin over `urls`;
+/// every answer must be 200. Returns the ids.
+async fn post_all(urls: &[String], tasks: usize, per_task: usize, tag: &str) -> HashSet<String> {
+    let client = client();
+    let mut posting = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let (client, urls, tag) = (client.clone(), urls.to_vec(), tag.to_owned());
+        posting.spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..per_task {
+                let id = format!("{tag}-{task}-{n}");
+                let status = post_signed(
+                    &client,
+                    &urls[(task + n) % urls.len()],
+                    SECRET,
+                    event_json(&id),
+                )
+                .await;
+                assert_eq!(status, Ok(200), "{id}");
+                acked.push(id);
+            }
+            acked
+        });
+    }
+    let mut acked = HashSet::new();
+    while let Some(ids) = posting.join_next().await {
+        acked.extend(ids.unwrap());
+    }
+    acked
+}
+
+/// Waits until every id in `acked` shows in the workers' logs.
+fn wait_processed(workers: &[&Receiver], acked: &HashSet<String>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let logs: Vec<String> = workers
+            .iter()
+            .map(|w| w.log.lock().unwrap().clone())
+            .collect();
+        let counts = processed_counts(&logs);
+        let missing = acked.iter().filter(|id| !counts.contains_key(*id)).count();
+        if missing == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never processed: {missing}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn backlog_and_dead(url: &str, queue: &str) -> (Option<u64>, Option<u64>) {
+    let store = RabbitStore::connect(url, RabbitConfig::default().with_queue(queue))
+        .await
+        .unwrap();
+    let status = store.status().await;
+    (status.backlog, status.dead_letters)
+}
+
+#[test]
+fn two_receivers_and_two_workers_process_every_event_once() {
+    let Some(url) = amqp_url("two_receivers_and_two_workers_process_every_event_once") else {
+        return;
+    };
+    let queue = queue_name("scale");
+    let receivers = [
+        start("hyper_receiver", &url, &queue),
+        start("actix_receiver", &url, &queue),
+    ];
+    let workers = [start("worker", &url, &queue), start("worker", &url, &queue)];
+    let urls: Vec<String> = receivers.iter().map(|r| format!("{}/", r.url)).collect();
+    runtime().block_on(async {
+        let started = Instant::now();
+        let acked = post_all(&urls, 16, 125, "rq").await;
+        assert_eq!(acked.len(), 2000);
+        eprintln!("2,000 events stored in {:?}", started.elapsed());
+        wait_processed(&[&workers[0], &workers[1]], &acked, Duration::from_secs(60));
+        let logs: Vec<String> = workers
+            .iter()
+            .map(|w| w.log.lock().unwrap().clone())
+            .collect();
+        let counts = processed_counts(&logs);
+        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "processed twice in a clean run: {twice:?}"
+        );
+        assert_eq!(counts.len(), 2000, "nothing but what was sent");
+        assert!(
+            !processed_counts(&logs[..1]).is_empty() && !processed_counts(&logs[1..]).is_empty(),
+            "both workers took a share"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backlog_and_dead(&url, &queue).await != (Some(0), Some(0)) {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                backlog_and_dead(&url, &queue).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+#[test]
+fn a_worker_killed_mid_stream_hands_its_deliveries_to_another() {
+    let Some(url) = amqp_url("a_worker_killed_mid_stream") else {
+        return;
+    };
+    let queue = queue_name("kill-worker");
+    let receiver = start("hyper_receiver", &url, &queue);
+    runtime().block_on(async {
+        // Stored before any worker runs: the first worker takes a prefetch of them.
+        let acked = post_all(&[format!("{}/", receiver.url)], 8, 100, "kw").await;
+        let mut first = start("worker", &url, &queue);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while first.processed().len() < 50 {
+            assert!(
+                Instant::now() < deadline,
+                "the first worker processed nothing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        first.signal("-KILL");
+        first.wait(Duration::from_secs(5));
+        let second = start("worker", &url, &queue);
+        wait_processed(&[&first, &second], &acked, Duration::from_secs(60));
+        eprintln!(
+            "the killed worker processed {}, the other {}",
+            first.processed().len(),
+            second.processed().len()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backlog_and_dead(&url, &queue).await != (Some(0), Some(0)) {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                backlog_and_dead(&url, &queue).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+#[test]
+fn the_broker_killed_under_load_gets_503s_in_time_and_loses_nothing_answered_200() {
+    const TEST: &str = "the_broker_killed_under_load";
+    let Some(mut broker) = OwnRabbit::start(TEST) else {
+        return;
+    };
+    let url = broker.url();
+    let queue = queue_name("kill-broker");
+    let receivers = [
+        start("hyper_receiver", &url, &queue),
+        start("actix_receiver", &url, &queue),
+    ];
+    let urls: Vec<String> = receivers.iter().map(|r| format!("{}/", r.url)).collect();
+    let answers = Arc::new(Mutex::new(Vec::<(String, u16, Duration, bool)>::new()));
+    let (down, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let rt = runtime();
+    let mut posting = Vec::new();
+    for task in 0..8 {
+        let (urls, answers, down, stop) = (
+            urls.clone(),
+            Arc::clone(&answers),
+            Arc::clone(&down),
+            Arc::clone(&stop),
+        );
+        posting.push(rt.spawn(async move {
+            let client = client();
+            for n in 0.. {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let id = format!("kb-{task}-{n}");
+                let was_down = down.load(Ordering::Acquire);
+                let started = Instant::now();
+                let status = post_signed(&client, &urls[(task + n) % 2], SECRET, event_json(&id))
+                    .await
+                    .unwrap();
+                answers
+                    .lock()
+                    .unwrap()
+                    .push((id, status, started.elapsed(), was_down));
+                if status != 200 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    broker.kill();
+    down.store(true, Ordering::Release);
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart();
+    let restarted = Instant::now();
+    // The same receivers store again, without a restart.
+    loop {
+        let recovered = answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, status, _, was_down)| *was_down && *status == 200)
+            .count();
+        if recovered >= 16 {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(60),
+            "no 200 after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "200 again {:?} after the broker was back",
+        restarted.elapsed()
+    );
+    stop.store(true, Ordering::Release);
+    for task in posting {
+        rt.block_on(task).unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    // The receivers' deadline is 5 s: no answer takes longer than that and a second.
+    for (id, status, took, _) in &answers {
+        assert!(matches!(status, 200 | 503), "{id}: {status}");
+        assert!(
+            *took < Duration::from_secs(6),
+            "{id}: {status} after {took:?}"
+        );
+    }
+    let refused = answers.iter().filter(|(_, s, _, _)| *s == 503).count();
+    assert!(refused > 0, "the broker's death was never noticed");
+    let acked: HashSet<String> = answers
+        .iter()
+        .filter(|(_, s, _, _)| *s == 200)
+        .map(|(id, _, _, _)| id.clone())
+        .collect();
+    eprintln!("{} answered 200, {refused} answered 503", acked.len());
+    let worker = start("worker", &url, &queue);
+    wait_processed(&[&worker], &acked, Duration::from_secs(60));
+}
