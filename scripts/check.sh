@@ -52,33 +52,12 @@ fi
 # folder), stopped with its epmd on exit. Skipped when COMAPI_TEST_AMQP_URL is set;
 # without rabbitmq-server the RabbitMQ tests say they were skipped (and fail under CI=true).
 if [ -z "${COMAPI_TEST_AMQP_URL:-}" ] && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
-  rabbit_dir=$(mktemp -d)
-  rabbit_port=$(free_port)
-  rabbit_epmd=$(free_port)
-  printf 'CHECK%s' "$$" > "$rabbit_dir/.erlang.cookie"
-  chmod 400 "$rabbit_dir/.erlang.cookie"
-  echo '[].' > "$rabbit_dir/enabled_plugins"
-  echo 'log.console = false' > "$rabbit_dir/rabbitmq.conf"
-  HOME=$rabbit_dir RABBITMQ_NODENAME="check$rabbit_port@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-    RABBITMQ_NODE_PORT=$rabbit_port RABBITMQ_DIST_PORT=$(free_port) ERL_EPMD_PORT=$rabbit_epmd \
-    ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$rabbit_dir/mnesia" RABBITMQ_LOG_BASE="$rabbit_dir/log" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$rabbit_dir/enabled_plugins" RABBITMQ_CONFIG_FILE="$rabbit_dir/rabbitmq.conf" \
-    setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$rabbit_dir/server.out" 2>&1 &
-  rabbit_pid=$!
-  stop_rabbit() {
-    kill -TERM -- "-$rabbit_pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$rabbit_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$rabbit_pid" 2>/dev/null || true
-    epmd -port "$rabbit_epmd" -kill >/dev/null 2>&1 || true
-    rm -rf "$rabbit_dir" 2>/dev/null || true
-  }
-  cleanups+=(stop_rabbit)
-  for _ in $(seq 600); do
-    python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$rabbit_port),1); s.sendall(b'AMQP\x00\x00\x09\x01'); sys.exit(0 if s.recv(1)==b'\x01' else 1)" 2>/dev/null && break
-    sleep 0.2
-  done
-  export COMAPI_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$rabbit_port/%2f"
-  echo "rabbitmq-server for the tests on 127.0.0.1:$rabbit_port"
+  # shellcheck source=scripts/rabbit-node.sh
+  . scripts/rabbit-node.sh
+  rabbit_node_start "$(mktemp -d)"
+  cleanups+=(rabbit_node_stop)
+  export COMAPI_TEST_AMQP_URL=$RABBIT_URL
+  echo "rabbitmq-server for the tests on $RABBIT_URL"
 elif [ -z "${COMAPI_TEST_AMQP_URL:-}" ]; then
   echo "!!! no rabbitmq-server: the RabbitMQ tests will be SKIPPED (apt-get install rabbitmq-server)"
 fi

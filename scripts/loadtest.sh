@@ -12,8 +12,13 @@
 # With redis-server on PATH, hyper_redis joins the rotation: hyper_receiver storing
 # into a Redis stream (COMAPI_REDIS_URL) on a redis-server of this script's own with
 # appendonly yes and appendfsync always, and its ratio to the spool's hyper_receiver
-# is printed. With perf on PATH, fsyncs/s counts the fdatasync calls a second of the
-# process that syncs: the receiver for the spool, redis-server for hyper_redis.
+# is printed. With rabbitmq-server installed, a throwaway node of this script's own
+# (scripts/rabbit-node.sh) adds rabbit_ceiling (the broker alone: the receivers'
+# records published with confirms by examples/rabbit_ceiling.rs, CONNECTIONS at once,
+# no HTTP) and hyper_rabbitmq (hyper_receiver storing into a quorum queue), with their
+# ratios. With perf on PATH, fsyncs/s counts the fdatasync calls a second of the
+# process that syncs: the receiver for the spool, redis-server for hyper_redis, the
+# broker's Erlang VM for the RabbitMQ rows.
 #
 # The targets take turns for ROUNDS rounds, each with a fresh process and spool, so
 # a noisy neighbour on a shared machine hits them all alike; the ratios use each
@@ -44,6 +49,7 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
+  if declare -F rabbit_node_stop >/dev/null; then rabbit_node_stop; fi
   rm -rf "$work"
   if [ -n "$BASELINE" ]; then git worktree prune; fi
 }
@@ -69,6 +75,15 @@ if command -v redis-server >/dev/null; then
   binary[hyper_redis]=target/release/hyper_receiver
 else
   echo "no redis-server on PATH: hyper_redis is left out (apt-get install redis-server)"
+fi
+if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  # shellcheck source=scripts/rabbit-node.sh
+  . scripts/rabbit-node.sh
+  rabbit_node_start "$work/rabbit"
+  targets+=(rabbit_ceiling hyper_rabbitmq)
+  binary[hyper_rabbitmq]=target/release/hyper_receiver
+else
+  echo "no rabbitmq-server: hyper_rabbitmq is left out (apt-get install rabbitmq-server)"
 fi
 if [ -n "$BASELINE" ]; then
   rev=$(git rev-parse --short "$BASELINE^{commit}")
@@ -107,9 +122,10 @@ start() {
   local name=$1 out="$work/$1.out"
   # The previous round's address must not be read before this process rewrites the file.
   rm -f "$out"
-  local redis_url=
+  local redis_url= amqp_url=
   if [ "$name" = hyper_redis ]; then redis_url="redis://127.0.0.1:$redis_port/"; fi
-  COMAPI_REDIS_URL=$redis_url CEILING=${mode[$name]:-bare} COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
+  if [ "$name" = hyper_rabbitmq ]; then amqp_url=$RABBIT_URL; fi
+  COMAPI_REDIS_URL=$redis_url COMAPI_AMQP_URL=$amqp_url COMAPI_AMQP_QUEUE="loadtest.$name.$round" CEILING=${mode[$name]:-bare} COMAPI_WEBHOOK_SECRET=$SECRET PORT=0 COMAPI_SPOOL_DIR="$work/spool-$name" COMAPI_SPOOL_KEEP=true RUST_LOG=warn \
     "${binary[$name]}" >"$out" 2>"$work/$name.err" &
   pids+=($!)
   pid=$!
@@ -146,12 +162,33 @@ declare -A rates
 printf '%-24s %5s %10s %9s %9s %8s %8s %10s %10s %8s %6s %9s\n' target round req/s p50_ms p99_ms non2xx errors answered spooled exit_ms idle% fsyncs/s
 for round in $(seq "$ROUNDS"); do
   for name in "${targets[@]}"; do
+    if [ "$name" = rabbit_ceiling ]; then
+      # The broker alone: the same records, confirmed, from one process, no HTTP.
+      rabbit_beam=$(pgrep -f -- "-home $RABBIT_DIR" | head -1)
+      perf_pid=
+      if command -v perf >/dev/null && [ -n "$rabbit_beam" ]; then
+        perf stat -x, -e syscalls:sys_enter_fdatasync -p "$rabbit_beam" -o "$work/perf.out" 2>/dev/null &
+        perf_pid=$!
+      fi
+      read -r _ requests non2xx errors rate p50 p99 < <(target/release/examples/rabbit_ceiling "$RABBIT_URL" \
+        "loadtest.ceiling.$round" "$CONNECTIONS" "${DURATION%s}" 2>/dev/null | grep '^RESULT')
+      fsyncs=-
+      if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true
+        count=$(awk -F, '/fdatasync/{print $1}' "$work/perf.out" 2>/dev/null || true)
+        if [[ "$count" =~ ^[0-9]+$ ]]; then fsyncs=$(( count / ${DURATION%s} )); fi
+      fi
+      rates[$name]="${rates[$name]:-} $rate"
+      printf '%-24s %5d %10.0f %9.2f %9.2f %8d %8d %10d %10s %8s %6s %9s\n' "$name" "$round" "$rate" "$p50" "$p99" "$non2xx" "$errors" "$requests" - - - "$fsyncs"
+      continue
+    fi
     rm -rf "$work/spool-$name"
     if [ "$name" = hyper_redis ]; then redis-cli -p "$redis_port" flushall >/dev/null; fi
     start "$name"
     # Count the fdatasync calls of the process that syncs, while wrk runs.
     syncing=$pid
     if [ "$name" = hyper_redis ]; then syncing=$redis_pid; fi
+    if [ "$name" = hyper_rabbitmq ]; then syncing=$(pgrep -f -- "-home $RABBIT_DIR" | head -1); fi
     perf_pid=
     if command -v perf >/dev/null && [ "$name" != http_ceiling ] && [ "$name" != verify_parse_only ]; then
       perf stat -x, -e syscalls:sys_enter_fdatasync -p "$syncing" -o "$work/perf.out" 2>/dev/null &
@@ -202,6 +239,11 @@ for name, values in rates.items():
 if "hyper_redis" in rates:
     ratio = statistics.median(rates["hyper_redis"]) / statistics.median(rates["hyper_receiver"])
     print(f"{'hyper_redis':<24} {ratio:.2f}x hyper_receiver on the spool (per round: {rounds(rates['hyper_redis'], rates['hyper_receiver'])})")
+if "hyper_rabbitmq" in rates:
+    ratio = statistics.median(rates["hyper_rabbitmq"]) / statistics.median(rates["rabbit_ceiling"])
+    print(f"{'hyper_rabbitmq':<24} {ratio:.2f}x the broker's own ceiling, confirmed publishes without HTTP (per round: {rounds(rates['hyper_rabbitmq'], rates['rabbit_ceiling'])})")
+    ratio = statistics.median(rates["hyper_rabbitmq"]) / statistics.median(rates["hyper_receiver"])
+    print(f"{'hyper_rabbitmq':<24} {ratio:.2f}x hyper_receiver on the spool (per round: {rounds(rates['hyper_rabbitmq'], rates['hyper_receiver'])})")
 for name, values in rates.items():
     if "@" in name:
         receiver, rev = name.split("@")

@@ -1,0 +1,41 @@
+# Sourced by scripts/check.sh and scripts/loadtest.sh: a throwaway RabbitMQ node,
+# Debian's rabbitmq-server without a service manager (its own HOME and cookie, free
+# loopback ports, its folders under DIR).
+#
+#   rabbit_node_start DIR   starts it, waits until it speaks AMQP, sets RABBIT_URL
+#   rabbit_node_stop        stops it and its epmd, never failing
+
+rabbit_free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+rabbit_node_start() {
+  RABBIT_DIR=$1
+  RABBIT_PORT=$(rabbit_free_port)
+  RABBIT_EPMD_PORT=$(rabbit_free_port)
+  mkdir -p "$RABBIT_DIR"
+  printf 'NODE%s' "$$" > "$RABBIT_DIR/.erlang.cookie"
+  chmod 400 "$RABBIT_DIR/.erlang.cookie"
+  echo '[].' > "$RABBIT_DIR/enabled_plugins"
+  echo 'log.console = false' > "$RABBIT_DIR/rabbitmq.conf"
+  HOME=$RABBIT_DIR RABBITMQ_NODENAME="node$RABBIT_PORT@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT=$RABBIT_PORT RABBITMQ_DIST_PORT=$(rabbit_free_port) ERL_EPMD_PORT=$RABBIT_EPMD_PORT \
+    ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$RABBIT_DIR/mnesia" RABBITMQ_LOG_BASE="$RABBIT_DIR/log" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$RABBIT_DIR/enabled_plugins" RABBITMQ_CONFIG_FILE="$RABBIT_DIR/rabbitmq.conf" \
+    setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$RABBIT_DIR/server.out" 2>&1 &
+  RABBIT_PID=$!
+  for _ in $(seq 600); do
+    python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$RABBIT_PORT),1); s.sendall(b'AMQP\x00\x00\x09\x01'); sys.exit(0 if s.recv(1)==b'\x01' else 1)" 2>/dev/null && break
+    sleep 0.2
+  done
+  RABBIT_URL="amqp://guest:guest@127.0.0.1:$RABBIT_PORT/%2f"
+}
+
+rabbit_node_stop() {
+  [ -n "${RABBIT_PID:-}" ] || return 0
+  # The shell's kill with `--`: the whole session setsid started.
+  kill -TERM -- "-$RABBIT_PID" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$RABBIT_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$RABBIT_PID" 2>/dev/null || true
+  epmd -port "$RABBIT_EPMD_PORT" -kill >/dev/null 2>&1 || true
+  rm -rf "$RABBIT_DIR" 2>/dev/null || true
+  RABBIT_PID=
+}
