@@ -107,6 +107,10 @@ fn failures_go_to_the_dead_letter_queue_and_requeue_brings_them_back() {
         let (done, ()) = tokio::join!(worker, watch);
         done.unwrap();
         assert_eq!(store.status().await.backlog, Some(0));
+        // The dead letter holds the record with the last error and the attempts.
+        let (error, attempts) = peek_dead(&url, &config).await;
+        assert_eq!(error, "down");
+        assert_eq!(attempts, 2);
 
         assert_eq!(store.requeue_dead_letters().await.unwrap(), 1);
         assert_eq!(store.status().await.dead_letters, Some(0));
@@ -124,6 +128,45 @@ fn failures_go_to_the_dead_letter_queue_and_requeue_brings_them_back() {
         .await;
         assert_eq!(seen.into_inner().unwrap(), ["d-1"]);
     });
+}
+
+/// The first dead letter's `x-comapi-error` and `x-comapi-attempts`, left in place.
+async fn peek_dead(url: &str, config: &RabbitConfig) -> (String, i64) {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    use lapin::types::AMQPValue;
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(
+            config.dead_queue().as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("a dead letter")
+        .delivery;
+    let headers = message.properties.headers().clone().unwrap_or_default();
+    let error = match headers.inner().get("x-comapi-error") {
+        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        other => panic!("x-comapi-error: {other:?}"),
+    };
+    let attempts = match headers.inner().get("x-comapi-attempts") {
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        other => panic!("x-comapi-attempts: {other:?}"),
+    };
+    channel
+        .basic_nack(
+            message.delivery_tag,
+            BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            },
+        )
+        .await
+        .unwrap();
+    (error, attempts)
 }
 
 #[test]
