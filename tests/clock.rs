@@ -15,25 +15,35 @@ use std::time::{Duration, Instant, SystemTime};
 use process::{Receiver, SECRET, client, event_json, post_signed};
 use support::{example_binary, redis_url, runtime, temp_dir, unique_prefix};
 
-/// `faketime`, or `None` (loudly, and a failure under `CI=true`) without it.
-fn faketime(test: &str) -> Option<()> {
-    if Command::new("faketime").arg("--version").output().is_ok() {
-        return Some(());
+/// libfaketime, or `None` (loudly, and a failure under `CI=true`) without it.
+fn faketime(test: &str) -> Option<std::path::PathBuf> {
+    let found = ["x86_64-linux-gnu", "aarch64-linux-gnu", ""]
+        .iter()
+        .map(|arch| {
+            std::path::Path::new("/usr/lib")
+                .join(arch)
+                .join("faketime/libfaketime.so.1")
+        })
+        .find(|lib| lib.exists());
+    if found.is_some() {
+        return found;
     }
     assert!(
         !std::env::var("CI").is_ok_and(|v| v == "true"),
-        "{test}: CI=true but there is no faketime (apt-get install faketime)"
+        "{test}: CI=true but there is no libfaketime (apt-get install faketime)"
     );
-    eprintln!("\n!!! SKIPPED {test}: no faketime on PATH (apt-get install faketime)\n");
+    eprintln!("\n!!! SKIPPED {test}: no libfaketime (apt-get install faketime)\n");
     None
 }
 
-/// The binary `name`, run with the clock 26 hours ahead.
-fn a_day_later(name: &str) -> Command {
-    let mut command = Command::new("faketime");
+/// The binary `name`, run with the clock 26 hours ahead: libfaketime preloaded
+/// into the binary itself, not through the `faketime` wrapper, which forks and
+/// would leave the binary running when the test kills the wrapper.
+fn a_day_later(name: &str, lib: &std::path::Path) -> Command {
+    let mut command = Command::new(example_binary(name));
     command
-        .args(["-f", "+26h"])
-        .arg(example_binary(name))
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME", "+26h")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     command
 }
@@ -89,9 +99,9 @@ fn processed_late(worker: &Receiver, fresh: &str, old: &str) {
 
 #[test]
 fn the_spool_receivers_process_an_event_a_day_after_it_arrived() {
-    if faketime("the_spool_receivers_process_an_event_a_day_after_it_arrived").is_none() {
+    let Some(lib) = faketime("the_spool_receivers_process_an_event_a_day_after_it_arrived") else {
         return;
-    }
+    };
     for name in ["hyper_receiver", "actix_receiver"] {
         let dir = temp_dir(&format!("{name}-clock"));
         let mut storing = Command::new(example_binary(name));
@@ -102,7 +112,7 @@ fn the_spool_receivers_process_an_event_a_day_after_it_arrived() {
         let (fresh, old) = (format!("fresh-{name}"), format!("old-{name}"));
         post_both(&receiver, &fresh, &old);
         drop(receiver);
-        let mut later = a_day_later(name);
+        let mut later = a_day_later(name, &lib);
         later.env("COMAPI_SPOOL_DIR", &dir);
         let worker = Receiver::start_command(name, later, SECRET);
         processed_late(&worker, &fresh, &old);
@@ -117,9 +127,9 @@ fn a_redis_worker_processes_an_event_a_day_after_it_arrived() {
     let Some(url) = redis_url(test) else {
         return;
     };
-    if faketime(test).is_none() {
+    let Some(lib) = faketime(test) else {
         return;
-    }
+    };
     let prefix = unique_prefix("clock");
     let mut storing = Command::new(example_binary("hyper_receiver"));
     storing
@@ -128,7 +138,7 @@ fn a_redis_worker_processes_an_event_a_day_after_it_arrived() {
     let receiver = Receiver::start_command("hyper_receiver", storing, SECRET);
     post_both(&receiver, "fresh-redis", "old-redis");
     drop(receiver);
-    let mut later = a_day_later("worker");
+    let mut later = a_day_later("worker", &lib);
     later
         .env("COMAPI_REDIS_URL", &url)
         .env("COMAPI_REDIS_PREFIX", &prefix)
