@@ -259,3 +259,45 @@ fn a_poison_message_that_kills_its_consumers_is_dead_lettered_by_the_delivery_li
         assert_eq!(store.status().await.backlog, Some(1));
     });
 }
+
+/// The worker dead-letters out of order: a later event's last attempt can fail while
+/// an earlier one is still being processed. Its dead letter must not acknowledge the
+/// earlier one (acknowledgements are cumulative): a crash then hands it out again.
+#[test]
+fn a_dead_letter_never_acknowledges_an_earlier_unfinished_delivery() {
+    use comapi_webhook::store::{Delivery, EventSource};
+    let Some(url) = amqp_url("a_dead_letter_never_acknowledges_an_earlier") else {
+        return;
+    };
+    runtime().block_on(async {
+        let config = config("out-of-order");
+        let store = RabbitStore::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), store.clone());
+        assert_eq!(post(&inbox, &["early", "late"]).await, 200);
+        let mut consumer = RabbitConsumer::connect(&url, config.clone(), "out-of-order")
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held.len() < 2 {
+            assert!(Instant::now() < deadline, "only {} delivered", held.len());
+            held.extend(consumer.next_batch().await.unwrap().unwrap());
+        }
+        // "late" fails for good while "early" is still in its handler.
+        consumer.dead_letter(&held[1], "failed", 3).await.unwrap();
+        // The next read acknowledges what is finished, then the worker crashes.
+        let _ = tokio::time::timeout(Duration::from_millis(100), consumer.next_batch()).await;
+        drop(consumer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = store.status().await;
+            if status.backlog == Some(2) && status.consumers == Some(0) {
+                break; // both come again: "early" unfinished, "late" not yet finished
+            }
+            assert!(Instant::now() < deadline, "{status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(held[0].event().unwrap().event_id(), "early");
+        assert_eq!(store.status().await.dead_letters, Some(1));
+    });
+}

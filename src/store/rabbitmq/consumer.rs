@@ -178,7 +178,7 @@ impl RabbitConsumer {
     }
 
     /// Publishes `delivery` to the dead-letter queue with `error` and `attempts`,
-    /// confirmed, then counts it finished.
+    /// and waits for the broker's confirm.
     async fn add_dead(
         &mut self,
         delivery: &RabbitDelivery,
@@ -195,6 +195,9 @@ impl RabbitConsumer {
         headers.insert("x-comapi-dead-at".into(), text(&dead_at));
         let properties = delivery.properties.clone().with_headers(headers);
         let dead = self.config.dead_queue();
+        // Not acknowledged here: the worker dead-letters out of order (a later event's
+        // last attempt may fail before an earlier one is finished) and acknowledgements
+        // are cumulative; `finished`, called in order, acknowledges it.
         publish_confirmed(
             &self.channel,
             &self.config,
@@ -202,9 +205,7 @@ impl RabbitConsumer {
             &delivery.record,
             properties,
         )
-        .await?;
-        self.finished_up_to = Some(delivery.tag);
-        Ok(())
+        .await
     }
 }
 
@@ -299,8 +300,11 @@ impl EventSource for RabbitConsumer {
         self.acknowledge().await?;
         if self.stop.is_stopped() {
             // What this consumer held and had not finished goes to another one.
-            let _ = self.channel.close(200, "stopping".into()).await;
-            let _ = self.connection.close(200, "stopping".into()).await;
+            let closing = async {
+                let _ = self.channel.close(200, "stopping".into()).await;
+                self.connection.close(200, "stopping".into()).await
+            };
+            let _ = tokio::time::timeout(self.config.deadline, closing).await;
         }
         Ok(())
     }
