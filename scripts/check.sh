@@ -54,9 +54,10 @@ fi
 if [ -z "${COMAPI_TEST_AMQP_URL:-}" ] && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
   # shellcheck source=scripts/rabbit-node.sh
   . scripts/rabbit-node.sh
-  rabbit_node_start "$(mktemp -d)"
+  rabbit_node_start "$(mktemp -d)" management
   cleanups+=(rabbit_node_stop)
   export COMAPI_TEST_AMQP_URL=$RABBIT_URL
+  export COMAPI_TEST_AMQP_MANAGEMENT_URL=$RABBIT_MANAGEMENT_URL
   echo "rabbitmq-server for the tests on $RABBIT_URL"
 elif [ -z "${COMAPI_TEST_AMQP_URL:-}" ]; then
   echo "!!! no rabbitmq-server: the RabbitMQ tests will be SKIPPED (apt-get install rabbitmq-server)"

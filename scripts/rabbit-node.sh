@@ -2,7 +2,10 @@
 # Debian's rabbitmq-server without a service manager (its own HOME and cookie, free
 # loopback ports, its folders under DIR).
 #
-#   rabbit_node_start DIR   starts it, waits until it speaks AMQP, sets RABBIT_URL
+#   rabbit_node_start DIR [management]
+#                           starts it, waits until it speaks AMQP, sets RABBIT_URL;
+#                           with `management`, also its management API (statistics
+#                           sampled every 500 ms), sets RABBIT_MANAGEMENT_URL
 #   rabbit_node_stop        stops it and its epmd, never failing
 
 rabbit_free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -14,8 +17,18 @@ rabbit_node_start() {
   mkdir -p "$RABBIT_DIR"
   printf 'NODE%s' "$$" > "$RABBIT_DIR/.erlang.cookie"
   chmod 400 "$RABBIT_DIR/.erlang.cookie"
-  echo '[].' > "$RABBIT_DIR/enabled_plugins"
   echo 'log.console = false' > "$RABBIT_DIR/rabbitmq.conf"
+  RABBIT_MANAGEMENT_URL=
+  if [ "${2:-}" = management ]; then
+    local management_port
+    management_port=$(rabbit_free_port)
+    echo '[rabbitmq_management].' > "$RABBIT_DIR/enabled_plugins"
+    printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\ncollect_statistics_interval = 500\n' \
+      "$management_port" >> "$RABBIT_DIR/rabbitmq.conf"
+    RABBIT_MANAGEMENT_URL="http://127.0.0.1:$management_port"
+  else
+    echo '[].' > "$RABBIT_DIR/enabled_plugins"
+  fi
   HOME=$RABBIT_DIR RABBITMQ_NODENAME="node$RABBIT_PORT@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
     RABBITMQ_NODE_PORT=$RABBIT_PORT RABBITMQ_DIST_PORT=$(rabbit_free_port) ERL_EPMD_PORT=$RABBIT_EPMD_PORT \
     ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$RABBIT_DIR/mnesia" RABBITMQ_LOG_BASE="$RABBIT_DIR/log" \
@@ -26,6 +39,13 @@ rabbit_node_start() {
     python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$RABBIT_PORT),1); s.sendall(b'AMQP\x00\x00\x09\x01'); sys.exit(0 if s.recv(1)==b'\x01' else 1)" 2>/dev/null && break
     sleep 0.2
   done
+  if [ -n "$RABBIT_MANAGEMENT_URL" ]; then
+    for _ in $(seq 300); do
+      python3 -c "import urllib.request; urllib.request.urlopen('$RABBIT_MANAGEMENT_URL/api/overview', timeout=1)" 2>&1 |
+        grep -q 'HTTP Error 401' && break
+      sleep 0.2
+    done
+  fi
   RABBIT_URL="amqp://guest:guest@127.0.0.1:$RABBIT_PORT/%2f"
 }
 

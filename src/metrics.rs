@@ -33,7 +33,7 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// | `handler_seconds` | how long each handler attempt took |
 /// | `stored_events` | events in the store, processed or not (a spool's events, a stream's length) |
 /// | `backlog_events` | events stored but not yet processed |
-/// | `pending_events` | of the backlog, events handed to a worker and not yet acknowledged (Redis) |
+/// | `pending_events` | of the backlog, events handed to a worker and not yet acknowledged (Redis; RabbitMQ with its management API) |
 /// | `dead_letter_events` | events in the dead letter |
 ///
 /// The gauges are read from a store's [`StoreStatus`] ([`Metrics::set_store_status`]).

@@ -21,17 +21,36 @@ use std::time::{Duration, Instant};
 use comapi_webhook::store::EventStore;
 use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
 use process::{Receiver, SECRET, client, event_json, post_signed, processed_counts};
-use rabbit::{OwnRabbit, amqp_url};
+use rabbit::{OwnRabbit, amqp_management_url, amqp_url};
 use support::{example_binary, runtime, unique_prefix};
 
 /// A receiver or `worker` on the broker at `url`, storing into `queue`.
 fn start(name: &str, url: &str, queue: &str) -> Receiver {
+    start_with(name, url, queue, &[])
+}
+
+/// [`start`] with more settings.
+fn start_with(name: &str, url: &str, queue: &str, settings: &[(&str, &str)]) -> Receiver {
     let mut command = Command::new(example_binary(name));
     command
         .env("COMAPI_AMQP_URL", url)
         .env("COMAPI_AMQP_QUEUE", queue)
-        .env("METRICS_PORT", "0");
+        .env("METRICS_PORT", "0")
+        .envs(settings.iter().copied());
     Receiver::start_command(name, command, SECRET)
+}
+
+/// The receiver's status page.
+async fn status_page(receiver: &Receiver) -> String {
+    use http_body_util::{BodyExt as _, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<hyper::body::Bytes>>();
+    let answer = client
+        .get(format!("{}/", receiver.url).parse().unwrap())
+        .await
+        .unwrap();
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
 }
 
 fn queue_name(test: &str) -> String {
@@ -97,12 +116,19 @@ async fn backlog_and_dead(url: &str, queue: &str) -> (Option<u64>, Option<u64>) 
 
 #[test]
 fn two_receivers_and_two_workers_process_every_event_once() {
-    let Some(url) = amqp_url("two_receivers_and_two_workers_process_every_event_once") else {
+    let test = "two_receivers_and_two_workers_process_every_event_once";
+    let (Some(url), Some(management)) = (amqp_url(test), amqp_management_url(test)) else {
         return;
     };
     let queue = queue_name("scale");
     let receivers = [
-        start("hyper_receiver", &url, &queue),
+        // The hyper receiver reads the unacknowledged count from the management API.
+        start_with(
+            "hyper_receiver",
+            &url,
+            &queue,
+            &[("COMAPI_AMQP_MANAGEMENT_URL", &management)],
+        ),
         start("actix_receiver", &url, &queue),
     ];
     let workers = [start("worker", &url, &queue), start("worker", &url, &queue)];
@@ -137,6 +163,23 @@ fn two_receivers_and_two_workers_process_every_event_once() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The status page tells the unacknowledged count only with the management API.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let page = status_page(&receivers[0]).await;
+            if page.contains(
+                "Waiting to be processed: <strong>0</strong> (0 of them handed to a worker",
+            ) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{page}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let page = status_page(&receivers[1]).await;
+        assert!(
+            page.contains("Waiting to be processed: <strong>0</strong></p>"),
+            "{page}"
+        );
     });
 }
 

@@ -1,8 +1,8 @@
 //! The RabbitMQ store and consumers on a real broker (`COMAPI_TEST_AMQP_URL`, which
 //! `scripts/check.sh` starts): a store-then-consume round trip, a copy called a
 //! duplicate, the topology's arguments, the worker's dead letter and its requeue, a
-//! poison message stopped by the delivery limit, and a stalled broker answered 503
-//! at the deadline.
+//! poison message stopped by the delivery limit, a stalled broker answered 503
+//! at the deadline, and the unacknowledged count read from the management API.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitConsumer, RabbitStore};
-use comapi_webhook::store::{EventStore, StopHandle};
+use comapi_webhook::store::{EventSource, EventStore, StopHandle, StoreStatus};
 use comapi_webhook::worker::{RetryPolicy, run_worker};
 use comapi_webhook::{Event, Gate, Inbox, Verifier};
-use rabbit_support::amqp_url;
+use rabbit_support::{amqp_management_url, amqp_url};
 use support::{SECRET, post, runtime, unique_prefix};
 
 #[path = "support/rabbit.rs"]
@@ -54,6 +54,9 @@ fn stored_events_are_consumed_once_and_a_copy_is_a_duplicate() {
         let status = store.status().await;
         assert_eq!(status.backlog, Some(4), "{status:?}");
         assert_eq!(status.dead_letters, Some(0), "{status:?}");
+        // Without the management API, AMQP does not tell the unacknowledged count.
+        assert_eq!(status.pending, None, "{status:?}");
+        assert_eq!(status.error, None, "{status:?}");
 
         let gate = Gate::in_memory();
         let seen = Mutex::new(Vec::new());
@@ -299,5 +302,78 @@ fn a_dead_letter_never_acknowledges_an_earlier_unfinished_delivery() {
         }
         assert_eq!(held[0].event().unwrap().event_id(), "early");
         assert_eq!(store.status().await.dead_letters, Some(1));
+    });
+}
+
+/// Polls `store`'s status until `wanted` holds (the management API samples every
+/// 500 ms on the suite's broker).
+async fn status_until(store: &RabbitStore, wanted: impl Fn(&StoreStatus) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = store.status().await;
+        if wanted(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn the_status_counts_unacknowledged_deliveries_through_the_management_api() {
+    let test = "the_status_counts_unacknowledged_deliveries";
+    let (Some(url), Some(management)) = (amqp_url(test), amqp_management_url(test)) else {
+        return;
+    };
+    runtime().block_on(async {
+        let config = config("unacked").with_management_url(management.clone());
+        let store = RabbitStore::connect(&url, config.clone()).await.unwrap();
+        let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), store.clone());
+        assert_eq!(post(&inbox, &["u-1", "u-2", "u-3"]).await, 200);
+        status_until(&store, |s| s.backlog == Some(3) && s.pending == Some(0)).await;
+
+        // A consumer holds the three, unacknowledged.
+        let mut consumer = RabbitConsumer::connect(&url, config.clone(), "unacked")
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        while held.len() < 3 {
+            held.extend(consumer.next_batch().await.unwrap().unwrap());
+        }
+        status_until(&store, |s| {
+            s.pending == Some(3) && s.backlog == Some(3) && s.consumers == Some(1)
+        })
+        .await;
+        assert_eq!(store.status().await.error, None);
+
+        for delivery in &held {
+            consumer.finished(delivery).await.unwrap();
+        }
+        consumer.flush().await.unwrap();
+        status_until(&store, |s| s.pending == Some(0) && s.backlog == Some(0)).await;
+
+        // Wrong credentials: the AMQP figures stay, the error says why the rest is missing.
+        let refused = management.replacen("http://", "http://nobody:wrong@", 1);
+        let wrong = RabbitStore::connect(&url, config.clone().with_management_url(refused))
+            .await
+            .unwrap();
+        let status = wrong.status().await;
+        assert_eq!(
+            (status.backlog, status.pending),
+            (Some(0), None),
+            "{status:?}"
+        );
+        assert_eq!(status.dead_letters, Some(0), "{status:?}");
+        let error = status.error.unwrap_or_default();
+        assert!(error.contains("answered 401"), "{error}");
+        assert!(
+            !error.contains("wrong"),
+            "the password stays out of it: {error}"
+        );
+
+        // A management URL that is not http fails at connect, saying so.
+        let https = config.with_management_url("https://127.0.0.1:15671");
+        let error = RabbitStore::connect(&url, https).await.unwrap_err();
+        assert!(error.report().to_string().contains("is https"), "{error}");
     });
 }

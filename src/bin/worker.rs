@@ -38,6 +38,7 @@ const WORKER_HELP: &str = "\
   COMAPI_AMQP_URL           the RabbitMQ they store into (one of the two is required)
   COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
   COMAPI_AMQP_QUEUE         the RabbitMQ queue (default comapi-webhook.events)
+  COMAPI_AMQP_MANAGEMENT_URL  RabbitMQ's management API, for the unacknowledged count
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
   COMAPI_CONCURRENCY        handler calls in flight (default 32)
   COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)

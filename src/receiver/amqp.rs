@@ -14,6 +14,9 @@ pub struct AmqpSettings {
     pub url: String,
     /// The quorum queue (its dead-letter queue is `<queue>.dead`).
     pub queue: String,
+    /// The broker's management API, for the unacknowledged count
+    /// (`COMAPI_AMQP_MANAGEMENT_URL`, `http://[user:pass@]host:15672`).
+    pub management_url: Option<String>,
 }
 
 impl AmqpSettings {
@@ -27,11 +30,15 @@ impl AmqpSettings {
         amqp_from(&|name| std::env::var(name).ok())
     }
 
-    /// The store's settings: this queue, the rest the defaults.
+    /// The store's settings: this queue and management API, the rest the defaults.
     #[cfg(feature = "rabbitmq")]
     #[must_use]
     pub fn rabbit_config(&self) -> crate::store::rabbitmq::RabbitConfig {
-        crate::store::rabbitmq::RabbitConfig::default().with_queue(self.queue.clone())
+        let config = crate::store::rabbitmq::RabbitConfig::default().with_queue(self.queue.clone());
+        match &self.management_url {
+            Some(url) => config.with_management_url(url.clone()),
+            None => config,
+        }
     }
 }
 
@@ -60,9 +67,16 @@ pub(super) fn amqp_from(
             "COMAPI_AMQP_URL must be amqp://user:pass@host:port/vhost (amqps:// is not built in)",
         ));
     }
+    let management_url = var("COMAPI_AMQP_MANAGEMENT_URL").map(|m| m.trim().to_owned());
+    #[cfg(feature = "rabbitmq")]
+    if let Some(management_url) = &management_url {
+        crate::store::rabbitmq::check_management_url(management_url)
+            .map_err(|why| ConfigError::setting(format!("COMAPI_AMQP_MANAGEMENT_URL: {why}")))?;
+    }
     Ok(Some(AmqpSettings {
         url,
         queue: var("COMAPI_AMQP_QUEUE")
             .map_or_else(|| DEFAULT_QUEUE.to_owned(), |q| q.trim().to_owned()),
+        management_url,
     }))
 }

@@ -32,6 +32,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_REDIS_PREFIX` | the Redis keys' prefix, default `comapi-webhook:` |
 /// | `COMAPI_AMQP_URL` | store into a RabbitMQ quorum queue instead (feature `rabbitmq`): `amqp://user:pass@host:port/vhost`; not with `COMAPI_REDIS_URL` |
 /// | `COMAPI_AMQP_QUEUE` | the queue, default `comapi-webhook.events` (its dead letters in `<queue>.dead`) |
+/// | `COMAPI_AMQP_MANAGEMENT_URL` | RabbitMQ's management API, `http://[user:pass@]host:15672`, for the unacknowledged count on the status page and `/metrics`; default none |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
 /// | `COMAPI_HEADER_TIMEOUT` | how long a connection may take to send a request's headers, or stay idle, default `5s` |
@@ -215,6 +216,8 @@ impl ReceiverConfig {
   COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
   COMAPI_AMQP_URL           store into a RabbitMQ quorum queue: amqp://user:pass@host:port/vhost
   COMAPI_AMQP_QUEUE         the queue (default comapi-webhook.events)
+  COMAPI_AMQP_MANAGEMENT_URL  RabbitMQ's management API for the unacknowledged count:
+                            http://[user:pass@]host:15672 (default none)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
   COMAPI_WORKER             run a worker in this process (default: true without a broker)
   COMAPI_HEADER_TIMEOUT     time for a request's headers, or idling (default 5s)

@@ -182,6 +182,8 @@ fn rabbitmq_turns_the_worker_off_unless_asked_and_names_its_queue() {
     assert!(!amqp.worker);
     let settings = amqp.amqp.unwrap_or_else(|| panic!("no RabbitMQ"));
     assert_eq!(settings.queue, "my.events");
+    assert_eq!(settings.management_url, None);
+    assert_eq!(settings.rabbit_config().management_url, None);
     let wrong = config(&[
         ("COMAPI_WEBHOOK_SECRET", SECRET),
         ("COMAPI_AMQP_URL", "rabbit://host"),
@@ -191,5 +193,30 @@ fn rabbitmq_turns_the_worker_off_unless_asked_and_names_its_queue() {
             .err()
             .unwrap_or_default()
             .starts_with("COMAPI_AMQP_URL must be amqp://")
+    );
+}
+
+#[cfg(feature = "rabbitmq")]
+#[test]
+fn the_management_url_is_checked_at_start() {
+    let with = |management: &str| {
+        config(&[
+            ("COMAPI_WEBHOOK_SECRET", SECRET),
+            ("COMAPI_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ("COMAPI_AMQP_MANAGEMENT_URL", management),
+        ])
+    };
+    let settings = with(" http://127.0.0.1:15672 ")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .amqp
+        .unwrap_or_else(|| panic!("no RabbitMQ"));
+    let url = Some("http://127.0.0.1:15672".to_owned());
+    assert_eq!(settings.rabbit_config().management_url, url);
+    let error = with("https://mq:15671").err().unwrap_or_default();
+    assert!(
+        error.starts_with(
+            "COMAPI_AMQP_MANAGEMENT_URL: the management URL \"https://mq:15671\" is https"
+        ),
+        "{error}"
     );
 }

@@ -25,6 +25,20 @@ pub fn amqp_url(test: &str) -> Option<String> {
     None
 }
 
+/// The suite's broker's management API (`COMAPI_TEST_AMQP_MANAGEMENT_URL`, which
+/// `scripts/check.sh` starts), else `None`, loudly, and a failure under `CI=true`.
+pub fn amqp_management_url(test: &str) -> Option<String> {
+    if let Ok(url) = std::env::var("COMAPI_TEST_AMQP_MANAGEMENT_URL") {
+        return Some(url);
+    }
+    missing(
+        test,
+        "COMAPI_TEST_AMQP_MANAGEMENT_URL is not set (scripts/check.sh starts a broker with its \
+         management API)",
+    );
+    None
+}
+
 fn missing(test: &str, why: &str) {
     assert!(
         !std::env::var("CI").is_ok_and(|v| v == "true"),

@@ -30,6 +30,26 @@
 //! channel that holds it is open. But the broker's `consumer_timeout` (30 minutes by
 //! default) closes a channel whose delivery was not acknowledged in time: a handler
 //! slower than it has its batch handed out again, and the worker starts over.
+//!
+//! # The status
+//!
+//! [`EventStore::status`] reads the ready messages, the consumers and the dead
+//! letters over AMQP. How many messages consumers hold unacknowledged AMQP does not
+//! tell: given [`RabbitConfig::management_url`], the status reads it (`pending`) and
+//! the backlog from the broker's management API.
+//!
+//! ```no_run
+//! use comapi_webhook::store::EventStore;
+//! use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
+//!
+//! # async fn run() -> Result<(), comapi_webhook::Error> {
+//! let config = RabbitConfig::default().with_management_url("http://127.0.0.1:15672");
+//! let store = RabbitStore::connect("amqp://guest:guest@127.0.0.1:5672/%2f", config).await?;
+//! let status = store.status().await;
+//! println!("{:?} waiting, {:?} of them in a worker's hands", status.backlog, status.pending);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,8 +68,10 @@ use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
 mod consumer;
+mod management;
 
 pub use consumer::{RabbitConsumer, RabbitConsumers, RabbitDelivery};
+pub(crate) use management::check_url as check_management_url;
 
 /// The header that names a stored copy of an event for the gate.
 pub(crate) const DELIVERY_HEADER: &str = "x-comapi-delivery";
@@ -69,6 +91,12 @@ pub struct RabbitConfig {
     /// Messages a consumer holds unacknowledged at most (`basic.qos`): the worker's
     /// window. Default 512.
     pub prefetch: u16,
+    /// The broker's management API (`http://[user:pass@]host:15672`, plugin
+    /// `rabbitmq_management`), where the status reads how many messages
+    /// consumers hold unacknowledged, which AMQP does not tell. Without it that
+    /// figure is unknown. The AMQP URL's credentials are used unless this one
+    /// carries its own. Default none.
+    pub management_url: Option<String>,
 }
 
 impl Default for RabbitConfig {
@@ -78,6 +106,7 @@ impl Default for RabbitConfig {
             delivery_limit: 10,
             deadline: Duration::from_secs(5),
             prefetch: 512,
+            management_url: None,
         }
     }
 }
@@ -111,6 +140,14 @@ impl RabbitConfig {
         self
     }
 
+    /// The same settings reading the unacknowledged count from the management API
+    /// at `url` (see [`RabbitConfig::management_url`]).
+    #[must_use]
+    pub fn with_management_url(mut self, url: impl Into<String>) -> Self {
+        self.management_url = Some(url.into());
+        self
+    }
+
     /// The dead-letter exchange's and queue's name: `<queue>.dead`.
     #[must_use]
     pub fn dead_queue(&self) -> String {
@@ -134,6 +171,7 @@ pub struct RabbitStore {
     config: Arc<RabbitConfig>,
     link: Arc<Mutex<Option<Link>>>,
     outage: Outage,
+    management: Option<Arc<management::Management>>,
 }
 
 impl std::fmt::Debug for RabbitStore {
@@ -150,9 +188,19 @@ impl RabbitStore {
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when the broker cannot be reached in time or
-    /// refuses the topology (a queue of the same name with other arguments).
+    /// refuses the topology (a queue of the same name with other arguments), or
+    /// [`RabbitConfig::management_url`] is not an `http://` URL.
     pub async fn connect(url: &str, config: RabbitConfig) -> Result<Self, Error> {
+        let management = match &config.management_url {
+            None => None,
+            Some(base) => Some(Arc::new(
+                management::Management::new(base, url, &config.queue).map_err(|reason| {
+                    Error::store_unavailable("cannot use the RabbitMQ management API", reason)
+                })?,
+            )),
+        };
         let store = RabbitStore {
+            management,
             url: url.into(),
             outage: Outage::new("RabbitMQ", config.queue.as_str().into()),
             config: Arc::new(config),
@@ -282,32 +330,56 @@ impl EventStore for RabbitStore {
         stored
     }
 
+    /// The queue's consumers and dead letters, from AMQP. The backlog is its ready
+    /// messages, from AMQP, unless [`RabbitConfig::management_url`] is set: then
+    /// the backlog (ready and unacknowledged) and `pending` (unacknowledged) are the
+    /// management API's last sample, which lags by its statistics interval (5 s
+    /// by default).
     async fn status(&self) -> StoreStatus {
         let store = format!("the RabbitMQ quorum queue {}", self.config.queue);
-        let asked = async {
+        let counts = async {
             let channel = self.channel().await?;
             consumer::counts(&channel, &self.config).await
         };
-        match tokio::time::timeout(self.config.deadline, asked).await {
-            Ok(Ok(counts)) => StoreStatus {
-                store,
-                stored: None,
-                backlog: Some(counts.ready),
-                pending: None,
-                dead_letters: Some(counts.dead),
-                error: None,
-                consumers: Some(counts.consumers),
-            },
-            Ok(Err(error)) => StoreStatus {
-                store,
-                error: Some(error.report().to_string()),
-                ..StoreStatus::default()
-            },
-            Err(_) => StoreStatus {
-                store,
-                error: Some(format!("no answer within {:?}", self.config.deadline)),
-                ..StoreStatus::default()
-            },
+        let sample = async {
+            match &self.management {
+                Some(management) => management.sample().await,
+                None => Ok(None),
+            }
+        };
+        let asked = async { tokio::join!(counts, sample) };
+        let (counts, sample) = match tokio::time::timeout(self.config.deadline, asked).await {
+            Ok(answers) => answers,
+            Err(_) => {
+                return StoreStatus {
+                    store,
+                    error: Some(format!("no answer within {:?}", self.config.deadline)),
+                    ..StoreStatus::default()
+                };
+            }
+        };
+        let counts = match counts {
+            Ok(counts) => counts,
+            Err(error) => {
+                return StoreStatus {
+                    store,
+                    error: Some(error.report().to_string()),
+                    ..StoreStatus::default()
+                };
+            }
+        };
+        let (sample, error) = match sample {
+            Ok(sample) => (sample, None),
+            Err(error) => (None, Some(error.report().to_string())),
+        };
+        StoreStatus {
+            store,
+            stored: None,
+            backlog: Some(sample.map_or(counts.ready, |s| s.messages)),
+            pending: sample.map(|s| s.unacknowledged),
+            dead_letters: Some(counts.dead),
+            consumers: Some(counts.consumers),
+            error,
         }
     }
 }
