@@ -10,7 +10,8 @@ pub const DEFAULT_QUEUE: &str = "comapi-webhook.events";
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AmqpSettings {
-    /// `amqp://user:pass@host:port/vhost` (the vhost URL-encoded: `%2f` for `/`).
+    /// `amqp://user:pass@host:port/vhost` (the vhost URL-encoded: `%2f` for `/`), or
+    /// `amqps://…` with the feature `rabbitmq-tls`.
     pub url: String,
     /// The quorum queue (its dead-letter queue is `<queue>.dead`).
     pub queue: String,
@@ -62,9 +63,15 @@ pub(super) fn amqp_from(
         ));
     }
     let url = url.trim().to_owned();
-    if !url.starts_with("amqp://") {
+    if url.starts_with("amqps://") && !cfg!(feature = "rabbitmq-tls") {
         return Err(ConfigError::setting(
-            "COMAPI_AMQP_URL must be amqp://user:pass@host:port/vhost (amqps:// is not built in)",
+            "COMAPI_AMQP_URL is amqps://, but this binary was built without TLS: build it with \
+             --features binaries,rabbitmq-tls",
+        ));
+    }
+    if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+        return Err(ConfigError::setting(
+            "COMAPI_AMQP_URL must be amqp://user:pass@host:port/vhost (or amqps://, with TLS)",
         ));
     }
     let management_url = var("COMAPI_AMQP_MANAGEMENT_URL").map(|m| m.trim().to_owned());

@@ -220,3 +220,25 @@ fn the_management_url_is_checked_at_start() {
         "{error}"
     );
 }
+
+#[cfg(feature = "rabbitmq")]
+#[test]
+fn amqps_needs_the_tls_feature() {
+    let settings = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_AMQP_URL", "amqps://guest:guest@mq.example:5671/%2f"),
+    ]);
+    if cfg!(feature = "rabbitmq-tls") {
+        let amqp = settings.unwrap_or_else(|e| panic!("{e}")).amqp;
+        assert_eq!(
+            amqp.map(|a| a.url).as_deref(),
+            Some("amqps://guest:guest@mq.example:5671/%2f")
+        );
+    } else {
+        let error = settings.err().unwrap_or_default();
+        assert!(
+            error.contains("built without TLS") && error.contains("rabbitmq-tls"),
+            "{error}"
+        );
+    }
+}

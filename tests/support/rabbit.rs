@@ -61,12 +61,25 @@ pub struct OwnRabbit {
     pub port: u16,
     dist_port: u16,
     epmd_port: u16,
+    /// The `amqps://` port of a node started by [`OwnRabbit::start_tls`].
+    pub tls_port: Option<u16>,
     dir: TempDir,
 }
 
 impl OwnRabbit {
     /// `None` (loudly, and a failure under `CI=true`) without `rabbitmq-server`.
     pub fn start(test: &str) -> Option<OwnRabbit> {
+        Self::start_with(test, false)
+    }
+
+    /// A node that also takes `amqps://` ([`OwnRabbit::tls_url`]) with a certificate
+    /// for 127.0.0.1 signed by a CA of the test's own ([`OwnRabbit::ca_file`]), made
+    /// by `openssl`.
+    pub fn start_tls(test: &str) -> Option<OwnRabbit> {
+        Self::start_with(test, true)
+    }
+
+    fn start_with(test: &str, tls: bool) -> Option<OwnRabbit> {
         if !std::path::Path::new(SERVER).exists() {
             missing(
                 test,
@@ -80,12 +93,28 @@ impl OwnRabbit {
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        std::fs::write(dir.join("rabbitmq.conf"), "log.console = false\n").unwrap();
+        let mut conf = "log.console = false\n".to_owned();
+        let tls_port = tls.then(free_port);
+        if let Some(tls_port) = tls_port {
+            certificates(&dir);
+            let file = |name: &str| dir.join(name).display().to_string();
+            conf += &format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            );
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
         let mut rabbit = OwnRabbit {
             child: None,
             port: free_port(),
             dist_port: free_port(),
             epmd_port: free_port(),
+            tls_port,
             dir,
         };
         rabbit.restart();
@@ -94,6 +123,17 @@ impl OwnRabbit {
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The `amqps://` URL of a node started by [`OwnRabbit::start_tls`].
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("a node started with TLS");
+        format!("amqps://guest:guest@127.0.0.1:{port}/%2f")
+    }
+
+    /// The PEM file of the CA that signed the node's certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// Starts the node on the same ports and folder, and waits until it takes AMQP
@@ -166,5 +206,66 @@ impl Drop for OwnRabbit {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// A CA (`ca.pem`) and a certificate it signed for 127.0.0.1 (`server.pem`,
+/// `server.key`) in `dir`, by the `openssl` command.
+fn certificates(dir: &std::path::Path) {
+    std::fs::write(dir.join("server.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=comapi-webhook test CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let made = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("the openssl command");
+        assert!(made.status.success(), "openssl {args:?}: {made:?}");
     }
 }

@@ -183,8 +183,10 @@ impl std::fmt::Debug for RabbitStore {
 }
 
 impl RabbitStore {
-    /// Connects to the broker at `url` (`amqp://user:pass@host:port/vhost`) and
-    /// declares the topology.
+    /// Connects to the broker at `url` (`amqp://user:pass@host:port/vhost`, or
+    /// `amqps://…` with the feature `rabbitmq-tls`, which trusts the system's root
+    /// certificates or those in the PEM file `SSL_CERT_FILE` names) and declares
+    /// the topology.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when the broker cannot be reached in time or
