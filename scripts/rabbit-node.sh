@@ -55,7 +55,12 @@ rabbit_node_stop() {
   kill -TERM -- "-$RABBIT_PID" 2>/dev/null || true
   for _ in $(seq 100); do kill -0 "$RABBIT_PID" 2>/dev/null || break; sleep 0.1; done
   kill -KILL -- "-$RABBIT_PID" 2>/dev/null || true
-  epmd -port "$RABBIT_EPMD_PORT" -kill >/dev/null 2>&1 || true
+  # epmd refuses -kill while the node is still registered, for a moment after its death.
+  for _ in $(seq 100); do
+    epmd -port "$RABBIT_EPMD_PORT" -kill 2>/dev/null | grep -q Killed && break
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $RABBIT_EPMD_PORT), 1)" 2>/dev/null || break
+    sleep 0.1
+  done
   rm -rf "$RABBIT_DIR" 2>/dev/null || true
   RABBIT_PID=
 }

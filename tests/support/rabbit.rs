@@ -201,11 +201,22 @@ impl OwnRabbit {
 impl Drop for OwnRabbit {
     fn drop(&mut self) {
         self.kill();
-        let _ = Command::new("epmd")
-            .args(["-port", &self.epmd_port.to_string(), "-kill"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // epmd refuses `-kill` while the node is still registered: until the killed
+        // node's connection closed, which takes a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let killed = Command::new("epmd")
+                .args(["-port", &self.epmd_port.to_string(), "-kill"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("Killed"));
+            let gone = std::net::TcpStream::connect(("127.0.0.1", self.epmd_port)).is_err();
+            if killed || gone || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
