@@ -224,7 +224,8 @@ impl<S: EventStore> Inbox<S> {
     /// The metrics given to [`Inbox::with_metrics`], with the store's gauges read
     /// now, in the OpenMetrics text format; 404 without metrics. `authorization`
     /// is the request's `Authorization` header: with a token set, anything but
-    /// `Bearer <token>` (compared in constant time) gets a 401.
+    /// `Bearer <token>` (the scheme in any case, the token compared in constant
+    /// time) gets a 401.
     ///
     /// ```
     /// # async fn demo(inbox: comapi_webhook::Inbox) {
@@ -236,9 +237,7 @@ impl<S: EventStore> Inbox<S> {
             return Reply::not_found();
         };
         if let Some(token) = &self.metrics_token {
-            let given = authorization
-                .and_then(|value| value.strip_prefix(b"Bearer "))
-                .map(<[u8]>::trim_ascii);
+            let given = authorization.and_then(bearer_token);
             let right = given.is_some_and(|given| bool::from(given.ct_eq(token)));
             if !right {
                 return Reply::metrics_token_required();
@@ -332,4 +331,39 @@ fn html_text(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme's case does not
+/// matter (RFC 9110, 11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, token) = value.split_at_checked(6)?;
+    let token = token.strip_prefix(b" ")?.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn a_bearer_token_is_read_whatever_the_scheme_s_case() {
+        for value in ["Bearer tok", "bearer tok", "BEARER tok", " Bearer   tok "] {
+            assert_eq!(
+                bearer_token(value.as_bytes()),
+                Some(&b"tok"[..]),
+                "{value:?}"
+            );
+        }
+        for value in [
+            "Bearer",
+            "Bearer ",
+            "Bearertok",
+            "Basic tok",
+            "",
+            "Bear tok",
+        ] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value:?}");
+        }
+    }
 }

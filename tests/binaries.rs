@@ -172,9 +172,18 @@ fn every_binary_prints_its_usage_on_help_and_exits_0() {
 
 /// `GET /metrics` with a body and `WWW-Authenticate`, as a client sees them.
 async fn get_metrics(url: &str, token: Option<&str>) -> (u16, Option<String>, String) {
+    get_metrics_as(url, token.map(|token| format!("Bearer {token}"))).await
+}
+
+/// [`get_metrics`] with the whole `Authorization` value.
+async fn get_metrics_with(url: &str, authorization: &str) -> (u16, Option<String>, String) {
+    get_metrics_as(url, Some(authorization.to_owned())).await
+}
+
+async fn get_metrics_as(url: &str, authorization: Option<String>) -> (u16, Option<String>, String) {
     let mut request = http::Request::get(format!("{url}/metrics"));
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
     }
     let request = request
         .body(http_body_util::Full::new(hyper::body::Bytes::new()))
@@ -218,6 +227,9 @@ fn a_metrics_token_protects_the_metrics_of_both_receivers() {
             let (status, _, body) = get_metrics(&receiver.url, Some("the-metrics-token")).await;
             assert_eq!(status, 200, "{name}");
             assert!(body.contains("comapi_webhook_requests"), "{body}");
+            // The scheme is case-insensitive (RFC 9110).
+            let lowercase = get_metrics_with(&receiver.url, "bearer the-metrics-token").await;
+            assert_eq!(lowercase.0, 200, "{name}");
         });
         drop(receiver);
         let _ = std::fs::remove_dir_all(dir);
