@@ -2,7 +2,9 @@
 //! on one quorum queue process every acknowledged event once; a worker killed with
 //! SIGKILL hands its deliveries to another; the broker killed with SIGKILL under
 //! load and restarted on the same ports and folder: answers are 200 or 503 in time,
-//! the same receivers store again, and every event answered 200 is processed.
+//! the same receivers store again, and every event answered 200 is processed; with
+//! `COMAPI_GATE_REDIS_URL` two workers tell Comapi's retries apart however the
+//! copies are shared out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -322,4 +324,69 @@ fn the_broker_killed_under_load_gets_503s_in_time_and_loses_nothing_answered_200
     eprintln!("{} answered 200, {refused} answered 503", acked.len());
     let worker = start("worker", &url, &queue);
     wait_processed(&[&worker], &acked, Duration::from_secs(60));
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn workers_sharing_a_gate_in_redis_process_a_comapi_retry_once_whichever_worker_gets_it() {
+    let test = "workers_sharing_a_gate_in_redis";
+    let (Some(url), Some(redis)) = (amqp_url(test), support::redis_url(test)) else {
+        return;
+    };
+    let queue = queue_name("shared-gate");
+    let prefix = format!("{queue}:");
+    let shared = [
+        ("COMAPI_GATE_REDIS_URL", redis.as_str()),
+        ("COMAPI_REDIS_PREFIX", prefix.as_str()),
+    ];
+    // One worker in the hyper receiver's process, one `worker` process.
+    let in_process = [shared[0], shared[1], ("COMAPI_WORKER", "true")];
+    let receivers = [
+        start_with("hyper_receiver", &url, &queue, &in_process),
+        start("actix_receiver", &url, &queue),
+    ];
+    let worker = start_with("worker", &url, &queue, &shared);
+    let workers = [&receivers[0], &worker];
+    let mut acked = HashSet::new();
+    runtime().block_on(async {
+        let client = client();
+        // Each event, then Comapi's retry of it (the same body) through the other
+        // receiver: the two copies sit side by side in the queue, and the workers
+        // take turns.
+        for n in 0..300 {
+            let id = format!("copy-{n}");
+            let body = event_json(&id);
+            for receiver in &receivers {
+                let status =
+                    post_signed(&client, &format!("{}/", receiver.url), SECRET, body.clone()).await;
+                assert_eq!(status, Ok(200), "{id}");
+            }
+            acked.insert(id);
+        }
+    });
+    wait_processed(&workers, &acked, Duration::from_secs(60));
+    // Both copies of every event are acknowledged before the queue is empty.
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while backlog_and_dead(&url, &queue).await != (Some(0), Some(0)) {
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                backlog_and_dead(&url, &queue).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let logs: Vec<String> = workers
+        .iter()
+        .map(|w| w.log.lock().unwrap().clone())
+        .collect();
+    let counts = processed_counts(&logs);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "a retry processed again: {twice:?}");
+    assert_eq!(counts.len(), 300);
+    assert!(
+        !processed_counts(&logs[..1]).is_empty() && !processed_counts(&logs[1..]).is_empty(),
+        "both workers took a share"
+    );
 }

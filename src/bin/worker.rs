@@ -39,6 +39,8 @@ const WORKER_HELP: &str = "\
   COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
   COMAPI_AMQP_QUEUE         the RabbitMQ queue (default comapi-webhook.events)
   COMAPI_AMQP_MANAGEMENT_URL  RabbitMQ's management API, for the unacknowledged count
+  COMAPI_GATE_REDIS_URL     with RabbitMQ: a Redis the workers share their gate in
+                            (default: each worker's gate in its memory)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
   COMAPI_CONCURRENCY        handler calls in flight (default 32)
   COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)
@@ -96,7 +98,22 @@ async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
         Err(error) => return fail(&format!("COMAPI_AMQP_URL: {}", error.report()), 1),
     };
     let consumers = RabbitConsumers::new(&amqp.url, config);
-    run(consumers, Gate::in_memory(), queue, settings).await
+    match &amqp.gate {
+        None => run(consumers, Gate::in_memory(), queue, settings).await,
+        #[cfg(feature = "redis")]
+        Some(redis) => {
+            if let Err(error) = redis.check_credentials().await {
+                return fail(&error.to_string(), error.exit_code());
+            }
+            match redis.gate().await {
+                Ok(gate) => run(consumers, gate, queue, settings).await,
+                Err(error) => fail(&format!("COMAPI_GATE_REDIS_URL: {}", error.report()), 1),
+            }
+        }
+        // Without Redis the settings refuse COMAPI_GATE_REDIS_URL.
+        #[cfg(not(feature = "redis"))]
+        Some(_) => run(consumers, Gate::in_memory(), queue, settings).await,
+    }
 }
 
 #[cfg(not(feature = "rabbitmq"))]
@@ -117,17 +134,13 @@ async fn redis_worker(_: &RedisSettings, _: Settings) -> ExitCode {
 
 #[cfg(feature = "redis")]
 async fn redis_worker(redis: &RedisSettings, settings: Settings) -> ExitCode {
-    use comapi_webhook::gate::{RedisGate, RedisGateConfig};
     use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
     if let Err(error) = redis.check_credentials().await {
         return fail(&error.to_string(), error.exit_code());
     }
     let connected = async {
         let stream = RedisStream::connect(&redis.url, redis.stream_config()).await?;
-        let gate_config = RedisGateConfig::default()
-            .with_key_prefix(redis.key_prefix.clone())
-            .with_lease(redis.lease);
-        Ok::<_, comapi_webhook::Error>((stream, RedisGate::connect(&redis.url, gate_config).await?))
+        Ok::<_, comapi_webhook::Error>((stream, redis.gate().await?))
     };
     let (stream, gate) = match connected.await {
         Ok(connected) => connected,

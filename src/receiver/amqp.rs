@@ -18,6 +18,12 @@ pub struct AmqpSettings {
     /// The broker's management API, for the unacknowledged count
     /// (`COMAPI_AMQP_MANAGEMENT_URL`, `http://[user:pass@]host:15672`).
     pub management_url: Option<String>,
+    /// A Redis for the workers' revision gate (`COMAPI_GATE_REDIS_URL`, with
+    /// `COMAPI_REDIS_PREFIX` and `COMAPI_LEASE`), so that the workers of the queue
+    /// share their decisions: a Comapi retry or an older revision that reaches
+    /// another worker is still told apart. Without it each worker's gate is in its
+    /// memory.
+    pub gate: Option<super::RedisSettings>,
 }
 
 impl AmqpSettings {
@@ -48,6 +54,13 @@ pub(super) fn amqp_from(
 ) -> Result<Option<AmqpSettings>, ConfigError> {
     let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
     let Some(url) = var("COMAPI_AMQP_URL") else {
+        if var("COMAPI_GATE_REDIS_URL").is_some() {
+            return Err(ConfigError::setting(
+                "COMAPI_GATE_REDIS_URL is for the workers of a RabbitMQ queue (COMAPI_AMQP_URL); \
+                 with COMAPI_REDIS_URL the gate is in that Redis already, and a spool has one \
+                 worker",
+            ));
+        }
         return Ok(None);
     };
     if var("COMAPI_REDIS_URL").is_some() {
@@ -75,6 +88,7 @@ pub(super) fn amqp_from(
         ));
     }
     let management_url = var("COMAPI_AMQP_MANAGEMENT_URL").map(|m| m.trim().to_owned());
+    let gate = super::config::redis_at(lookup, "COMAPI_GATE_REDIS_URL")?;
     #[cfg(feature = "rabbitmq")]
     if let Some(management_url) = &management_url {
         crate::store::rabbitmq::check_management_url(management_url)
@@ -85,5 +99,6 @@ pub(super) fn amqp_from(
         queue: var("COMAPI_AMQP_QUEUE")
             .map_or_else(|| DEFAULT_QUEUE.to_owned(), |q| q.trim().to_owned()),
         management_url,
+        gate,
     }))
 }

@@ -33,6 +33,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_AMQP_URL` | store into a RabbitMQ quorum queue instead (feature `rabbitmq`): `amqp://user:pass@host:port/vhost`; not with `COMAPI_REDIS_URL` |
 /// | `COMAPI_AMQP_QUEUE` | the queue, default `comapi-webhook.events` (its dead letters in `<queue>.dead`) |
 /// | `COMAPI_AMQP_MANAGEMENT_URL` | RabbitMQ's management API, `http://[user:pass@]host:15672`, for the unacknowledged count on the status page and `/metrics`; default none |
+/// | `COMAPI_GATE_REDIS_URL` | with RabbitMQ: a Redis (`redis://…`) where the workers share their revision gate, so that a Comapi retry or an older revision reaching another worker is still told apart; default none, each worker's gate in its memory |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
 /// | `COMAPI_HEADER_TIMEOUT` | how long a connection may take to send a request's headers, or stay idle, default `5s` |
@@ -87,6 +88,8 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// How long a worker may hold an event before another takes it over.
     pub lease: Duration,
+    /// The variable `url` came from, for the errors.
+    variable: &'static str,
 }
 
 impl RedisSettings {
@@ -98,10 +101,29 @@ impl RedisSettings {
     pub fn from_env() -> Result<Option<Self>, ConfigError> {
         redis_from(&env)
     }
+
+    /// The variable the URL came from: `COMAPI_REDIS_URL`, or
+    /// `COMAPI_GATE_REDIS_URL` for a RabbitMQ worker's gate.
+    #[must_use]
+    pub fn variable(&self) -> &'static str {
+        self.variable
+    }
 }
 
 #[cfg(feature = "redis")]
 impl RedisSettings {
+    /// The revision gate on this Redis, with this prefix and lease, shared by every
+    /// worker that uses it.
+    ///
+    /// # Errors
+    /// [`crate::Error::StoreUnavailable`] when Redis cannot be reached.
+    pub async fn gate(&self) -> Result<crate::gate::RedisGate, crate::Error> {
+        let config = crate::gate::RedisGateConfig::default()
+            .with_key_prefix(self.key_prefix.clone())
+            .with_lease(self.lease);
+        crate::gate::RedisGate::connect(&self.url, config).await
+    }
+
     /// The stream's settings: this prefix and lease, the rest the defaults.
     #[must_use]
     pub fn stream_config(&self) -> crate::store::redis_stream::RedisStreamConfig {
@@ -115,7 +137,7 @@ impl RedisSettings {
     /// at start-up rather than as a 503 to every request.
     ///
     /// # Errors
-    /// [`ConfigError`] naming `COMAPI_REDIS_URL`: with exit status 2 when Redis
+    /// [`ConfigError`] naming the variable ([`RedisSettings::variable`]): with exit status 2 when Redis
     /// refused the credentials, 1 when it cannot be reached.
     pub async fn check_credentials(&self) -> Result<(), ConfigError> {
         let refused = |e: &redis::RedisError| {
@@ -123,7 +145,7 @@ impl RedisSettings {
                 || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
         };
         let said = |e: redis::RedisError| {
-            let message = format!("COMAPI_REDIS_URL: Redis refused this process: {e}");
+            let message = format!("{}: Redis refused this process: {e}", self.variable);
             if refused(&e) {
                 ConfigError::setting(format!(
                     "{message} (give the password in the URL: redis://:PASSWORD@host:port/)"
@@ -133,7 +155,7 @@ impl RedisSettings {
             }
         };
         let client = redis::Client::open(self.url.as_str()).map_err(|e| {
-            ConfigError::setting(format!("COMAPI_REDIS_URL is not a Redis URL: {e}"))
+            ConfigError::setting(format!("{} is not a Redis URL: {e}", self.variable))
         })?;
         let ping = async {
             let mut connection = client.get_multiplexed_async_connection().await?;
@@ -144,9 +166,10 @@ impl RedisSettings {
         match tokio::time::timeout(Duration::from_secs(5), ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(said(e)),
-            Err(_) => Err(ConfigError::new(
-                "COMAPI_REDIS_URL: Redis did not answer within 5 s",
-            )),
+            Err(_) => Err(ConfigError::new(format!(
+                "{}: Redis did not answer within 5 s",
+                self.variable
+            ))),
         }
     }
 }
@@ -218,6 +241,8 @@ impl ReceiverConfig {
   COMAPI_AMQP_QUEUE         the queue (default comapi-webhook.events)
   COMAPI_AMQP_MANAGEMENT_URL  RabbitMQ's management API for the unacknowledged count:
                             http://[user:pass@]host:15672 (default none)
+  COMAPI_GATE_REDIS_URL     with RabbitMQ: a Redis the workers share their gate in
+                            (default: each worker's gate in its memory)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
   COMAPI_WORKER             run a worker in this process (default: true without a broker)
   COMAPI_HEADER_TIMEOUT     time for a request's headers, or idling (default 5s)
@@ -360,21 +385,31 @@ impl ReceiverConfig {
 fn redis_from(
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<RedisSettings>, ConfigError> {
+    redis_at(lookup, "COMAPI_REDIS_URL")
+}
+
+/// The Redis whose URL is in `variable`, with `COMAPI_REDIS_PREFIX` and
+/// `COMAPI_LEASE`: `None` when `variable` is not set.
+pub(super) fn redis_at(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    variable: &'static str,
+) -> Result<Option<RedisSettings>, ConfigError> {
     let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-    let Some(url) = var("COMAPI_REDIS_URL") else {
+    let Some(url) = var(variable) else {
         return Ok(None);
     };
     if !cfg!(feature = "redis") {
-        return Err(ConfigError::setting(
-            "COMAPI_REDIS_URL is set, but this binary was built without Redis: build it with \
-             --features receiver,redis",
-        ));
+        return Err(ConfigError::setting(format!(
+            "{variable} is set, but this binary was built without Redis: build it with the \
+             feature redis"
+        )));
     }
     let lease = duration(&var, "COMAPI_LEASE", crate::gate::DEFAULT_LEASE)?;
     Ok(Some(RedisSettings {
         url: url.trim().to_owned(),
         key_prefix: var("COMAPI_REDIS_PREFIX").unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned()),
         lease,
+        variable,
     }))
 }
 

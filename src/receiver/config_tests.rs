@@ -242,3 +242,48 @@ fn amqps_needs_the_tls_feature() {
         );
     }
 }
+
+#[test]
+fn the_gate_s_redis_is_for_rabbitmq_workers_only() {
+    let error = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_GATE_REDIS_URL", "redis://127.0.0.1:6379/"),
+    ])
+    .err()
+    .unwrap_or_default();
+    assert!(
+        error.starts_with("COMAPI_GATE_REDIS_URL is for the workers of a RabbitMQ queue"),
+        "{error}"
+    );
+}
+
+#[cfg(feature = "rabbitmq")]
+#[test]
+fn rabbitmq_workers_share_a_gate_in_the_redis_of_comapi_gate_redis_url() {
+    let settings = config(&[
+        ("COMAPI_WEBHOOK_SECRET", SECRET),
+        ("COMAPI_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("COMAPI_GATE_REDIS_URL", " redis://127.0.0.1:6379/ "),
+        ("COMAPI_REDIS_PREFIX", "shop:"),
+        ("COMAPI_LEASE", "90s"),
+    ]);
+    if !cfg!(feature = "redis") {
+        let error = settings.err().unwrap_or_default();
+        assert!(
+            error.starts_with(
+                "COMAPI_GATE_REDIS_URL is set, but this binary was built without Redis"
+            ),
+            "{error}"
+        );
+        return;
+    }
+    let amqp = settings
+        .unwrap_or_else(|e| panic!("{e}"))
+        .amqp
+        .unwrap_or_else(|| panic!("no RabbitMQ"));
+    let gate = amqp.gate.unwrap_or_else(|| panic!("no gate"));
+    assert_eq!(gate.url, "redis://127.0.0.1:6379/");
+    assert_eq!(gate.key_prefix, "shop:");
+    assert_eq!(gate.lease, std::time::Duration::from_secs(90));
+    assert_eq!(gate.variable(), "COMAPI_GATE_REDIS_URL");
+}

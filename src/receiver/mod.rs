@@ -119,7 +119,8 @@ impl ReceiverConfig {
     }
 }
 
-/// The Redis stream store and, if asked, a worker on its consumer group.
+/// The RabbitMQ store and, if asked, a worker consuming its queue, with its gate
+/// in Redis when `COMAPI_GATE_REDIS_URL` says so.
 #[cfg(feature = "rabbitmq")]
 async fn rabbit_store<H: EventHandler + 'static>(
     amqp: &AmqpSettings,
@@ -134,13 +135,26 @@ async fn rabbit_store<H: EventHandler + 'static>(
         .await
         .map_err(failed)?;
     tracing::info!(queue = %queue.queue(), "storing into RabbitMQ");
-    let worker = if worker {
-        let consumers = RabbitConsumers::new(&amqp.url, config);
-        Some(Worker::spawn(consumers, Gate::in_memory(), handler, retry).map_err(failed)?)
-    } else {
-        None
+    if !worker {
+        return Ok((Store::Rabbit(queue), None));
+    }
+    let consumers = RabbitConsumers::new(&amqp.url, config);
+    let worker = match &amqp.gate {
+        None => Worker::spawn(consumers, Gate::in_memory(), handler, retry),
+        #[cfg(feature = "redis")]
+        Some(redis) => {
+            redis.check_credentials().await?;
+            let gate = redis
+                .gate()
+                .await
+                .map_err(|e| ConfigError::new(format!("COMAPI_GATE_REDIS_URL: {}", e.report())))?;
+            Worker::spawn(consumers, gate, handler, retry)
+        }
+        // Without Redis the settings refuse COMAPI_GATE_REDIS_URL.
+        #[cfg(not(feature = "redis"))]
+        Some(_) => Worker::spawn(consumers, Gate::in_memory(), handler, retry),
     };
-    Ok((Store::Rabbit(queue), worker))
+    Ok((Store::Rabbit(queue), Some(worker.map_err(failed)?)))
 }
 
 #[cfg(feature = "redis")]
@@ -150,7 +164,6 @@ async fn redis_store<H: EventHandler + 'static>(
     handler: H,
     retry: crate::worker::WorkerConfig,
 ) -> Result<(Store, Option<Worker>), ConfigError> {
-    use crate::gate::{RedisGate, RedisGateConfig};
     use crate::store::redis_stream::{RedisStream, StreamConsumers};
     let failed = |e: crate::Error| ConfigError::new(format!("COMAPI_REDIS_URL: {}", e.report()));
     redis.check_credentials().await?;
@@ -163,12 +176,7 @@ async fn redis_store<H: EventHandler + 'static>(
     }
     tracing::info!(stream = %stream.key(), "storing into Redis");
     let worker = if worker {
-        let gate_config = RedisGateConfig::default()
-            .with_key_prefix(redis.key_prefix.clone())
-            .with_lease(redis.lease);
-        let gate = RedisGate::connect(&redis.url, gate_config)
-            .await
-            .map_err(failed)?;
+        let gate = redis.gate().await.map_err(failed)?;
         let consumers = StreamConsumers::new(&redis.url, config);
         Some(Worker::spawn(consumers, gate, handler, retry).map_err(failed)?)
     } else {
