@@ -108,6 +108,37 @@ fn wait_processed(workers: &[&Receiver], acked: &HashSet<String>, within: Durati
     }
 }
 
+/// Waits until the queue and its dead-letter queue are empty: every delivery was
+/// acknowledged.
+async fn wait_drained(url: &str, queue: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while backlog_and_dead(url, queue).await != (Some(0), Some(0)) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            backlog_and_dead(url, queue).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asserts the workers processed `expected` distinct events, each once, and both
+/// took a share.
+fn assert_each_once(workers: &[&Receiver; 2], expected: usize) {
+    let logs: Vec<String> = workers
+        .iter()
+        .map(|w| w.log.lock().unwrap().clone())
+        .collect();
+    let counts = processed_counts(&logs);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "processed twice: {twice:?}");
+    assert_eq!(counts.len(), expected, "nothing but what was sent");
+    assert!(
+        !processed_counts(&logs[..1]).is_empty() && !processed_counts(&logs[1..]).is_empty(),
+        "both workers took a share"
+    );
+}
+
 async fn backlog_and_dead(url: &str, queue: &str) -> (Option<u64>, Option<u64>) {
     let store = RabbitStore::connect(url, RabbitConfig::default().with_queue(queue))
         .await
@@ -141,30 +172,8 @@ fn two_receivers_and_two_workers_process_every_event_once() {
         assert_eq!(acked.len(), 2000);
         eprintln!("2,000 events stored in {:?}", started.elapsed());
         wait_processed(&[&workers[0], &workers[1]], &acked, Duration::from_secs(60));
-        let logs: Vec<String> = workers
-            .iter()
-            .map(|w| w.log.lock().unwrap().clone())
-            .collect();
-        let counts = processed_counts(&logs);
-        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            twice.is_empty(),
-            "processed twice in a clean run: {twice:?}"
-        );
-        assert_eq!(counts.len(), 2000, "nothing but what was sent");
-        assert!(
-            !processed_counts(&logs[..1]).is_empty() && !processed_counts(&logs[1..]).is_empty(),
-            "both workers took a share"
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while backlog_and_dead(&url, &queue).await != (Some(0), Some(0)) {
-            assert!(
-                Instant::now() < deadline,
-                "{:?}",
-                backlog_and_dead(&url, &queue).await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        assert_each_once(&[&workers[0], &workers[1]], 2000);
+        wait_drained(&url, &queue, Duration::from_secs(10)).await;
         // The status page tells the unacknowledged count only with the management API.
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -213,15 +222,7 @@ fn a_worker_killed_mid_stream_hands_its_deliveries_to_another() {
             first.processed().len(),
             second.processed().len()
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while backlog_and_dead(&url, &queue).await != (Some(0), Some(0)) {
-            assert!(
-                Instant::now() < deadline,
-                "{:?}",
-                backlog_and_dead(&url, &queue).await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_drained(&url, &queue, Duration::from_secs(10)).await;
     });
 }
 
@@ -365,28 +366,7 @@ fn workers_sharing_a_gate_in_redis_process_a_comapi_retry_once_whichever_worker_
         }
     });
     wait_processed(&workers, &acked, Duration::from_secs(60));
-    // Both copies of every event are acknowledged before the queue is empty.
-    runtime().block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while backlog_and_dead(&url, &queue).await != (Some(0), Some(0)) {
-            assert!(
-                Instant::now() < deadline,
-                "{:?}",
-                backlog_and_dead(&url, &queue).await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    let logs: Vec<String> = workers
-        .iter()
-        .map(|w| w.log.lock().unwrap().clone())
-        .collect();
-    let counts = processed_counts(&logs);
-    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "a retry processed again: {twice:?}");
-    assert_eq!(counts.len(), 300);
-    assert!(
-        !processed_counts(&logs[..1]).is_empty() && !processed_counts(&logs[1..]).is_empty(),
-        "both workers took a share"
-    );
+    // Both copies of every event acknowledged: the queue is empty.
+    runtime().block_on(wait_drained(&url, &queue, Duration::from_secs(20)));
+    assert_each_once(&workers, 300);
 }
