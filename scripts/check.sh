@@ -97,8 +97,8 @@ for features in "--no-default-features" "--all-features"; do
 done
 
 # The benchmarks build and run each case once (criterion's test mode), on the dev
-# build the tests made: a release build of them all took longer than any feature
-# set, and `cargo bench` builds them for real.
+# build the tests made, rather than a release build of 271 crates of their own;
+# `cargo bench` builds them for real.
 step "cargo test --benches --all-features (each benchmark once)"
 cargo test --benches --all-features
 

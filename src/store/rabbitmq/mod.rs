@@ -339,27 +339,30 @@ impl EventStore for RabbitStore {
     /// by default).
     async fn status(&self) -> StoreStatus {
         let store = format!("the RabbitMQ quorum queue {}", self.config.queue);
+        // Each under the deadline on its own: a management API that does not answer
+        // leaves the AMQP figures standing.
+        let deadline = self.config.deadline;
+        let late = |what: &str| {
+            Error::store_unavailable(what.to_owned(), format!("no answer within {deadline:?}"))
+        };
         let counts = async {
-            let channel = self.channel().await?;
-            consumer::counts(&channel, &self.config).await
+            let asked = async {
+                let channel = self.channel().await?;
+                consumer::counts(&channel, &self.config).await
+            };
+            tokio::time::timeout(deadline, asked)
+                .await
+                .unwrap_or_else(|_| Err(late("cannot read the queue's counts")))
         };
         let sample = async {
             match &self.management {
-                Some(management) => management.sample().await,
+                Some(management) => tokio::time::timeout(deadline, management.sample())
+                    .await
+                    .unwrap_or_else(|_| Err(late("cannot read the unacknowledged count"))),
                 None => Ok(None),
             }
         };
-        let asked = async { tokio::join!(counts, sample) };
-        let (counts, sample) = match tokio::time::timeout(self.config.deadline, asked).await {
-            Ok(answers) => answers,
-            Err(_) => {
-                return StoreStatus {
-                    store,
-                    error: Some(format!("no answer within {:?}", self.config.deadline)),
-                    ..StoreStatus::default()
-                };
-            }
-        };
+        let (counts, sample) = tokio::join!(counts, sample);
         let counts = match counts {
             Ok(counts) => counts,
             Err(error) => {
