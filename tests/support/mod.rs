@@ -112,8 +112,12 @@ pub fn temp_dir(label: &str) -> TempDir {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
+    // Tests run on parallel threads and may read the same nanosecond: the counter
+    // keeps their folders apart (a shared one was removed under another test).
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "comapi-webhook-test-{label}-{}-{nanos}",
+        "comapi-webhook-test-{label}-{}-{nanos}-{made}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
