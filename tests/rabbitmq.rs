@@ -114,6 +114,13 @@ fn failures_go_to_the_dead_letter_queue_and_requeue_brings_them_back() {
         let (error, attempts) = peek_dead(&url, &config).await;
         assert_eq!(error, "down");
         assert_eq!(attempts, 2);
+        // The peek's nack reaches the quorum queue through Raft: wait until the dead
+        // letter is ready again, or the requeue finds nothing ready to move.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.status().await.dead_letters != Some(1) {
+            assert!(Instant::now() < deadline, "{:?}", store.status().await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         assert_eq!(store.requeue_dead_letters().await.unwrap(), 1);
         assert_eq!(store.status().await.dead_letters, Some(0));
@@ -169,6 +176,7 @@ async fn peek_dead(url: &str, config: &RabbitConfig) -> (String, i64) {
         )
         .await
         .unwrap();
+    connection.close(200, "peeked".into()).await.unwrap();
     (error, attempts)
 }
 

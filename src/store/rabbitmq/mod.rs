@@ -305,7 +305,8 @@ impl RabbitStore {
     /// Moves every message in the dead-letter queue back to the queue: each is
     /// published (confirmed) before it is acknowledged, so a crash in between
     /// duplicates it at most (the gate tells the copies apart) and never loses it.
-    /// Returns how many were moved.
+    /// Returns how many were moved. A dead letter that another client holds
+    /// unacknowledged at that moment is not ready, so it stays where it is.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`] when the broker fails; what was moved stays moved.
