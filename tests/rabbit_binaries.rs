@@ -370,3 +370,54 @@ fn workers_sharing_a_gate_in_redis_process_a_comapi_retry_once_whichever_worker_
     runtime().block_on(wait_drained(&url, &queue, Duration::from_secs(20)));
     assert_each_once(&workers, 300);
 }
+
+/// A gate Redis that refuses this process, or cannot be reached, stops the `worker`
+/// and a receiver with its own worker at start-up, with one line naming
+/// `COMAPI_GATE_REDIS_URL`: exit status 2 for the missing password, 1 for no answer.
+#[cfg(feature = "redis")]
+#[test]
+fn a_gate_redis_that_refuses_or_is_gone_stops_the_workers_naming_the_variable() {
+    let test = "a_gate_redis_that_refuses_or_is_gone";
+    let (Some(url), Some(redis)) = (amqp_url(test), process::OwnRedis::start(test)) else {
+        return;
+    };
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg("the-password")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    });
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = format!("redis://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let queue = queue_name("refusing-gate");
+    for (gate, code, said) in [(redis.url(), 2, "NOAUTH"), (gone, 1, "cannot reach Redis")] {
+        for name in ["worker", "hyper_receiver"] {
+            let mut command = Command::new(example_binary(name));
+            command
+                .env("COMAPI_AMQP_URL", &url)
+                .env("COMAPI_AMQP_QUEUE", &queue)
+                .env("COMAPI_GATE_REDIS_URL", &gate)
+                .env("COMAPI_WEBHOOK_SECRET", SECRET)
+                .env("PORT", "0");
+            if name != "worker" {
+                command.env("COMAPI_WORKER", "true");
+            }
+            let output = process::output_within(command, Duration::from_secs(30));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(code), "{name}: {stderr}");
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+            assert_eq!(errors.len(), 1, "{name}: {stderr}");
+            assert!(
+                errors[0].contains("COMAPI_GATE_REDIS_URL"),
+                "{name}: {stderr}"
+            );
+            assert!(errors[0].contains(said), "{name}: {stderr}");
+        }
+    }
+}

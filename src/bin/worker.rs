@@ -101,15 +101,10 @@ async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
     match &amqp.gate {
         None => run(consumers, Gate::in_memory(), queue, settings).await,
         #[cfg(feature = "redis")]
-        Some(redis) => {
-            if let Err(error) = redis.check_credentials().await {
-                return fail(&error.to_string(), error.exit_code());
-            }
-            match redis.gate().await {
-                Ok(gate) => run(consumers, gate, queue, settings).await,
-                Err(error) => fail(&format!("COMAPI_GATE_REDIS_URL: {}", error.report()), 1),
-            }
-        }
+        Some(redis) => match redis.gate().await {
+            Ok(gate) => run(consumers, gate, queue, settings).await,
+            Err(error) => fail(&error.to_string(), error.exit_code()),
+        },
         // Without Redis the settings refuse COMAPI_GATE_REDIS_URL.
         #[cfg(not(feature = "redis"))]
         Some(_) => run(consumers, Gate::in_memory(), queue, settings).await,
@@ -135,15 +130,12 @@ async fn redis_worker(_: &RedisSettings, _: Settings) -> ExitCode {
 #[cfg(feature = "redis")]
 async fn redis_worker(redis: &RedisSettings, settings: Settings) -> ExitCode {
     use comapi_webhook::store::redis_stream::{RedisStream, StreamConsumers};
-    if let Err(error) = redis.check_credentials().await {
-        return fail(&error.to_string(), error.exit_code());
-    }
-    let connected = async {
-        let stream = RedisStream::connect(&redis.url, redis.stream_config()).await?;
-        Ok::<_, comapi_webhook::Error>((stream, redis.gate().await?))
+    let gate = match redis.gate().await {
+        Ok(gate) => gate,
+        Err(error) => return fail(&error.to_string(), error.exit_code()),
     };
-    let (stream, gate) = match connected.await {
-        Ok(connected) => connected,
+    let stream = match RedisStream::connect(&redis.url, redis.stream_config()).await {
+        Ok(stream) => stream,
         Err(error) => return fail(&format!("COMAPI_REDIS_URL: {}", error.report()), 1),
     };
     let consumers = StreamConsumers::new(&redis.url, redis.stream_config());

@@ -113,15 +113,20 @@ impl RedisSettings {
 #[cfg(feature = "redis")]
 impl RedisSettings {
     /// The revision gate on this Redis, with this prefix and lease, shared by every
-    /// worker that uses it.
+    /// worker that uses it. Checks the credentials first
+    /// ([`check_credentials`](Self::check_credentials)).
     ///
     /// # Errors
-    /// [`crate::Error::StoreUnavailable`] when Redis cannot be reached.
-    pub async fn gate(&self) -> Result<crate::gate::RedisGate, crate::Error> {
+    /// [`ConfigError`] naming the variable ([`RedisSettings::variable`]): with exit
+    /// status 2 when Redis refused the credentials, 1 when it cannot be reached.
+    pub async fn gate(&self) -> Result<crate::gate::RedisGate, ConfigError> {
+        self.check_credentials().await?;
         let config = crate::gate::RedisGateConfig::default()
             .with_key_prefix(self.key_prefix.clone())
             .with_lease(self.lease);
-        crate::gate::RedisGate::connect(&self.url, config).await
+        crate::gate::RedisGate::connect(&self.url, config)
+            .await
+            .map_err(|e| ConfigError::new(format!("{}: {}", self.variable, e.report())))
     }
 
     /// The stream's settings: this prefix and lease, the rest the defaults.
@@ -145,13 +150,14 @@ impl RedisSettings {
                 || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
         };
         let said = |e: redis::RedisError| {
-            let message = format!("{}: Redis refused this process: {e}", self.variable);
             if refused(&e) {
                 ConfigError::setting(format!(
-                    "{message} (give the password in the URL: redis://:PASSWORD@host:port/)"
+                    "{}: Redis refused this process: {e} \
+                     (give the password in the URL: redis://:PASSWORD@host:port/)",
+                    self.variable
                 ))
             } else {
-                ConfigError::new(message)
+                ConfigError::new(format!("{}: cannot reach Redis: {e}", self.variable))
             }
         };
         let client = redis::Client::open(self.url.as_str()).map_err(|e| {

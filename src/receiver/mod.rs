@@ -142,14 +142,7 @@ async fn rabbit_store<H: EventHandler + 'static>(
     let worker = match &amqp.gate {
         None => Worker::spawn(consumers, Gate::in_memory(), handler, retry),
         #[cfg(feature = "redis")]
-        Some(redis) => {
-            redis.check_credentials().await?;
-            let gate = redis
-                .gate()
-                .await
-                .map_err(|e| ConfigError::new(format!("COMAPI_GATE_REDIS_URL: {}", e.report())))?;
-            Worker::spawn(consumers, gate, handler, retry)
-        }
+        Some(redis) => Worker::spawn(consumers, redis.gate().await?, handler, retry),
         // Without Redis the settings refuse COMAPI_GATE_REDIS_URL.
         #[cfg(not(feature = "redis"))]
         Some(_) => Worker::spawn(consumers, Gate::in_memory(), handler, retry),
@@ -166,7 +159,13 @@ async fn redis_store<H: EventHandler + 'static>(
 ) -> Result<(Store, Option<Worker>), ConfigError> {
     use crate::store::redis_stream::{RedisStream, StreamConsumers};
     let failed = |e: crate::Error| ConfigError::new(format!("COMAPI_REDIS_URL: {}", e.report()));
-    redis.check_credentials().await?;
+    // The gate checks the credentials first; without a worker they are checked alone.
+    let gate = if worker {
+        Some(redis.gate().await?)
+    } else {
+        redis.check_credentials().await?;
+        None
+    };
     let config = redis.stream_config();
     let stream = RedisStream::connect(&redis.url, config.clone())
         .await
@@ -175,12 +174,12 @@ async fn redis_store<H: EventHandler + 'static>(
         tracing::warn!("{warning}");
     }
     tracing::info!(stream = %stream.key(), "storing into Redis");
-    let worker = if worker {
-        let gate = redis.gate().await.map_err(failed)?;
-        let consumers = StreamConsumers::new(&redis.url, config);
-        Some(Worker::spawn(consumers, gate, handler, retry).map_err(failed)?)
-    } else {
-        None
+    let worker = match gate {
+        Some(gate) => {
+            let consumers = StreamConsumers::new(&redis.url, config);
+            Some(Worker::spawn(consumers, gate, handler, retry).map_err(failed)?)
+        }
+        None => None,
     };
     Ok((Store::Redis(stream), worker))
 }
