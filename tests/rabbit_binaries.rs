@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use comapi_webhook::store::EventStore;
 use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
-use process::{Receiver, SECRET, client, event_json, post_signed, processed_counts};
+use process::{Receiver, SECRET, client, event_json, post_signed, processed_counts, status_page};
 use rabbit::{OwnRabbit, amqp_management_url, amqp_url};
 use support::{example_binary, runtime, unique_prefix};
 
@@ -40,19 +40,6 @@ fn start_with(name: &str, url: &str, queue: &str, settings: &[(&str, &str)]) -> 
         .env("METRICS_PORT", "0")
         .envs(settings.iter().copied());
     Receiver::start_command(name, command, SECRET)
-}
-
-/// The receiver's status page.
-async fn status_page(receiver: &Receiver) -> String {
-    use http_body_util::{BodyExt as _, Empty};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<hyper::body::Bytes>>();
-    let answer = client
-        .get(format!("{}/", receiver.url).parse().unwrap())
-        .await
-        .unwrap();
-    let body = answer.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
 }
 
 fn queue_name(test: &str) -> String {

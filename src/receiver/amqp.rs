@@ -16,7 +16,7 @@ pub struct AmqpSettings {
     /// The quorum queue (its dead-letter queue is `<queue>.dead`).
     pub queue: String,
     /// The broker's management API, for the unacknowledged count
-    /// (`COMAPI_AMQP_MANAGEMENT_URL`, `http://[user:pass@]host:15672`).
+    /// (`COMAPI_AMQP_MANAGEMENT_URL`, `http[s]://[user:pass@]host:15672`).
     pub management_url: Option<String>,
     /// A Redis for the workers' revision gate (`COMAPI_GATE_REDIS_URL`, with
     /// `COMAPI_REDIS_PREFIX` and `COMAPI_LEASE`), so that the workers of the queue

@@ -32,7 +32,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_REDIS_PREFIX` | the Redis keys' prefix, default `comapi-webhook:` |
 /// | `COMAPI_AMQP_URL` | store into a RabbitMQ quorum queue instead (feature `rabbitmq`): `amqp://user:pass@host:port/vhost`; not with `COMAPI_REDIS_URL` |
 /// | `COMAPI_AMQP_QUEUE` | the queue, default `comapi-webhook.events` (its dead letters in `<queue>.dead`) |
-/// | `COMAPI_AMQP_MANAGEMENT_URL` | RabbitMQ's management API, `http://[user:pass@]host:15672`, for the unacknowledged count on the status page and `/metrics`; default none |
+/// | `COMAPI_AMQP_MANAGEMENT_URL` | RabbitMQ's management API, `http://[user:pass@]host:15672` (`https://` with `rabbitmq-tls`), for the unacknowledged count on the status page and `/metrics`; default none |
 /// | `COMAPI_GATE_REDIS_URL` | with RabbitMQ: a Redis (`redis://…`) where the workers share their revision gate, so that a Comapi retry or an older revision reaching another worker is still told apart; default none, each worker's gate in its memory |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
@@ -246,7 +246,7 @@ impl ReceiverConfig {
   COMAPI_AMQP_URL           store into a RabbitMQ quorum queue: amqp://user:pass@host:port/vhost
   COMAPI_AMQP_QUEUE         the queue (default comapi-webhook.events)
   COMAPI_AMQP_MANAGEMENT_URL  RabbitMQ's management API for the unacknowledged count:
-                            http://[user:pass@]host:15672 (default none)
+                            http[s]://[user:pass@]host:15672 (default none)
   COMAPI_GATE_REDIS_URL     with RabbitMQ: a Redis the workers share their gate in
                             (default: each worker's gate in its memory)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)

@@ -212,13 +212,22 @@ fn the_management_url_is_checked_at_start() {
         .unwrap_or_else(|| panic!("no RabbitMQ"));
     let url = Some("http://127.0.0.1:15672".to_owned());
     assert_eq!(settings.rabbit_config().management_url, url);
-    let error = with("https://mq:15671").err().unwrap_or_default();
+    let error = with("ftp://mq:15671").err().unwrap_or_default();
     assert!(
         error.starts_with(
-            "COMAPI_AMQP_MANAGEMENT_URL: the management URL \"https://mq:15671\" is https"
+            "COMAPI_AMQP_MANAGEMENT_URL: the management URL \"ftp://mq:15671\" is not http"
         ),
         "{error}"
     );
+    // https is built in with rabbitmq-tls, as amqps:// is.
+    let https = with("https://mq:15671");
+    if cfg!(feature = "rabbitmq-tls") {
+        let settings = https.unwrap_or_else(|e| panic!("{e}"));
+        assert!(settings.amqp.is_some());
+    } else {
+        let error = https.err().unwrap_or_default();
+        assert!(error.contains("needs the feature rabbitmq-tls"), "{error}");
+    }
 }
 
 #[cfg(feature = "rabbitmq")]

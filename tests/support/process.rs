@@ -220,6 +220,17 @@ pub async fn post_signed(
         .map(|(status, _)| status)
 }
 
+/// The receiver's status page (`GET /`).
+pub async fn status_page(receiver: &Receiver) -> String {
+    let answer = Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>()
+        .get(format!("{}/", receiver.url).parse().unwrap())
+        .await
+        .unwrap();
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 /// A `redis-server` of the test's own, with AOF fsynced before every reply, that
 /// can be killed and restarted on the same port and folder.
 pub struct OwnRedis {

@@ -63,6 +63,8 @@ pub struct OwnRabbit {
     epmd_port: u16,
     /// The `amqps://` port of a node started by [`OwnRabbit::start_tls`].
     pub tls_port: Option<u16>,
+    /// Its management API's https port.
+    management_tls_port: Option<u16>,
     dir: TempDir,
 }
 
@@ -72,9 +74,10 @@ impl OwnRabbit {
         Self::start_with(test, false)
     }
 
-    /// A node that also takes `amqps://` ([`OwnRabbit::tls_url`]) with a certificate
-    /// for 127.0.0.1 signed by a CA of the test's own ([`OwnRabbit::ca_file`]), made
-    /// by `openssl`.
+    /// A node that also takes `amqps://` ([`OwnRabbit::tls_url`]) and serves its
+    /// management API over https only ([`OwnRabbit::management_https_url`]), with a
+    /// certificate for 127.0.0.1 signed by a CA of the test's own
+    /// ([`OwnRabbit::ca_file`]), made by `openssl`.
     pub fn start_tls(test: &str) -> Option<OwnRabbit> {
         Self::start_with(test, true)
     }
@@ -92,20 +95,23 @@ impl OwnRabbit {
         std::fs::write(&cookie, format!("COOKIE{}", std::process::id())).unwrap();
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let plugins = if tls { "[rabbitmq_management]" } else { "[]" };
+        std::fs::write(dir.join("enabled_plugins"), format!("{plugins}.\n")).unwrap();
         let mut conf = "log.console = false\n".to_owned();
         let tls_port = tls.then(free_port);
-        if let Some(tls_port) = tls_port {
+        let management_tls_port = tls.then(free_port);
+        if let (Some(tls_port), Some(management)) = (tls_port, management_tls_port) {
             certificates(&dir);
             let file = |name: &str| dir.join(name).display().to_string();
+            let (ca, cert, key) = (file("ca.pem"), file("server.pem"), file("server.key"));
             conf += &format!(
                 "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
-                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
-                 ssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
-                 ssl_options.fail_if_no_peer_cert = false\n",
-                file("ca.pem"),
-                file("server.pem"),
-                file("server.key"),
+                 ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\n\
+                 ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n\
+                 management.ssl.ip = 127.0.0.1\nmanagement.ssl.port = {management}\n\
+                 management.ssl.cacertfile = {ca}\nmanagement.ssl.certfile = {cert}\n\
+                 management.ssl.keyfile = {key}\ncollect_statistics_interval = 500\n",
             );
         }
         std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
@@ -115,6 +121,7 @@ impl OwnRabbit {
             dist_port: free_port(),
             epmd_port: free_port(),
             tls_port,
+            management_tls_port,
             dir,
         };
         rabbit.restart();
@@ -131,9 +138,20 @@ impl OwnRabbit {
         format!("amqps://guest:guest@127.0.0.1:{port}/%2f")
     }
 
+    /// The https management API of a node started by [`OwnRabbit::start_tls`].
+    pub fn management_https_url(&self) -> String {
+        let port = self.management_tls_port.expect("a node started with TLS");
+        format!("https://127.0.0.1:{port}")
+    }
+
     /// The PEM file of the CA that signed the node's certificate.
     pub fn ca_file(&self) -> std::path::PathBuf {
         self.dir.join("ca.pem")
+    }
+
+    /// The PEM file of another CA, which signed nothing of the node's.
+    pub fn other_ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("other-ca.pem")
     }
 
     /// Starts the node on the same ports and folder, and waits until it takes AMQP
@@ -221,10 +239,25 @@ impl Drop for OwnRabbit {
 }
 
 /// A CA (`ca.pem`) and a certificate it signed for 127.0.0.1 (`server.pem`,
-/// `server.key`) in `dir`, by the `openssl` command.
+/// `server.key`), and another CA (`other-ca.pem`), in `dir`, by the `openssl` command.
 fn certificates(dir: &std::path::Path) {
     std::fs::write(dir.join("server.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
-    let steps: [&[&str]; 3] = [
+    let steps: [&[&str]; 4] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other-ca.key",
+            "-out",
+            "other-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=comapi-webhook another CA",
+        ],
         &[
             "req",
             "-x509",

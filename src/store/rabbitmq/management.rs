@@ -16,9 +16,15 @@ use crate::Error;
 /// The largest answer read: one queue's JSON is a few kilobytes.
 const MAX_ANSWER: usize = 1 << 20;
 
+/// Plain http, and https too with `rabbitmq-tls`.
+#[cfg(feature = "rabbitmq-tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "rabbitmq-tls"))]
+type Connector = HttpConnector;
+
 /// Asks the management API about one queue.
 pub(super) struct Management {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<Connector, Empty<Bytes>>,
     /// `<base>/api/queues/<vhost>/<queue>`.
     queue_uri: http::Uri,
     authorization: http::HeaderValue,
@@ -37,8 +43,9 @@ impl Management {
         let mut authorization = http::HeaderValue::try_from(format!("Basic {token}"))
             .map_err(|_| "the credentials cannot be sent in a header".to_owned())?;
         authorization.set_sensitive(true);
+        let https = queue_uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         Ok(Management {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector(https)?),
             queue_uri,
             authorization,
         })
@@ -57,11 +64,10 @@ impl Management {
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::new())
             .map_err(|e| failed(e.to_string()))?;
-        let answer = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| failed(format!("the management API at {}: {e}", self.queue_uri)))?;
+        let answer = self.client.request(request).await.map_err(|e| {
+            let why = with_causes(&e);
+            failed(format!("the management API at {}: {why}", self.queue_uri))
+        })?;
         let status = answer.status();
         let body = Limited::new(answer.into_body(), MAX_ANSWER)
             .collect()
@@ -78,10 +84,57 @@ impl Management {
     }
 }
 
+/// The connector for an https API: trusting the system's root certificates
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` when set), as `amqps://` does.
+#[cfg(feature = "rabbitmq-tls")]
+fn connector(https: bool) -> Result<Connector, String> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = if https {
+        builder
+            .with_provider_and_native_roots(provider)
+            .map_err(|e| format!("no root certificate to trust the management API's: {e}"))?
+    } else {
+        // An http API needs no certificates: none are loaded.
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        builder.with_tls_config(config)
+    };
+    Ok(builder.https_or_http().enable_http1().build())
+}
+
+#[cfg(not(feature = "rabbitmq-tls"))]
+fn connector(_https: bool) -> Result<Connector, String> {
+    Ok(HttpConnector::new())
+}
+
+/// `error` and each of its causes, joined by `: `: hyper's client says only
+/// "client error (Connect)", its causes why (refused, a certificate not trusted).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
+}
+
 /// Whether `base` can be the management API's URL: why not when it cannot.
 pub(crate) fn check_url(base: &str) -> Result<(), String> {
     queue_uri(base, "/", "q").map(|_| ())
 }
+
+/// What a management URL looks like, in errors.
+const EXPECTED: &str = if cfg!(feature = "rabbitmq-tls") {
+    "http[s]://[user:pass@]host:15672"
+} else {
+    "http://[user:pass@]host:15672"
+};
 
 /// The queue's address under `base`, and the credentials `base` carries.
 #[allow(clippy::type_complexity)]
@@ -90,14 +143,13 @@ fn queue_uri(
     vhost: &str,
     queue: &str,
 ) -> Result<(http::Uri, Option<(String, String)>), String> {
-    let wrong = |why: &str| {
-        format!("the management URL {base:?} {why}: expected http://[user:pass@]host:15672")
-    };
+    let wrong = |why: &str| format!("the management URL {base:?} {why}: expected {EXPECTED}");
     let mut url =
         url::Url::parse(base.trim()).map_err(|e| wrong(&format!("is not a URL ({e})")))?;
     match url.scheme() {
         "http" => {}
-        "https" => return Err(wrong("is https, which is not built in")),
+        "https" if cfg!(feature = "rabbitmq-tls") => {}
+        "https" => return Err(wrong("is https, which needs the feature rabbitmq-tls")),
         _ => return Err(wrong("is not http")),
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -192,15 +244,28 @@ mod tests {
         for (base, says) in [
             ("127.0.0.1:15672", "is not a URL"),
             ("mq.local:15672", "is not http"),
-            ("https://mq:15671", "https"),
             ("amqp://mq:5672", "is not http"),
             ("not a url", "is not a URL"),
             ("", "is not a URL"),
         ] {
             let error = queue_uri(base, "/", "q").unwrap_err();
             assert!(error.contains(says), "{base:?}: {error}");
-            assert!(error.contains("expected http://"), "{error}");
+            assert!(error.contains("expected http"), "{error}");
         }
+    }
+
+    #[cfg(not(feature = "rabbitmq-tls"))]
+    #[test]
+    fn an_https_management_url_names_the_feature_it_needs() {
+        let error = queue_uri("https://mq:15671", "/", "q").unwrap_err();
+        assert!(error.contains("needs the feature rabbitmq-tls"), "{error}");
+    }
+
+    #[cfg(feature = "rabbitmq-tls")]
+    #[test]
+    fn an_https_management_url_is_addressed_like_an_http_one() {
+        let (uri, _) = queue_uri("https://mq:15671/", "/", "q").unwrap();
+        assert_eq!(uri.to_string(), "https://mq:15671/api/queues/%2F/q");
     }
 
     #[test]

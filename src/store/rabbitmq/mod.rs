@@ -92,7 +92,8 @@ pub struct RabbitConfig {
     /// window. Default 512.
     pub prefetch: u16,
     /// The broker's management API (`http://[user:pass@]host:15672`, plugin
-    /// `rabbitmq_management`), where the status reads how many messages
+    /// `rabbitmq_management`; `https://` with the feature `rabbitmq-tls`, trusting
+    /// the certificates `amqps://` does), where the status reads how many messages
     /// consumers hold unacknowledged, which AMQP does not tell. Without it that
     /// figure is unknown. The AMQP URL's credentials are used unless this one
     /// carries its own. Default none.
@@ -191,7 +192,8 @@ impl RabbitStore {
     /// # Errors
     /// [`Error::StoreUnavailable`] when the broker cannot be reached in time or
     /// refuses the topology (a queue of the same name with other arguments), or
-    /// [`RabbitConfig::management_url`] is not an `http://` URL.
+    /// [`RabbitConfig::management_url`] is not an `http://` URL (or `https://`
+    /// with `rabbitmq-tls`).
     pub async fn connect(url: &str, config: RabbitConfig) -> Result<Self, Error> {
         let management = match &config.management_url {
             None => None,
