@@ -368,17 +368,7 @@ fn a_gate_redis_that_refuses_or_is_gone_stops_the_workers_naming_the_variable() 
     let (Some(url), Some(redis)) = (amqp_url(test), process::OwnRedis::start(test)) else {
         return;
     };
-    runtime().block_on(async {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("requirepass")
-            .arg("the-password")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-    });
+    runtime().block_on(redis.config_set("requirepass", "the-password"));
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let gone = format!("redis://{}/", closed.local_addr().unwrap());
     drop(closed);

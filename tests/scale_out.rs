@@ -438,16 +438,7 @@ fn a_redis_url_without_the_password_exits_2_naming_the_variable() {
     let Some(redis) = OwnRedis::start(test) else {
         return;
     };
-    runtime().block_on(async {
-        let mut conn = redis_connection(&redis.url()).await;
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("requirepass")
-            .arg("the-password")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    });
+    runtime().block_on(redis.config_set("requirepass", "the-password"));
     for name in ["worker", "hyper_receiver", "actix_receiver"] {
         let mut child = Command::new(example_binary(name))
             .env("COMAPI_REDIS_URL", redis.url())

@@ -154,14 +154,7 @@ fn a_store_reads_the_persistence_again_once_redis_is_back() {
         assert_eq!(inbox.receive(&headers, body.as_bytes()).await.status(), 503);
         // Back, but with weaker settings than before.
         redis.restart();
-        let mut conn = support::redis_connection(&url).await;
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("appendfsync")
-            .arg("everysec")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        redis.config_set("appendfsync", "everysec").await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while inbox.receive(&headers, body.as_bytes()).await.status() != 200 {
             assert!(Instant::now() < deadline, "the store never recovered");

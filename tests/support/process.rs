@@ -270,6 +270,19 @@ impl OwnRedis {
         Some(redis)
     }
 
+    /// `CONFIG SET name value` on the running server.
+    #[cfg(feature = "redis")]
+    pub async fn config_set(&self, name: &str, value: &str) {
+        let mut connection = super::support::redis_connection(&self.url()).await;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }

@@ -242,70 +242,19 @@ impl Drop for OwnRabbit {
 /// `server.key`), and another CA (`other-ca.pem`), in `dir`, by the `openssl` command.
 fn certificates(dir: &std::path::Path) {
     std::fs::write(dir.join("server.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
-    let steps: [&[&str]; 4] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=comapi-webhook another CA",
-        ],
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=comapi-webhook test CA",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
+    let ca = "req -x509 -newkey rsa:2048 -nodes -days 2";
+    let steps = [
+        format!("{ca} -keyout ca.key -out ca.pem -subj /CN=comapi-webhook-test-CA"),
+        format!("{ca} -keyout other-ca.key -out other-ca.pem -subj /CN=comapi-webhook-other-CA"),
+        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1".into(),
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \
+         -days 2 -extfile server.ext"
+            .into(),
     ];
-    for args in steps {
+    for step in steps {
+        let args: Vec<&str> = step.split_whitespace().collect();
         let made = Command::new("openssl")
-            .args(args)
+            .args(&args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .output()
