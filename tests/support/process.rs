@@ -220,14 +220,19 @@ pub async fn post_signed(
         .map(|(status, _)| status)
 }
 
-/// The receiver's status page (`GET /`).
+/// The receiver's status page (`GET /`), within 10 s.
 pub async fn status_page(receiver: &Receiver) -> String {
-    let answer = Client::builder(TokioExecutor::new())
-        .build_http::<http_body_util::Empty<Bytes>>()
-        .get(format!("{}/", receiver.url).parse().unwrap())
+    let asked = async {
+        let answer = Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Empty<Bytes>>()
+            .get(format!("{}/", receiver.url).parse().unwrap())
+            .await
+            .unwrap();
+        answer.into_body().collect().await.unwrap().to_bytes()
+    };
+    let body = tokio::time::timeout(Duration::from_secs(10), asked)
         .await
-        .unwrap();
-    let body = answer.into_body().collect().await.unwrap().to_bytes();
+        .expect("the status page within 10 s");
     String::from_utf8(body.to_vec()).unwrap()
 }
 

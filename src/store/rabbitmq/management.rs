@@ -64,9 +64,15 @@ impl Management {
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::new())
             .map_err(|e| failed(e.to_string()))?;
+        // The client's error as the source: `Error::report` then shows its causes
+        // (refused, a certificate not trusted), where its own text says only
+        // "client error (Connect)".
         let answer = self.client.request(request).await.map_err(|e| {
-            let why = with_causes(&e);
-            failed(format!("the management API at {}: {why}", self.queue_uri))
+            let context = format!(
+                "cannot read the unacknowledged count from the management API at {}",
+                self.queue_uri
+            );
+            Error::store_unavailable(context, e)
         })?;
         let status = answer.status();
         let body = Limited::new(answer.into_body(), MAX_ANSWER)
@@ -109,19 +115,6 @@ fn connector(https: bool) -> Result<Connector, String> {
 #[cfg(not(feature = "rabbitmq-tls"))]
 fn connector(_https: bool) -> Result<Connector, String> {
     Ok(HttpConnector::new())
-}
-
-/// `error` and each of its causes, joined by `: `: hyper's client says only
-/// "client error (Connect)", its causes why (refused, a certificate not trusted).
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        cause = error.source();
-    }
-    text
 }
 
 /// Whether `base` can be the management API's URL: why not when it cannot.
