@@ -174,8 +174,9 @@ impl<S: EventStore> Inbox<S> {
     }
 
     /// A small HTML page for `GET`: the receiver is up, which store it uses, how many
-    /// events are stored, how many of them wait to be processed (the backlog) and how
-    /// many are in the dead letter.
+    /// events are stored, how many of them wait to be processed (the backlog), how
+    /// many wait for a retry (and when the next is due) and how many are in the
+    /// dead letter.
     pub async fn status_page(&self) -> Reply {
         Reply::html(self.status_html().await)
     }
@@ -189,6 +190,10 @@ impl<S: EventStore> Inbox<S> {
         let consumers = status.consumers.map_or_else(String::new, |n| {
             format!("<p>Workers consuming: <strong>{n}</strong></p>\n")
         });
+        let next = status.next_retry_at.map_or_else(String::new, |at| {
+            let at = humantime::format_rfc3339_seconds(at);
+            format!(", the next due at {at}")
+        });
         let error = status.error.as_deref().map_or_else(String::new, |e| {
             format!("<p>The store cannot be asked now: {}</p>\n", html_text(e))
         });
@@ -198,11 +203,13 @@ impl<S: EventStore> Inbox<S> {
              <p>Store: {}</p>\n{error}\
              <p>Events stored: <strong>{}</strong></p>\n\
              <p>Waiting to be processed: <strong>{}</strong>{pending}</p>\n\
+             <p>Waiting for a retry: <strong>{}</strong>{next}</p>\n\
              <p>In the dead letter: <strong>{}</strong></p>\n{consumers}\
              <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
             html_text(&status.store),
             figure(status.stored),
             figure(status.backlog),
+            figure(status.retries),
             figure(status.dead_letters),
         )
     }

@@ -35,6 +35,9 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// | `backlog_events` | events stored but not yet processed |
 /// | `pending_events` | of the backlog, events handed to a worker and not yet acknowledged (Redis; RabbitMQ with its management API) |
 /// | `dead_letter_events` | events in the dead letter |
+/// | `consumers` | workers consuming from the store (RabbitMQ) |
+/// | `retry_events` | events in the retry schedule, waiting for their next attempt off the line |
+/// | `next_retry_due_seconds` | when the first of them is due, in Unix time; 0 when none waits (the spool and Redis; RabbitMQ cannot tell) |
 ///
 /// The gauges are read from a store's [`StoreStatus`] ([`Metrics::set_store_status`]).
 ///
@@ -66,6 +69,8 @@ pub struct Metrics {
     pending: Gauge,
     dead_letters: Gauge,
     consumers: Gauge,
+    retries: Gauge,
+    next_retry: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +160,8 @@ impl Metrics {
             pending: Gauge::default(),
             dead_letters: Gauge::default(),
             consumers: Gauge::default(),
+            retries: Gauge::default(),
+            next_retry: Gauge::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -204,6 +211,16 @@ impl Metrics {
                 "Workers consuming from the store (RabbitMQ)",
                 &m.consumers,
             ),
+            (
+                "retry_events",
+                "Events waiting in the retry schedule for their next attempt",
+                &m.retries,
+            ),
+            (
+                "next_retry_due_seconds",
+                "When the first event in the retry schedule is due, in Unix time (0: none waits)",
+                &m.next_retry,
+            ),
         ];
         for (name, help, gauge) in gauges {
             registry.register(name, help, gauge.clone());
@@ -237,11 +254,19 @@ impl Metrics {
             (&self.pending, status.pending),
             (&self.dead_letters, status.dead_letters),
             (&self.consumers, status.consumers),
+            (&self.retries, status.retries),
         ];
         for (gauge, figure) in gauges {
             if let Some(n) = figure {
                 gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
             }
+        }
+        if status.retries.is_some() {
+            let due = status.next_retry_at.map_or(0, |at| {
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            });
+            self.next_retry.set(due);
         }
     }
 

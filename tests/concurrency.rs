@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use comapi_webhook::store::spool::{Spool, SpoolConfig};
+use comapi_webhook::store::spool::{RETRY_FILE, Spool, SpoolConfig};
 use comapi_webhook::worker::{RetryPolicy, WorkerConfig, run_worker};
 use comapi_webhook::{Event, Gate};
 use support::{runtime, spool_line, temp_dir};
@@ -129,7 +129,7 @@ fn the_spool_worker_keeps_each_entitys_order_with_sixteen_in_flight() {
 }
 
 #[test]
-fn a_failing_entity_holds_only_itself_and_the_offset_waits_for_it() {
+fn a_failing_event_holds_nothing_and_waits_in_the_retry_schedule() {
     let dir = temp_dir("stuck-entity");
     let stuck = spool_line(&format!(
         r#"{{"eventId":"stuck","name":"message.sent","payload":{{"id":"m-stuck"}},"timestamp":"{}"}}"#,
@@ -166,27 +166,40 @@ fn a_failing_entity_holds_only_itself_and_the_offset_waits_for_it() {
         let worker = run_worker(spool.reader().unwrap(), &gate, handler, retry);
         let started = Instant::now();
         let watch = async {
-            while processed.lock().unwrap().len() < 500 {
+            // Acknowledged within about a second of being processed.
+            while processed.lock().unwrap().len() < 500 || spool.backlog() > 0 {
                 assert!(
                     started.elapsed() < Duration::from_secs(20),
                     "the others waited for the failing entity"
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            // An acknowledgement is due about once a second: give it the chance.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
         };
         tokio::select! {
             _ = worker => panic!("the worker gave up on the failing entity"),
             () = watch => {}
         }
+        // The line moved on past the failing event: it waits in the retry schedule,
+        // with its attempts and its error.
+        assert_eq!(
+            spool.backlog(),
+            0,
+            "the offset waited for the failing event"
+        );
+        assert_eq!(spool.retries(), 1);
     });
-    // The offset never passed the failing event, the first in the spool.
-    let offset = std::fs::read_to_string(dir.join("offset")).unwrap_or_default();
-    assert!(
-        offset.is_empty() || offset == "1 0\n",
-        "the offset passed the failing event: {offset:?}"
-    );
+    let schedule = std::fs::read_to_string(dir.join(RETRY_FILE)).unwrap_or_default();
+    let waiting: Vec<serde_json::Value> = schedule
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|entry: &serde_json::Value| entry.get("retry").is_some())
+        .collect();
+    let last = waiting
+        .last()
+        .expect("the failing event in the retry schedule");
+    assert_eq!(last["record"]["event"]["eventId"], "stuck");
+    assert_eq!(last["error"], "the database is down");
+    assert!(last["attempts"].as_u64().unwrap_or(0) >= 1);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -7,12 +7,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use comapi_webhook::metrics::Metrics;
-use comapi_webhook::store::spool::{DEAD_LETTER_FILE, Spool, SpoolConfig, requeue_dead_letters};
+use comapi_webhook::store::spool::{
+    DEAD_LETTER_FILE, RETRY_FILE, Spool, SpoolConfig, requeue_dead_letters,
+};
 use comapi_webhook::worker::{EventHandler, HandlerError, RetryPolicy, run_worker};
 use comapi_webhook::{Decision, Event, Gate, Worker};
 use support::{runtime, spool_line, temp_dir};
@@ -45,13 +47,10 @@ struct Flaky {
     attempts: Mutex<Vec<(String, bool)>>,
     dead: Mutex<Vec<(String, String, u32)>>,
     skipped: Mutex<Vec<(String, Decision)>>,
-    /// The offset file as it was at each failed attempt.
-    offsets_seen: Mutex<Vec<Option<String>>>,
-    dir: PathBuf,
 }
 
 impl Flaky {
-    fn new(dir: &Path, failures: &[(&str, u32)]) -> Flaky {
+    fn new(failures: &[(&str, u32)]) -> Flaky {
         Flaky {
             failures: Mutex::new(
                 failures
@@ -59,7 +58,6 @@ impl Flaky {
                     .map(|(id, n)| ((*id).to_owned(), *n))
                     .collect(),
             ),
-            dir: dir.to_owned(),
             ..Flaky::default()
         }
     }
@@ -100,8 +98,6 @@ impl EventHandler for &Flaky {
         if !fail {
             return Ok(());
         }
-        let offset = std::fs::read_to_string(self.dir.join("offset")).ok();
-        self.offsets_seen.lock().unwrap().push(offset);
         tokio::task::yield_now().await;
         if self.panics {
             panic!("the handler broke on {id}");
@@ -149,20 +145,17 @@ fn offset_after(lines: &[Vec<u8>], n: usize) -> String {
 fn a_handler_that_fails_twice_then_succeeds_processes_the_event_once() {
     let dir = temp_dir("worker-retry");
     let lines = [line("r-1"), line("r-2"), line("r-3")];
-    let flaky = Flaky::new(&dir, &[("r-2", 2)]);
+    let flaky = Flaky::new(&[("r-2", 2)]);
     work(&dir, &lines, &flaky, quick(5));
     // Each once; r-3, another entity, did not wait for r-2's retries.
     let mut succeeded = flaky.succeeded();
     succeeded.sort();
     assert_eq!(succeeded, ["r-1", "r-2", "r-3"], "each once");
     assert_eq!(flaky.attempts_at("r-2"), 3);
-    // While r-2 was failing, the offset never passed it.
-    for seen in flaky.offsets_seen.lock().unwrap().iter().flatten() {
-        assert!(
-            *seen <= offset_after(&lines, 1),
-            "offset {seen:?} while r-2 failed"
-        );
-    }
+    // r-2 waited in the retry schedule, and nothing is left there.
+    let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+    assert_eq!(spool.retries(), 0);
+    drop(spool);
     assert_eq!(
         std::fs::read_to_string(dir.join("offset")).unwrap(),
         offset_after(&lines, 3)
@@ -171,13 +164,25 @@ fn a_handler_that_fails_twice_then_succeeds_processes_the_event_once() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The attempts of the last schedule line for `id` in the spool's retry schedule.
+fn stored_attempts(dir: &Path, id: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(RETRY_FILE)).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["record"]["event"]["eventId"] == id)
+        .find_map(|entry| entry["attempts"].as_u64())
+}
+
 /// A worker stopped (a crash, here its future dropped) while an event keeps failing
-/// resumes at that event: the offset was held before it.
+/// left the line behind it acknowledged, and the event in the retry schedule with
+/// its attempts: after a restart (the spool opened again, its schedule read back
+/// from the file) the attempts go on from the stored count.
 #[test]
-fn a_worker_stopped_mid_retry_resumes_at_the_failing_event() {
+fn a_worker_stopped_mid_retry_resumes_from_the_stored_attempts() {
     let dir = temp_dir("worker-held");
     let lines = [line("h-1"), line("h-2"), line("h-3")];
-    let failing = Flaky::new(&dir, &[("h-2", u32::MAX)]);
+    let failing = Flaky::new(&[("h-2", u32::MAX)]);
     let gate = Gate::in_memory();
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
@@ -190,35 +195,59 @@ fn a_worker_stopped_mid_retry_resumes_at_the_failing_event() {
             &failing,
             support::worker_config(slow),
         );
-        // Long enough for many failed attempts and for an acknowledgement to be due.
-        let stopped = tokio::time::timeout(Duration::from_millis(1500), worker).await;
+        // Long enough for failed attempts and for an acknowledgement to be due.
+        let stopped = tokio::time::timeout(Duration::from_millis(2500), worker).await;
         assert!(stopped.is_err(), "the worker gave up on h-2");
-        assert!(failing.attempts_at("h-2") >= 3);
-
-        let fixed = Flaky::new(&dir, &[]);
-        run_worker(
-            spool.reader().unwrap(),
-            &gate,
-            &fixed,
-            support::worker_config(quick(3)),
-        )
-        .await
-        .unwrap();
-        assert_eq!(fixed.succeeded(), ["h-2"]);
-        // h-1 and h-3 (another entity, processed beside h-2's retries) come again
-        // (at least once), and the gate knows they were processed.
-        let skipped = fixed.skipped.lock().unwrap().clone();
-        assert_eq!(
-            skipped,
-            [
-                ("h-1".to_owned(), Decision::Duplicate),
-                ("h-3".to_owned(), Decision::Duplicate)
-            ]
-        );
+        drop(spool);
     });
+    assert!(failing.attempts_at("h-2") >= 2);
     let mut succeeded = failing.succeeded();
     succeeded.sort();
     assert_eq!(succeeded, ["h-1", "h-3"]);
+    // The line moved on past h-2: the offset is at the end.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("offset")).unwrap(),
+        offset_after(&lines, 3)
+    );
+    let stored = stored_attempts(&dir, "h-2").expect("h-2 in the retry schedule");
+    assert!(stored >= 1);
+
+    // Opened again: two attempts more than were stored, then the dead letter.
+    let still = Flaky::new(&[("h-2", u32::MAX)]);
+    runtime().block_on(async {
+        let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+        assert_eq!(spool.retries(), 1);
+        spool.close().await;
+        let attempts = u32::try_from(stored).unwrap() + 2;
+        let policy = RetryPolicy::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+            attempts,
+        );
+        run_worker(
+            spool.reader().unwrap(),
+            &gate,
+            &still,
+            support::worker_config(policy),
+        )
+        .await
+        .unwrap();
+        assert_eq!(spool.retries(), 0);
+    });
+    assert_eq!(
+        still.attempts_at("h-2"),
+        2,
+        "attempts went on from the stored count"
+    );
+    let dead = still.dead.lock().unwrap().clone();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(u64::from(dead[0].2), stored + 2);
+    assert!(dead[0].1.contains("the database is down (h-2)"), "{dead:?}");
+    assert_eq!(
+        still.succeeded(),
+        Vec::<String>::new(),
+        "h-1 and h-3 not again"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -227,7 +256,7 @@ fn a_panicking_handler_is_retried_and_the_worker_survives() {
     let dir = temp_dir("worker-panic");
     let flaky = Flaky {
         panics: true,
-        ..Flaky::new(&dir, &[("p-1", 1)])
+        ..Flaky::new(&[("p-1", 1)])
     };
     work(&dir, &[line("p-1"), line("p-2")], &flaky, quick(3));
     let mut succeeded = flaky.succeeded();
@@ -243,7 +272,7 @@ fn a_panicking_handler_is_retried_and_the_worker_survives() {
 #[test]
 fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
     let dir = temp_dir("worker-dead");
-    let flaky = Flaky::new(&dir, &[("d-1", 3)]);
+    let flaky = Flaky::new(&[("d-1", 3)]);
     let gate = Gate::in_memory();
     let metrics = Arc::new(Metrics::new());
     runtime().block_on(async {
@@ -314,7 +343,7 @@ fn a_handler_that_always_fails_dead_letters_and_requeue_brings_it_back() {
 #[test]
 fn the_requeue_command_brings_dead_letters_back() {
     let dir = temp_dir("worker-requeue-cmd");
-    let flaky = Flaky::new(&dir, &[("q-1", 2)]);
+    let flaky = Flaky::new(&[("q-1", 2)]);
     work(&dir, &[line("q-1"), line("q-2")], &flaky, quick(2));
     let dead = std::fs::read_to_string(dir.join(DEAD_LETTER_FILE)).unwrap();
     let entry: serde_json::Value = serde_json::from_str(dead.trim_end()).unwrap();
@@ -333,7 +362,7 @@ fn the_requeue_command_brings_dead_letters_back() {
     assert!(!dir.join(DEAD_LETTER_FILE).exists());
 
     // The next worker (a restart: a new gate) processes the requeued event.
-    let fixed = Flaky::new(&dir, &[]);
+    let fixed = Flaky::new(&[]);
     runtime().block_on(async {
         let (spool, recovery) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
         assert_eq!(recovery.events, 3);

@@ -160,6 +160,11 @@ pub struct StoreStatus {
     pub pending: Option<u64>,
     /// Events in the dead letter.
     pub dead_letters: Option<u64>,
+    /// Events in the retry schedule: they failed an attempt and wait for the next.
+    pub retries: Option<u64>,
+    /// When the first of them is due (`None` when none waits, or the store cannot
+    /// tell).
+    pub next_retry_at: Option<std::time::SystemTime>,
     /// Workers consuming now (a RabbitMQ queue's consumers).
     pub consumers: Option<u64>,
     /// Why the figures are missing, when the store could not be asked.
@@ -214,6 +219,21 @@ pub trait EventSource: Send + Sync {
         attempts: u32,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// Moves `delivery` into the source's durable retry schedule, with what
+    /// `retry` says (the attempts made, the last error, the time it is due), before
+    /// it is finished: the line moves on past it, and once due it is handed out
+    /// again by [`EventSource::next_batch`] (to whichever worker asks first), with
+    /// [`Delivery::attempts`] giving the attempts made. A crash between the move and
+    /// the acknowledgement may leave two copies, never none.
+    ///
+    /// # Errors
+    /// When it cannot be kept; the worker then stops rather than lose it.
+    fn schedule_retry(
+        &mut self,
+        delivery: &Self::Delivery,
+        retry: &RetryDue<'_>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
     /// Keeps a delivery whose record cannot be read as an event, byte for byte,
     /// durably, before it is finished.
     ///
@@ -250,6 +270,30 @@ pub trait EventSource: Send + Sync {
     }
 }
 
+/// What [`EventSource::schedule_retry`] keeps with an event that failed an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryDue<'a> {
+    /// Handler calls made so far, the failed one included.
+    pub attempts: u32,
+    /// The last call's error.
+    pub error: &'a str,
+    /// When the next attempt is due.
+    pub due: std::time::SystemTime,
+}
+
+impl<'a> RetryDue<'a> {
+    /// A retry due at `due`, after `attempts` calls, the last failing with `error`.
+    #[must_use]
+    pub fn new(attempts: u32, error: &'a str, due: std::time::SystemTime) -> Self {
+        RetryDue {
+            attempts,
+            error,
+            due,
+        }
+    }
+}
+
 /// One stored event handed out by an [`EventSource`].
 pub trait Delivery {
     /// Names this stored copy of the event for the gate (see
@@ -277,6 +321,13 @@ pub trait Delivery {
     /// than 1 after a worker crashed while it held it). Default 1.
     fn times_delivered(&self) -> u32 {
         1
+    }
+
+    /// Handler calls made before this delivery: 0 for an event from the line,
+    /// the stored count for one from the retry schedule
+    /// ([`EventSource::schedule_retry`]).
+    fn attempts(&self) -> u32 {
+        0
     }
 }
 

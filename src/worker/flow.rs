@@ -24,7 +24,7 @@ use super::lanes::{Item, Lane, LaneKey, Lanes, Outcome, Running, lock};
 use super::supervise::Health;
 use super::{ASK_AGAIN_AFTER, Abandon, EventHandler, WorkerConfig, unless};
 use crate::gate::DecisionStore;
-use crate::store::{Delivery, EventSource};
+use crate::store::{Delivery, EventSource, RetryDue};
 use crate::{Decision, Error, Event};
 
 /// A stored event read and not yet acknowledged.
@@ -158,7 +158,11 @@ where
     loop {
         let stopping = source.stopping() || abandon.is_set();
         lanes.stopping.store(stopping, Ordering::Release);
-        flow.settle(&lanes, &mut source, &mut pump).await?;
+        if flow.settle(&lanes, &mut source, &mut pump).await? {
+            // A retry was scheduled: a finished source may hand it out yet (a
+            // closed spool serves its retries before it ends).
+            exhausted = false;
+        }
         let idle = lanes.idle(&pump.running);
         if idle && (exhausted || stopping) {
             break;
@@ -198,8 +202,8 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         H: EventHandler,
     {
         let attempts = lanes.config.retry.attempts;
-        // The events to claim: number, event, delivery id, receipt time.
-        let mut asked: Vec<(u64, Event<'static>, String, Option<SystemTime>)> = Vec::new();
+        // The events to claim: number, event, delivery id, receipt time, attempts made.
+        let mut asked: Vec<(u64, Event<'static>, String, Option<SystemTime>, u32)> = Vec::new();
         for delivery in batch {
             let seq = self.base + self.window.len() as u64;
             let event = match delivery.event() {
@@ -212,13 +216,21 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                 }
             };
             let id = delivery.id().into_owned();
-            let times = delivery.times_delivered();
-            if times > attempts {
-                let error = format!(
+            let (times, made) = (delivery.times_delivered(), delivery.attempts());
+            let given_up = if times > redelivery_limit(attempts) {
+                Some(format!(
                     "handed to a worker {times} times without being finished (did workers crash processing it?)"
-                );
-                drive(pump, source.dead_letter(&delivery, &error, times - 1)).await?;
-                lanes.handler.dead_lettered(&event, &error, times - 1);
+                ))
+            } else if made >= attempts {
+                Some(format!(
+                    "{made} attempts made already, the retry policy allows {attempts}"
+                ))
+            } else {
+                None
+            };
+            if let Some(error) = given_up {
+                drive(pump, source.dead_letter(&delivery, &error, made)).await?;
+                lanes.handler.dead_lettered(&event, &error, made);
                 self.window.push_back(done(delivery, Some(id)));
                 continue;
             }
@@ -228,14 +240,14 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                 id: Some(id.clone()),
                 outcome: None,
             });
-            asked.push((seq, event, id, received_at));
+            asked.push((seq, event, id, received_at, made));
         }
         if asked.is_empty() {
             return Ok(());
         }
         let claims: Vec<(&Event<'_>, &str, Option<SystemTime>)> = asked
             .iter()
-            .map(|(_, event, id, received_at)| (event, id.as_str(), *received_at))
+            .map(|(_, event, id, received_at, _)| (event, id.as_str(), *received_at))
             .collect();
         let quit = || source.stopping() || lanes.abandon.is_set();
         let call = || lanes.store.claim_batch(&claims);
@@ -250,7 +262,8 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                 return Ok(());
             }
         };
-        for ((seq, event, id, received_at), decision) in asked.into_iter().zip(decisions) {
+        for ((seq, event, id, received_at, attempts), decision) in asked.into_iter().zip(decisions)
+        {
             match decision {
                 Decision::Fresh | Decision::Busy => {
                     if decision == Decision::Fresh {
@@ -268,6 +281,7 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                         delivery: id,
                         received_at,
                         decision,
+                        attempts,
                     };
                     self.push(key, item, lanes, pump);
                 }
@@ -313,51 +327,78 @@ impl<D: Delivery + Send + Sync> Flow<D> {
         }
     }
 
-    /// Takes the lanes' and the completer's results: dead-letters what failed for
-    /// good and releases its claims in one call, then acknowledges, in stored
-    /// order, every finished event up to the first one that is not.
+    /// Takes the lanes' and the completer's results: moves what failed into the
+    /// retry schedule or, after its last attempt, the dead letter, releasing their
+    /// claims in one call, then acknowledges, in stored order, every finished
+    /// event up to the first one that is not. Whether a retry was scheduled.
     async fn settle<'a, Src, S, H>(
         &mut self,
         lanes: &'a Lanes<'_, S, H>,
         source: &mut Src,
         pump: &mut Pump<'a>,
-    ) -> Result<(), Error>
+    ) -> Result<bool, Error>
     where
         Src: EventSource<Delivery = D>,
         S: DecisionStore,
         H: EventHandler,
     {
+        let mut retried = false;
         let results = std::mem::take(&mut *lock(&lanes.results));
-        let mut failed = Vec::new();
+        // Events that failed an attempt: to the dead letter or the retry schedule.
+        let mut moved = Vec::new();
         for (seq, outcome) in results {
+            match outcome {
+                Outcome::Failed { .. } | Outcome::Retry { .. } => moved.push((seq, outcome)),
+                outcome => self.outcome(seq, outcome),
+            }
+        }
+        let mut given_up: Vec<(u64, Box<Event<'static>>)> = Vec::new();
+        for (seq, outcome) in moved {
+            let Some(entry) = self.entry(seq) else {
+                continue;
+            };
             match outcome {
                 Outcome::Failed {
                     event,
                     error,
                     attempts,
-                } => failed.push((seq, event, error, attempts)),
-                outcome => self.outcome(seq, outcome),
+                } => {
+                    drive(pump, source.dead_letter(&entry.delivery, &error, attempts)).await?;
+                    lanes.handler.dead_lettered(&event, &error, attempts);
+                    given_up.push((seq, event));
+                }
+                Outcome::Retry {
+                    event,
+                    error,
+                    attempts,
+                    retry_in,
+                } => {
+                    let due = SystemTime::now() + retry_in;
+                    let retry = RetryDue {
+                        attempts,
+                        error: &error,
+                        due,
+                    };
+                    drive(pump, source.schedule_retry(&entry.delivery, &retry)).await?;
+                    retried = true;
+                    lanes
+                        .handler
+                        .attempt_failed(&event, &error, attempts, retry_in);
+                    given_up.push((seq, event));
+                }
+                _ => {}
             }
         }
-        for (seq, event, error, attempts) in &failed {
-            let at = seq
-                .checked_sub(self.base)
-                .and_then(|at| usize::try_from(at).ok());
-            let Some(entry) = at.and_then(|at| self.window.get(at)) else {
-                continue;
-            };
-            drive(pump, source.dead_letter(&entry.delivery, error, *attempts)).await?;
-            lanes.handler.dead_lettered(event, error, *attempts);
-        }
-        if !failed.is_empty() {
-            // Best effort: if the store cannot hear it, the claims expire with their lease.
-            let given_up: Vec<(&Event<'_>, &str)> = failed
+        if !given_up.is_empty() {
+            // Best effort: if the store cannot hear it, the claims expire with their
+            // lease. A retry claims its event again when it is due.
+            let claims: Vec<(&Event<'_>, &str)> = given_up
                 .iter()
-                .filter_map(|(seq, event, ..)| Some((&**event, self.id(*seq)?)))
+                .filter_map(|(seq, event)| Some((&**event, self.id(*seq)?)))
                 .collect();
-            let _ = drive(pump, lanes.store.release_batch(&given_up)).await;
-            drop(given_up);
-            for (seq, ..) in failed {
+            let _ = drive(pump, lanes.store.release_batch(&claims)).await;
+            drop(claims);
+            for (seq, _) in given_up {
                 if let Some(id) = self.id(seq) {
                     lanes.claims.drop_claim(id);
                 }
@@ -382,14 +423,27 @@ impl<D: Delivery + Send + Sync> Flow<D> {
             }
         }
         lanes.settled.notify_waiters();
-        Ok(())
+        Ok(retried)
+    }
+
+    /// Event number `seq`, while it is in the window.
+    fn entry(&self, seq: u64) -> Option<&Entry<D>> {
+        let at = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.window.get(at)
     }
 
     /// The delivery id of event number `seq`.
     fn id(&self, seq: u64) -> Option<&str> {
-        let at = usize::try_from(seq.checked_sub(self.base)?).ok()?;
-        self.window.get(at)?.id.as_deref()
+        self.entry(seq)?.id.as_deref()
     }
+}
+
+/// How many times a copy may be handed to a worker without being finished
+/// (workers crashed in its handler, or handed it back on a stop) before it goes to
+/// the dead letter: a backstop against an event that kills workers, well above the
+/// attempts, which are counted where a handler call starts.
+fn redelivery_limit(attempts: u32) -> u32 {
+    attempts.saturating_mul(2).max(20)
 }
 
 /// An entry finished as it was read.

@@ -28,6 +28,14 @@ pub(super) enum Outcome {
         error: String,
         attempts: u32,
     },
+    /// Failed with attempts left: move it into the source's retry schedule, due
+    /// after `retry_in`, release its claim, acknowledge it.
+    Retry {
+        event: Box<Event<'static>>,
+        error: String,
+        attempts: u32,
+        retry_in: std::time::Duration,
+    },
     /// Not finished (the worker is stopping): it comes again.
     Unfinished,
     /// Processed, its claim being completed (never in the window: the completer
@@ -42,6 +50,8 @@ pub(super) struct Item {
     pub(super) delivery: String,
     pub(super) received_at: Option<SystemTime>,
     pub(super) decision: Decision,
+    /// Handler calls made before this delivery (kept in the retry schedule).
+    pub(super) attempts: u32,
 }
 
 /// The events of one entity still to handle; `closed` once its future ended.
@@ -115,8 +125,9 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
         }
     }
 
-    /// One event in its lane: claimed again while busy, then attempted until it
-    /// succeeds or fails its last attempt, or the worker stops.
+    /// One event in its lane: claimed again while busy, then attempted once. A
+    /// failure with attempts left goes to the retry schedule ([`Outcome::Retry`]):
+    /// the lane goes on with the entity's next event meanwhile.
     pub(super) async fn handle(&self, item: Item) -> Outcome {
         let Item {
             seq,
@@ -124,6 +135,7 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
             delivery,
             received_at,
             mut decision,
+            attempts,
         } = item;
         let quit = || self.quit();
         let abandoned = || self.abandon.is_set();
@@ -157,44 +169,45 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
             self.claims.drop_claim(&delivery);
             Outcome::Unfinished
         };
-        let mut attempt = 0;
-        loop {
-            if quit() {
-                return left();
+        if quit() {
+            return left();
+        }
+        let permit = match self.permits.try_acquire() {
+            Ok(permit) => Some(Ok(permit)),
+            Err(_) => unless(quit, self.permits.acquire()).await,
+        };
+        let Some(Ok(permit)) = permit else {
+            return left();
+        };
+        // Counted where the call starts: a crash in it costs the attempt only if
+        // the move below happened, so attempts continue from the stored count.
+        let attempt = attempts.saturating_add(1);
+        let outcome = unless(abandoned, attempt_once(self.handler, event.clone())).await;
+        drop(permit);
+        let error = match outcome {
+            None => return left(),
+            Some(Ok(())) => {
+                // The completer completes its claim with others' and reports it.
+                self.completing.fetch_add(1, Ordering::AcqRel);
+                lock(&self.to_complete).push((seq, event, delivery));
+                self.completions.notify_one();
+                return Outcome::Completing;
             }
-            let permit = match self.permits.try_acquire() {
-                Ok(permit) => Some(Ok(permit)),
-                Err(_) => unless(quit, self.permits.acquire()).await,
-            };
-            let Some(Ok(permit)) = permit else {
-                return left();
-            };
-            attempt += 1;
-            let outcome = unless(abandoned, attempt_once(self.handler, event.clone())).await;
-            drop(permit);
-            let error = match outcome {
-                None => return left(),
-                Some(Ok(())) => {
-                    // The completer completes its claim with others' and reports it.
-                    self.completing.fetch_add(1, Ordering::AcqRel);
-                    lock(&self.to_complete).push((seq, event, delivery));
-                    self.completions.notify_one();
-                    return Outcome::Completing;
-                }
-                Some(Err(error)) => error,
-            };
-            let retry = &self.config.retry;
-            if attempt >= retry.attempts {
-                return Outcome::Failed {
-                    event: Box::new(event),
-                    error,
-                    attempts: attempt,
-                };
+            Some(Err(error)) => error,
+        };
+        let retry = &self.config.retry;
+        if attempt >= retry.attempts {
+            Outcome::Failed {
+                event: Box::new(event),
+                error,
+                attempts: attempt,
             }
-            let delay = retry.delay(attempt);
-            self.handler.attempt_failed(&event, &error, attempt, delay);
-            if unless(quit, tokio::time::sleep(delay)).await.is_none() {
-                return left();
+        } else {
+            Outcome::Retry {
+                event: Box::new(event),
+                error,
+                attempts: attempt,
+                retry_in: retry.delay(attempt),
             }
         }
     }

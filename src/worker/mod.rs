@@ -66,11 +66,13 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 /// process, of failed attempts, of dead letters and of damaged lines.
 pub trait EventHandler: Send + Sync {
     /// Processes one event the gate says is [`Decision::Fresh`]. An error, or a
-    /// panic, means "not processed": the worker retries the event with backoff
+    /// panic, means "not processed": the worker moves the event into the source's
+    /// retry schedule, off the line, to be tried again with backoff
     /// ([`RetryPolicy`]), and after the last attempt writes it to the dead letter.
     /// Delivery is at least once: after a crash, an event can come again even if
     /// this call succeeded, so make the processing idempotent. Events of one
-    /// entity (a message, a conversation, …) come one at a time, in stored order.
+    /// entity (a message, a conversation, …) come one at a time, in stored order,
+    /// but for one that waits for a retry: the others go on meanwhile.
     fn handle(
         &self,
         event: Event<'static>,
@@ -82,9 +84,9 @@ pub trait EventHandler: Send + Sync {
         let _ = (event, decision);
     }
 
-    /// An attempt at `event` failed with `error` (its text; `the handler panicked:
-    /// …` for a panic); the worker tries again after `retry_in`. The default does
-    /// nothing.
+    /// Attempt number `attempt` at `event` failed with `error` (its text; `the
+    /// handler panicked: …` for a panic), and the event is now in the source's retry
+    /// schedule, durably, due after `retry_in`. The default does nothing.
     fn attempt_failed(&self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
         let _ = (event, error, attempt, retry_in);
     }
@@ -178,9 +180,10 @@ pub struct WorkerConfig {
     /// [`WorkerConfig::DEFAULT_CONCURRENCY`]; 1 handles one event at a time.
     pub concurrency: usize,
     /// Events read and not yet acknowledged, at most: how far the worker reads
-    /// ahead of the oldest event it has not finished (one failing entity holds
-    /// the acknowledgements behind it, never the other entities, up to this many
-    /// events). Default [`WorkerConfig::DEFAULT_WINDOW`].
+    /// ahead of the oldest event it has not finished. An event waiting for a retry
+    /// is not among them (it waits in the retry schedule), so only a handler call
+    /// in progress, or a copy busy elsewhere, holds the window. Default
+    /// [`WorkerConfig::DEFAULT_WINDOW`].
     pub window: usize,
 }
 
@@ -233,16 +236,30 @@ impl From<RetryPolicy> for WorkerConfig {
 /// stored order, events of different entities side by side. It reads on while
 /// they run, up to [`WorkerConfig::window`] events ahead.
 /// - [`Decision::Fresh`]: `handler.handle`; the claims of the events processed
-///   are completed together, in one call. On an error or a panic the event is
-///   retried after the policy's delay, holding only its own entity; after the
-///   last attempt it goes to the source's dead letter and its claim is released.
+///   are completed together, in one call. On an error or a panic with attempts
+///   left, the event moves into the source's durable retry schedule
+///   ([`EventSource::schedule_retry`]) with its attempts, its error and the time
+///   the policy's delay makes it due, its claim is released, and the line moves
+///   on past it at once: a failing event holds nothing behind it, not even its
+///   own entity. When due, whichever worker asks first gets it and claims it again
+///   like any event; the attempts go on from the stored count. After the last
+///   attempt it goes to the source's dead letter.
+///
+///   Events of one entity may therefore overtake one waiting for its retry: a
+///   later revision processed meanwhile makes the waiting one [`Decision::Stale`]
+///   when it comes back (the gate never lets a lower revision run after a higher
+///   one), and it is skipped as superseded. Events without a revision keep no
+///   order across a retry.
 /// - [`Decision::Busy`] (another copy is being processed elsewhere): claimed again
 ///   a second later, until completed there (`Duplicate`) or its lease passes
 ///   (`Fresh`); its entity waits meanwhile.
 /// - Anything else: [`EventHandler::skipped`].
 ///
-/// A copy handed out more times than the policy's attempts (workers crashed while
-/// processing it) goes to the dead letter without another attempt. While the
+/// Attempts are counted where a handler call starts, and stored with the event
+/// when it moves; a hand-back on a stop or a crash before a call started costs
+/// none. A copy handed out twice the policy's attempts and at least 20 times
+/// without being finished (workers crashed in its handler) goes to the dead letter
+/// without another attempt. While the
 /// decision store is unavailable (Redis down), it waits a second and asks again: no
 /// event is skipped. A stored record that cannot be read as an event is set aside
 /// by the source and [`EventHandler::set_aside`] is told.

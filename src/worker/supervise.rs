@@ -372,7 +372,15 @@ impl<H: EventHandler> EventHandler for Logged<H> {
     }
 
     fn attempt_failed(&self, event: &Event<'_>, error: &str, attempt: u32, retry_in: Duration) {
-        tracing::warn!(event_id = %event.event_id(), %error, attempt, ?retry_in, "processing failed; retrying");
+        let due_at = humantime::format_rfc3339_millis(std::time::SystemTime::now() + retry_in);
+        tracing::warn!(
+            event_id = %event.event_id(),
+            name = %event.name(),
+            %error,
+            attempt,
+            %due_at,
+            "processing failed; moved to the retry schedule"
+        );
         self.0.attempt_failed(event, error, attempt, retry_in);
     }
 

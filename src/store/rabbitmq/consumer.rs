@@ -6,16 +6,17 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 
+use super::retry::{self, ATTEMPTS_HEADER, DUE_HEADER, TIERS_MS};
 use super::{DELIVERY_HEADER, RabbitConfig, declare, delivery_id, open, text, unavailable, within};
 use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
 use crate::store::spool::record_event;
-use crate::store::{Delivery, EventSource};
+use crate::store::{Delivery, EventSource, RetryDue};
 use crate::{Error, Event};
 
 /// How long one read waits for a first message before the worker does its other
@@ -29,6 +30,10 @@ pub struct RabbitDelivery {
     id: String,
     record: Vec<u8>,
     times_delivered: u32,
+    /// Handler calls made before (a retry's `x-comapi-attempts`).
+    attempts: u32,
+    /// When a retry is due (`x-comapi-due`, ms since the Unix epoch).
+    due_ms: Option<u64>,
     properties: BasicProperties,
 }
 
@@ -47,6 +52,10 @@ impl Delivery for RabbitDelivery {
 
     fn times_delivered(&self) -> u32 {
         self.times_delivered
+    }
+
+    fn attempts(&self) -> u32 {
+        self.attempts
     }
 }
 
@@ -83,11 +92,17 @@ fn delivery(message: lapin::message::Delivery) -> RabbitDelivery {
     // channel names it (a redelivery is then a copy the gate calls fresh).
     let id = header_text(headers, DELIVERY_HEADER)
         .map_or_else(|| format!("tag-{}", message.delivery_tag), Cow::into_owned);
+    let attempts = header_number(headers, ATTEMPTS_HEADER)
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
+    let due_ms = header_number(headers, DUE_HEADER).and_then(|n| u64::try_from(n).ok());
     RabbitDelivery {
         tag: message.delivery_tag,
         id,
         record: message.data,
         times_delivered: earlier.saturating_add(1),
+        attempts,
+        due_ms,
         properties: message.properties,
     }
 }
@@ -110,6 +125,8 @@ pub struct RabbitConsumer {
     /// finished too, as the worker finishes deliveries in the order it got them.
     finished_up_to: Option<u64>,
     stop: StopHandle,
+    /// Whether the consumer was cancelled (on a stop).
+    cancelled: bool,
 }
 
 impl std::fmt::Debug for RabbitConsumer {
@@ -153,6 +170,7 @@ impl RabbitConsumer {
                 config: config.clone(),
                 finished_up_to: None,
                 stop: StopHandle::default(),
+                cancelled: false,
             })
         })
         .await
@@ -175,6 +193,52 @@ impl RabbitConsumer {
             self.finished_up_to = None;
         }
         Ok(())
+    }
+
+    /// Stops the broker's deliveries to this consumer (what it holds stays its
+    /// own until acknowledged or the channel closes): asked once a stop is seen,
+    /// so that little is handed back.
+    async fn cancel(&mut self) {
+        if self.cancelled {
+            return;
+        }
+        self.cancelled = true;
+        let tag = self.messages.tag();
+        let cancelled = within(self.config.deadline, "cannot cancel the consumer", async {
+            self.channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+        })
+        .await;
+        if let Err(error) = cancelled {
+            tracing::debug!(error = %error.report(), "cannot cancel the consumer");
+        }
+    }
+
+    /// A retry back before its due time: on to the delay queue of `tier` ms, then
+    /// acknowledged on its own (never cumulatively: earlier deliveries may still
+    /// be in the worker's hands).
+    async fn wait_longer(&mut self, delivery: &RabbitDelivery, tier: u64) -> Result<(), Error> {
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(retry::clean(&delivery.properties));
+        let queue = retry::tier_queue(&self.config, tier);
+        publish_confirmed(
+            &self.channel,
+            &self.config,
+            &queue,
+            &delivery.record,
+            properties,
+        )
+        .await?;
+        let tag = delivery.tag;
+        within(self.config.deadline, "cannot acknowledge a retry", async {
+            self.channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+        })
+        .await
     }
 
     /// Publishes `delivery` to the dead-letter queue with `error` and `attempts`,
@@ -249,6 +313,7 @@ impl EventSource for RabbitConsumer {
     async fn next_batch(&mut self) -> Result<Option<Vec<RabbitDelivery>>, Error> {
         self.acknowledge().await?;
         if self.stop.is_stopped() {
+            self.cancel().await;
             return Ok(None);
         }
         let first = match tokio::time::timeout(READ_WAIT, self.messages.next()).await {
@@ -274,7 +339,20 @@ impl EventSource for RabbitConsumer {
                 Some(None) | None => break,
             }
         }
-        Ok(Some(batch))
+        // Retries back before their due time move on to the next tier.
+        let now = std::time::SystemTime::now();
+        let mut due = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let wait = delivery
+                .due_ms
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .and_then(|at| at.duration_since(now).ok());
+            match wait.and_then(retry::tier_for) {
+                Some(tier) => self.wait_longer(&delivery, tier).await?,
+                None => due.push(delivery),
+            }
+        }
+        Ok(Some(due))
     }
 
     async fn finished(&mut self, delivery: &RabbitDelivery) -> Result<(), Error> {
@@ -289,6 +367,32 @@ impl EventSource for RabbitConsumer {
         attempts: u32,
     ) -> Result<(), Error> {
         self.add_dead(delivery, error, attempts).await
+    }
+
+    async fn schedule_retry(
+        &mut self,
+        delivery: &RabbitDelivery,
+        retry: &RetryDue<'_>,
+    ) -> Result<(), Error> {
+        let wait = retry
+            .due
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        // Due within the shortest tier: straight back into the queue.
+        let queue = match retry::tier_for(wait) {
+            Some(tier) => retry::tier_queue(&self.config, tier),
+            None => self.config.queue.clone(),
+        };
+        let properties = retry::moved(&delivery.properties, retry);
+        // Acknowledged by `finished`, in order with the others, after this confirm.
+        publish_confirmed(
+            &self.channel,
+            &self.config,
+            &queue,
+            &delivery.record,
+            properties,
+        )
+        .await
     }
 
     async fn set_aside(&mut self, delivery: &RabbitDelivery, error: &Error) -> Result<(), Error> {
@@ -338,6 +442,8 @@ pub(super) struct Counts {
     pub(super) ready: u64,
     pub(super) consumers: u64,
     pub(super) dead: u64,
+    /// Messages waiting in the delay queues.
+    pub(super) retries: u64,
 }
 
 pub(super) async fn counts(channel: &Channel, config: &RabbitConfig) -> Result<Counts, Error> {
@@ -356,21 +462,34 @@ pub(super) async fn counts(channel: &Channel, config: &RabbitConfig) -> Result<C
                 FieldTable::default(),
             )
             .await?;
-        Ok((queue, dead))
+        let mut retries = 0;
+        for tier in TIERS_MS {
+            let name = retry::tier_queue(config, tier);
+            let tier = channel
+                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await?;
+            retries += u64::from(tier.message_count());
+        }
+        Ok((queue, dead, retries))
     };
-    let (queue, dead) = within(config.deadline, "cannot read the queue's counts", asked).await?;
+    let (queue, dead, retries) =
+        within(config.deadline, "cannot read the queue's counts", asked).await?;
     Ok(Counts {
         ready: u64::from(queue.message_count()),
         consumers: u64::from(queue.consumer_count()),
         dead: u64::from(dead.message_count()),
+        retries,
     })
 }
 
 /// See [`RabbitStore::requeue_dead_letters`](super::RabbitStore::requeue_dead_letters).
 pub(super) async fn requeue(channel: &Channel, config: &RabbitConfig) -> Result<u64, Error> {
     let dead = config.dead_queue();
+    // What is in the dead letter now, and nothing added later: with a worker whose
+    // handler still fails, the same events would otherwise go round and round.
+    let at_start = counts(channel, config).await?.dead;
     let mut moved = 0;
-    loop {
+    while moved < at_start {
         let got = within(
             config.deadline,
             "cannot read the dead-letter queue",
@@ -399,4 +518,5 @@ pub(super) async fn requeue(channel: &Channel, config: &RabbitConfig) -> Result<
         .await?;
         moved += 1;
     }
+    Ok(moved)
 }

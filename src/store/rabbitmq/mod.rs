@@ -17,12 +17,27 @@
 //!   and `x-overflow=reject-publish` (without which dead-lettering is at most once);
 //! - the dead-letter exchange (fanout) and queue (quorum), both named
 //!   `<queue>.dead`: the broker's dead letters (the delivery limit) and the
-//!   worker's (the last attempt failed) land there.
+//!   worker's (the last attempt failed) land there;
+//! - the retry schedule's delay queues (quorum), `<queue>.retry.<ms>`, one per
+//!   [`RETRY_TIERS_MS`], whose messages expire back into the queue (see `retry`
+//!   in the source, and *Retries* below).
 //!
 //! Each event is one message: the record a spool line holds, persistent, published
 //! `mandatory` with `message_id` = the event id, `content_type`
 //! `application/json`, and a delivery id in the header `x-comapi-delivery` that
 //! stays the same across redeliveries (the gate's delivery).
+//!
+//! # Retries
+//!
+//! An event whose attempt failed with attempts left leaves the queue at once: a
+//! confirmed publish to the delay queue whose TTL does not pass its due time
+//! (with `x-comapi-attempts`, `x-comapi-error` and `x-comapi-due` in headers),
+//! then the acknowledgement. It comes back into the queue when it expires, at the
+//! tail; one back early moves on to a shorter tier. So no delivery waits
+//! unacknowledged for a retry, and `consumer_timeout` is reached only by a
+//! handler slower than it. Attempts are the header's count, never the broker's
+//! `x-delivery-count`, which also counts hand-backs on a stop; the delivery limit
+//! stays a backstop against a message that kills its workers.
 //!
 //! # Slow handlers
 //!
@@ -69,9 +84,11 @@ use crate::Error;
 
 mod consumer;
 mod management;
+mod retry;
 
 pub use consumer::{RabbitConsumer, RabbitConsumers, RabbitDelivery};
 pub(crate) use management::check_url as check_management_url;
+pub use retry::TIERS_MS as RETRY_TIERS_MS;
 
 /// The header that names a stored copy of an event for the gate.
 pub(crate) const DELIVERY_HEADER: &str = "x-comapi-delivery";
@@ -386,6 +403,9 @@ impl EventStore for RabbitStore {
             backlog: Some(sample.map_or(counts.ready, |s| s.messages)),
             pending: sample.map(|s| s.unacknowledged),
             dead_letters: Some(counts.dead),
+            retries: Some(counts.retries),
+            // When the first is due the broker does not tell without taking it.
+            next_retry_at: None,
             consumers: Some(counts.consumers),
             error,
         }
@@ -441,7 +461,7 @@ async fn declare(channel: &Channel, config: &RabbitConfig) -> Result<(), lapin::
     channel
         .queue_declare(config.queue.as_str().into(), durable, arguments)
         .await?;
-    Ok(())
+    retry::declare(channel, config).await
 }
 
 fn text(value: &str) -> AMQPValue {

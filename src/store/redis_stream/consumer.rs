@@ -12,11 +12,12 @@ use crate::gate::{KeepAlive, OwnConnection};
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 
+use super::retry::{self, MOVE_SCRIPT, TAKE_SCRIPT};
 use super::scripts::{DEAD_SCRIPT, FORGET_SCRIPT, TRIM_SCRIPT};
 use super::{RECORD_FIELD, RedisStreamConfig, connect, unavailable};
 use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
 use crate::store::spool::record_event;
-use crate::store::{Delivery, EventSource};
+use crate::store::{Delivery, EventSource, RetryDue};
 use crate::{Error, Event};
 
 /// How long one read waits for new entries before it looks at the stop flag and
@@ -24,6 +25,8 @@ use crate::{Error, Event};
 const READ_BLOCK: Duration = Duration::from_secs(1);
 /// How often finished entries are trimmed from the stream, at most.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// How often the retry schedule is asked for due retries, at most.
+const RETRIES_EVERY: Duration = Duration::from_millis(200);
 
 /// One worker's consumer in the stream's consumer group: the worker's
 /// [`EventSource`] on Redis.
@@ -59,6 +62,9 @@ pub struct StreamConsumer {
     connection: ConnectionManager,
     key: String,
     dead_key: String,
+    /// The retry schedule's sorted set and records.
+    retry_key: String,
+    records_key: String,
     group: String,
     name: String,
     lease: Duration,
@@ -72,6 +78,8 @@ pub struct StreamConsumer {
     last_claim: Option<Instant>,
     /// `None` until the first trim, which comes with the first acknowledgement.
     last_trim: Option<Instant>,
+    /// When the retry schedule was last asked.
+    last_retries: Option<Instant>,
 }
 
 /// The entries a consumer holds, each with how many times it was delivered.
@@ -81,6 +89,11 @@ struct Held {
     in_hand: VecDeque<(String, u32)>,
     /// Finished entries not yet acknowledged.
     finished: Vec<String>,
+    /// Retries from the schedule in hand (leased), and finished ones to remove.
+    retries: Vec<String>,
+    retries_done: Vec<String>,
+    /// Retries in hand moved back into the schedule: finished, but kept there.
+    rescheduled: Vec<String>,
 }
 
 /// One stream entry handed to the worker.
@@ -89,6 +102,8 @@ pub struct StreamDelivery {
     id: String,
     record: Vec<u8>,
     times_delivered: u32,
+    /// From the retry schedule: the attempts made before.
+    retry: Option<u32>,
 }
 
 impl Delivery for StreamDelivery {
@@ -106,6 +121,10 @@ impl Delivery for StreamDelivery {
 
     fn times_delivered(&self) -> u32 {
         self.times_delivered
+    }
+
+    fn attempts(&self) -> u32 {
+        self.retry.unwrap_or(0)
     }
 }
 
@@ -130,6 +149,8 @@ impl StreamConsumer {
             connection,
             key: config.stream_key(),
             dead_key: config.dead_key(),
+            retry_key: retry::schedule_key(&config.stream_key()),
+            records_key: retry::records_key(&config.stream_key()),
             group: config.group,
             name: name.into(),
             lease: config.lease,
@@ -139,6 +160,7 @@ impl StreamConsumer {
             claim_from: "0-0".to_owned(),
             last_claim: None,
             last_trim: None,
+            last_retries: None,
         };
         let created: Result<(), _> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -194,6 +216,23 @@ impl StreamConsumer {
             let mut held = self.held.lock().await;
             held.finished.retain(|id| !finished.contains(id));
         }
+        let done = self.held.lock().await.retries_done.clone();
+        if !done.is_empty() {
+            let _: () = redis::pipe()
+                .cmd("ZREM")
+                .arg(&self.retry_key)
+                .arg(&done)
+                .ignore()
+                .cmd("HDEL")
+                .arg(&self.records_key)
+                .arg(&done)
+                .ignore()
+                .query_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot remove finished retries", e))?;
+            let mut held = self.held.lock().await;
+            held.retries_done.retain(|id| !done.contains(id));
+        }
         if self.last_trim.is_none_or(|at| at.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
             // Best effort: what is not trimmed now is trimmed next time.
@@ -203,6 +242,40 @@ impl StreamConsumer {
                 .await;
         }
         Ok(())
+    }
+
+    /// Retries due now, leased to this consumer; asked at most every
+    /// [`RETRIES_EVERY`].
+    async fn take_due_retries(&mut self) -> Result<Vec<StreamDelivery>, Error> {
+        if self
+            .last_retries
+            .is_some_and(|at| at.elapsed() < RETRIES_EVERY)
+        {
+            return Ok(Vec::new());
+        }
+        self.last_retries = Some(Instant::now());
+        let reply: Vec<Vec<u8>> = TAKE_SCRIPT
+            .key(&self.retry_key)
+            .key(&self.records_key)
+            .arg(retry::millis(std::time::SystemTime::now()))
+            .arg(self.batch)
+            .arg(Self::millis(self.lease))
+            .invoke_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot read the retry schedule", e))?;
+        let mut due = Vec::new();
+        for pair in reply.chunks_exact(2) {
+            let id = String::from_utf8_lossy(&pair[0]).into_owned();
+            // A value this crate did not write still comes out, to be set aside.
+            let (attempts, record) = retry::parse(&pair[1]).unwrap_or((0, pair[1].clone()));
+            due.push(StreamDelivery {
+                id,
+                record,
+                times_delivered: 1,
+                retry: Some(attempts),
+            });
+        }
+        Ok(due)
     }
 
     /// Entries other consumers held longer than the lease, now this one's.
@@ -309,6 +382,20 @@ impl StreamConsumer {
     async fn hand_back(&mut self) -> Result<(), Error> {
         // Held across the round trips, so that no keep-alive undoes the hand-back.
         let mut held = self.held.lock().await;
+        let retries = std::mem::take(&mut held.retries);
+        if !retries.is_empty() {
+            // Due again at once, for the next worker that asks.
+            let mut command = redis::cmd("ZADD");
+            command.arg(&self.retry_key).arg("XX");
+            let now = retry::millis(std::time::SystemTime::now());
+            for id in &retries {
+                command.arg(now).arg(id);
+            }
+            let _: i64 = command
+                .query_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot hand back retries", e))?;
+        }
         let mut by_count: HashMap<u32, Vec<String>> = HashMap::new();
         for (id, times) in held.in_hand.drain(..) {
             by_count
@@ -371,6 +458,7 @@ fn delivery(entry: StreamId, times_delivered: u32) -> StreamDelivery {
         id: entry.id,
         record,
         times_delivered,
+        retry: None,
     }
 }
 
@@ -381,6 +469,12 @@ impl EventSource for StreamConsumer {
         self.acknowledge().await?;
         if self.stop.is_stopped() {
             return Ok(None);
+        }
+        let retries = self.take_due_retries().await?;
+        if !retries.is_empty() {
+            let mut held = self.held.lock().await;
+            held.retries.extend(retries.iter().map(|d| d.id.clone()));
+            return Ok(Some(retries));
         }
         let mut batch = self.take_over().await?;
         if batch.is_empty() {
@@ -398,6 +492,20 @@ impl EventSource for StreamConsumer {
     async fn finished(&mut self, delivery: &StreamDelivery) -> Result<(), Error> {
         let unacknowledged = {
             let mut held = self.held.lock().await;
+            if delivery.retry.is_some() {
+                held.retries.retain(|id| *id != delivery.id);
+                let before = held.rescheduled.len();
+                held.rescheduled.retain(|id| *id != delivery.id);
+                if held.rescheduled.len() == before {
+                    held.retries_done.push(delivery.id.clone());
+                }
+                let waiting = held.retries_done.len() + held.finished.len();
+                drop(held);
+                if self.stop.is_stopped() || waiting >= self.batch {
+                    self.acknowledge().await?;
+                }
+                return Ok(());
+            }
             // Finished in the order handed out, as a rule: the front one.
             if held
                 .in_hand
@@ -421,12 +529,25 @@ impl EventSource for StreamConsumer {
         let connection = OwnConnection::new(self.client.clone());
         let held = Arc::clone(&self.held);
         let (key, group, name) = (self.key.clone(), self.group.clone(), self.name.clone());
+        let (retry_key, lease) = (self.retry_key.clone(), self.lease);
         Some(KeepAlive::new(self.lease / 3, move |_claims| {
             let (connection, held) = (connection.clone(), Arc::clone(&held));
             let (key, group, name) = (key.clone(), group.clone(), name.clone());
+            let retry_key = retry_key.clone();
             Box::pin(async move {
                 // Held across the round trip: a hand-back waits for it, never undone.
                 let held = held.lock().await;
+                if !held.retries.is_empty() {
+                    // The leases of the retries in hand, renewed.
+                    let mut command = redis::cmd("ZADD");
+                    command.arg(&retry_key).arg("XX");
+                    let until = retry::lease_end(lease);
+                    for id in &held.retries {
+                        command.arg(until).arg(id);
+                    }
+                    let renewed = "cannot keep retries";
+                    connection.run::<i64>(&command, renewed).await?;
+                }
                 let ids: Vec<&String> = held
                     .in_hand
                     .iter()
@@ -461,6 +582,40 @@ impl EventSource for StreamConsumer {
         attempts: u32,
     ) -> Result<(), Error> {
         self.add_dead(delivery, error, attempts).await
+    }
+
+    async fn schedule_retry(
+        &mut self,
+        delivery: &StreamDelivery,
+        retry: &RetryDue<'_>,
+    ) -> Result<(), Error> {
+        {
+            // Out of hand first, so that no keep-alive renews the lease over the
+            // due time the move sets.
+            let mut held = self.held.lock().await;
+            if delivery.retry.is_some() {
+                held.retries.retain(|id| *id != delivery.id);
+                held.rescheduled.push(delivery.id.clone());
+            }
+        }
+        let entry = if delivery.retry.is_some() {
+            ""
+        } else {
+            delivery.id.as_str()
+        };
+        let _: i64 = MOVE_SCRIPT
+            .key(&self.retry_key)
+            .key(&self.records_key)
+            .key(&self.key)
+            .arg(&self.group)
+            .arg(entry)
+            .arg(&delivery.id)
+            .arg(retry::millis(retry.due))
+            .arg(retry::value(&delivery.record, retry))
+            .invoke_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot move an event into the retry schedule", e))?;
+        Ok(())
     }
 
     async fn set_aside(&mut self, delivery: &StreamDelivery, error: &Error) -> Result<(), Error> {

@@ -42,6 +42,7 @@ use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
 mod consumer;
+mod retry;
 mod scripts;
 
 pub use crate::store::broker::StopHandle;
@@ -180,12 +181,17 @@ impl Durability {
     }
 }
 
-/// Backlog, pending and dead-letter figures in one round trip. KEYS: the stream,
-/// the dead stream. ARGV: the group. Replies `{length, pending, lag, dead}`, with
-/// -1 for what is unknown (no group yet, or a lag Redis cannot tell).
+/// Backlog, pending, dead-letter and retry figures in one round trip. KEYS: the
+/// stream, the dead stream, the retry schedule. ARGV: the group. Replies `{length,
+/// pending, lag, dead, retries, next due (ms)}`, with -1 for what is unknown (no
+/// group yet, a lag Redis cannot tell, no retry waiting).
 const STATUS: &str = r"
 local length = redis.call('XLEN', KEYS[1])
 local dead = redis.call('XLEN', KEYS[2])
+local retries = redis.call('ZCARD', KEYS[3])
+local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+local next_due = -1
+if first[2] then next_due = tonumber(first[2]) end
 local pending, lag = -1, -1
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -197,15 +203,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     end
   end
 end
-return {length, pending, lag, dead}
+return {length, pending, lag, dead, retries, next_due}
 ";
 
 /// Moves up to ARGV[1] entries from the dead stream (KEYS[2]) back to the stream
-/// (KEYS[1]), as new entries, atomically; an entry without a `record` field (not
-/// one this crate wrote) is set aside, every field kept, in KEYS[3]. Replies how
-/// many entries it took from the dead stream, and how many of them were requeued.
+/// (KEYS[1]), as new entries, atomically, none later than the entry ARGV[2]; an
+/// entry without a `record` field (not one this crate wrote) is set aside, every
+/// field kept, in KEYS[3]. Replies how many entries it took from the dead stream,
+/// and how many of them were requeued.
 const REQUEUE: &str = r"
-local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[1])
+local entries = redis.call('XRANGE', KEYS[2], '-', ARGV[2], 'COUNT', ARGV[1])
 local requeued = 0
 for _, entry in ipairs(entries) do
   local fields = entry[2]
@@ -321,7 +328,8 @@ impl RedisStream {
 
     /// Moves every event in the dead-letter stream back to the stream, as new
     /// entries, for the workers to process again; run it once the cause of the
-    /// failures is fixed. Each step of up to 100 events is atomic in Redis. An
+    /// failures is fixed. It moves at most what the dead letter held when it
+    /// started: what a running worker dead-letters meanwhile stays. Each step of up to 100 events is atomic in Redis. An
     /// entry with no `record` (not one this crate wrote) is never dropped: it is
     /// set aside in `<prefix>events:dead:unreadable`, as it was. Returns how many
     /// came back.
@@ -329,6 +337,20 @@ impl RedisStream {
     /// # Errors
     /// [`Error::StoreUnavailable`] when Redis cannot answer; what moved before stays moved.
     pub async fn requeue_dead_letters(&self) -> Result<u64, Error> {
+        // What is in the dead letter now, and nothing added later: with a worker
+        // whose handler still fails, the same events would otherwise go round.
+        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&*self.dead_key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| unavailable("cannot read the dead letter", e))?;
+        let Some(last) = last.ids.into_iter().next().map(|entry| entry.id) else {
+            return Ok(0);
+        };
         let mut moved = 0;
         loop {
             let (taken, requeued): (u64, u64) = REQUEUE_SCRIPT
@@ -336,6 +358,7 @@ impl RedisStream {
                 .key(&*self.dead_key)
                 .key(format!("{}:unreadable", self.dead_key))
                 .arg(100)
+                .arg(&last)
                 .invoke_async(&mut self.connection.clone())
                 .await
                 .map_err(|e| unavailable("cannot requeue the dead letter", e))?;
@@ -398,10 +421,13 @@ impl EventStore for RedisStream {
         let store = format!("the Redis stream {}", self.key);
         let mut connection = self.connection.clone();
         let mut invocation = STATUS_SCRIPT.key(&*self.key);
-        invocation.key(&*self.dead_key).arg(&*self.group);
-        let asked = invocation.invoke_async::<(i64, i64, i64, i64)>(&mut connection);
+        invocation
+            .key(&*self.dead_key)
+            .key(retry::schedule_key(&self.key))
+            .arg(&*self.group);
+        let asked = invocation.invoke_async::<(i64, i64, i64, i64, i64, i64)>(&mut connection);
         match tokio::time::timeout(self.deadline, asked).await {
-            Ok(Ok((length, pending, lag, dead))) => {
+            Ok(Ok((length, pending, lag, dead, retries, next_due))) => {
                 let known = |n: i64| u64::try_from(n).ok();
                 let backlog = match (known(pending), known(lag)) {
                     (Some(pending), Some(lag)) => pending + lag,
@@ -416,6 +442,9 @@ impl EventStore for RedisStream {
                     backlog: Some(backlog),
                     pending: Some(known(pending).unwrap_or(0)),
                     dead_letters: known(dead),
+                    retries: known(retries),
+                    next_retry_at: known(next_due)
+                        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
                     error: None,
                     consumers: None,
                 }

@@ -39,6 +39,7 @@ mod files;
 mod reader;
 mod record;
 mod recovery;
+mod retry;
 mod source;
 mod writer;
 
@@ -51,6 +52,8 @@ pub(crate) use record::encode_lines;
 #[cfg(any(feature = "redis", feature = "rabbitmq"))]
 pub(crate) use record::record_event;
 pub(crate) use record::record_received_at;
+pub use retry::RETRY_FILE;
+use retry::RetryLog;
 pub use source::SpoolReader;
 use writer::Writer;
 
@@ -194,6 +197,8 @@ struct Shared {
     dead_letters: Arc<AtomicU64>,
     /// Whether a [`SpoolReader`] is alive: the offset file belongs to one reader.
     reading: Arc<AtomicBool>,
+    /// The retry schedule ([`RETRY_FILE`]), kept by the reader.
+    retries: Arc<std::sync::Mutex<RetryLog>>,
 }
 
 enum Request {
@@ -228,6 +233,7 @@ impl Spool {
         let stored = Arc::new(AtomicU64::new(recovery.events));
         let (acknowledged, dead_letters) = reader::counts_at_open(&config.dir)
             .map_err(|e| storage("count the processed events", e))?;
+        let retries = Arc::new(std::sync::Mutex::new(RetryLog::open(&config.dir)?));
         let (committed_tx, committed) = watch::channel(writer.position());
         let (requests, rx) = mpsc::channel(4096);
         let counter = Arc::clone(&stored);
@@ -245,6 +251,7 @@ impl Spool {
             reading: Arc::new(AtomicBool::new(false)),
             acknowledged: Arc::new(AtomicU64::new(acknowledged)),
             dead_letters: Arc::new(AtomicU64::new(dead_letters)),
+            retries,
         };
         Ok((
             Spool {
@@ -331,6 +338,19 @@ impl Spool {
         self.shared.dead_letters.load(Ordering::Acquire)
     }
 
+    /// Events in the retry schedule ([`RETRY_FILE`]): they failed an attempt and
+    /// wait for the next, off the line.
+    #[must_use]
+    pub fn retries(&self) -> u64 {
+        retry::lock(&self.shared.retries).len()
+    }
+
+    /// When the first event in the retry schedule is due.
+    #[must_use]
+    pub fn next_retry_at(&self) -> Option<std::time::SystemTime> {
+        retry::lock(&self.shared.retries).next_due()
+    }
+
     /// `count` dead letters were requeued.
     pub(crate) fn dead_letters_requeued(&self, count: u64) {
         let _ = self
@@ -377,7 +397,11 @@ impl Spool {
                 dead_letters: Arc::clone(&self.shared.dead_letters),
             },
         )
-        .map(SpoolReader::new)
+        .map(|cursor| {
+            // What an earlier reader had in hand and did not finish is due again.
+            retry::lock(&self.shared.retries).hand_back();
+            SpoolReader::new(cursor, Arc::clone(&self.shared.retries))
+        })
     }
 
     /// Stops the writer after the appends already queued, and waits for it. Later
@@ -410,6 +434,8 @@ impl EventStore for Spool {
             backlog: Some(self.backlog()),
             pending: None,
             dead_letters: Some(self.dead_letters()),
+            retries: Some(self.retries()),
+            next_retry_at: self.next_retry_at(),
             error: None,
             consumers: None,
         }

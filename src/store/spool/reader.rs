@@ -258,6 +258,7 @@ impl Cursor {
                     segment,
                     offset: self.position.offset + end as u64,
                 },
+                retry: None,
             });
             start = end;
         }

@@ -68,6 +68,8 @@ pub struct SpooledEvent {
     pub(super) chunk: Arc<Vec<u8>>,
     pub(super) line: std::ops::Range<usize>,
     pub(super) end: Position,
+    /// Where it came from in the retry schedule, if it did.
+    pub(super) retry: Option<Arc<super::retry::RetryTag>>,
 }
 
 /// A spool line's parts: `receivedAt`, `secretIndex` and the raw event.

@@ -4,13 +4,15 @@
 use std::borrow::Cow;
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::dead_letter::{DEAD_LETTER_FILE, dead_letter_line};
 use super::files::{append_synced, lock_dead_letter};
 use super::reader::{Cursor, REJECTED_FILE};
+use super::retry::{self, RetryLog};
 use super::{Position, SpooledEvent};
-use crate::store::{Delivery, EventSource};
+use crate::store::{Delivery, EventSource, RetryDue};
 use crate::{Error, Event};
 
 /// The worker acknowledges (writes the `offset` file) at most this often.
@@ -21,6 +23,8 @@ const READ_EVERY: Duration = Duration::from_millis(10);
 const WAIT_AT_MOST: Duration = Duration::from_secs(1);
 /// The most a batch reads at once.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+/// The most retries handed out at once.
+const MAX_RETRIES: usize = 256;
 
 /// Reads committed events from a [`Spool`](super::Spool), in order, and remembers
 /// how far it got in the spool's `offset` file: the worker's
@@ -41,16 +45,19 @@ pub struct SpoolReader {
     last_ack: Instant,
     /// When the last batch that caught up was read.
     last_read: Option<Instant>,
+    /// The retry schedule, shared with the spool.
+    retries: Arc<Mutex<RetryLog>>,
 }
 
 impl SpoolReader {
-    pub(super) fn new(cursor: Cursor) -> Self {
+    pub(super) fn new(cursor: Cursor, retries: Arc<Mutex<RetryLog>>) -> Self {
         SpoolReader {
             dir: cursor.dir().to_owned(),
             cursor: Some(cursor),
             pending: None,
             last_ack: Instant::now(),
             last_read: None,
+            retries,
         }
     }
 
@@ -107,12 +114,49 @@ impl SpoolReader {
         result
     }
 
+    /// Writes the retry schedule's changes (the moves synced first), then the
+    /// offset: the offset never passes an event before the schedule holds it.
     async fn acknowledge_pending(&mut self) -> Result<(), Error> {
-        if let Some(upto) = self.pending.take() {
-            self.off_thread(move |c| c.acknowledge(upto)).await?;
+        let writes = {
+            let mut log = retry::lock(&self.retries);
+            log.dirty().then(|| log.take_writes())
+        };
+        let upto = self.pending.take();
+        if writes.is_some() || upto.is_some() {
+            self.off_thread(move |c| {
+                if let Some(writes) = writes {
+                    writes.write()?;
+                }
+                match upto {
+                    Some(upto) => c.acknowledge(upto),
+                    None => Ok(()),
+                }
+            })
+            .await?;
             self.last_ack = Instant::now();
         }
         Ok(())
+    }
+
+    /// Something to acknowledge or to write to the retry schedule.
+    fn pending(&self) -> bool {
+        self.pending.is_some() || retry::lock(&self.retries).dirty()
+    }
+
+    /// The retries due now, and how long until the next one is due.
+    fn due_retries(&self) -> (Vec<SpooledEvent>, Option<Duration>) {
+        let now = SystemTime::now();
+        let mut log = retry::lock(&self.retries);
+        let due = log.take_due(now, MAX_RETRIES);
+        let next = log
+            .next_due()
+            .map(|at| at.duration_since(now).unwrap_or_default());
+        (due, next)
+    }
+
+    /// Whether the schedule holds anything (waiting or handed out).
+    fn retries_left(&self) -> bool {
+        retry::lock(&self.retries).len() > 0
     }
 }
 
@@ -121,33 +165,48 @@ impl EventSource for SpoolReader {
 
     async fn next_batch(&mut self) -> Result<Option<Vec<SpooledEvent>>, Error> {
         loop {
+            let (due, next_retry) = self.due_retries();
+            if !due.is_empty() {
+                return Ok(Some(due));
+            }
             if let Some(wait) = self
                 .last_read
                 .and_then(|at| READ_EVERY.checked_sub(at.elapsed()))
             {
                 tokio::time::sleep(wait).await;
             }
+            let pending = self.pending();
             let due = ACK_EVERY.saturating_sub(self.last_ack.elapsed());
-            let pending = self.pending.is_some();
+            // Wait for new events no longer than until the next retry is due.
+            let most = next_retry.map_or(WAIT_AT_MOST, |next| next.min(WAIT_AT_MOST));
             let waiting = self.cursor()?.wait_for_data();
             let committed = if pending {
                 // Something to acknowledge: wait for more only until it is due.
-                match tokio::time::timeout(due, waiting).await {
+                match tokio::time::timeout(due.min(most), waiting).await {
                     Ok(committed) => committed,
                     Err(_) => {
-                        self.acknowledge_pending().await?;
+                        if self.last_ack.elapsed() >= ACK_EVERY {
+                            self.acknowledge_pending().await?;
+                        }
                         continue;
                     }
                 }
             } else {
                 // Nothing new for a while: an empty batch, so the worker can do
-                // its other work (retries, completions) and ask again.
-                match tokio::time::timeout(WAIT_AT_MOST, waiting).await {
+                // its other work (completions) and ask again.
+                match tokio::time::timeout(most, waiting).await {
                     Ok(committed) => committed,
                     Err(_) => return Ok(Some(Vec::new())),
                 }
             };
             let Some(committed) = committed else {
+                // Closed and read to its end: the retries are still served, then
+                // the reader is finished.
+                if self.retries_left() {
+                    let wait = next_retry.map_or(WAIT_AT_MOST, |next| next.min(WAIT_AT_MOST));
+                    tokio::time::sleep(wait).await;
+                    return Ok(Some(Vec::new()));
+                }
                 return Ok(None);
             };
             let batch = self
@@ -163,7 +222,10 @@ impl EventSource for SpoolReader {
     }
 
     async fn finished(&mut self, delivery: &SpooledEvent) -> Result<(), Error> {
-        self.pending = Some(delivery.end());
+        match &delivery.retry {
+            Some(tag) => retry::lock(&self.retries).done(tag.number),
+            None => self.pending = Some(delivery.end()),
+        }
         if self.last_ack.elapsed() >= ACK_EVERY {
             self.acknowledge_pending().await?;
         }
@@ -187,6 +249,16 @@ impl EventSource for SpoolReader {
         .await
     }
 
+    async fn schedule_retry(
+        &mut self,
+        delivery: &SpooledEvent,
+        retry: &RetryDue<'_>,
+    ) -> Result<(), Error> {
+        // Written with the next acknowledgement, before the offset passes it.
+        retry::lock(&self.retries).schedule(delivery.record(), &delivery.id(), retry);
+        Ok(())
+    }
+
     async fn set_aside(&mut self, delivery: &SpooledEvent, _error: &Error) -> Result<(), Error> {
         let line = [delivery.record(), b"\n"].concat();
         let dir = self.dir.clone();
@@ -201,6 +273,9 @@ impl EventSource for SpoolReader {
 
 impl Delivery for SpooledEvent {
     fn id(&self) -> Cow<'_, str> {
+        if let Some(tag) = &self.retry {
+            return Cow::Borrowed(&tag.delivery);
+        }
         let end = self.end();
         Cow::Owned(format!("spool:{}:{}", end.segment, end.offset))
     }
@@ -212,6 +287,10 @@ impl Delivery for SpooledEvent {
 
     fn event(&self) -> Result<Event<'_>, Error> {
         SpooledEvent::event(self)
+    }
+
+    fn attempts(&self) -> u32 {
+        self.retry.as_ref().map_or(0, |tag| tag.attempts)
     }
 }
 

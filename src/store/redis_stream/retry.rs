@@ -1,0 +1,119 @@
+//! The stream's retry schedule: events that failed an attempt wait off the stream,
+//! in a sorted set by due time (`<prefix>events:retry`) beside a hash of their
+//! records (`<prefix>events:retry:records`), each under its stream entry's id.
+//!
+//! # Design
+//!
+//! - **The move is atomic**: one script stores the record, puts it in the sorted
+//!   set at its due time and acknowledges the stream entry (`XACK`). No crash can
+//!   leave it in neither; a move repeated after a crash only rewrites the same
+//!   member.
+//! - **Taking due retries is a lease**: the script that hands them out moves each
+//!   one's score to the end of a lease, so no other worker takes it meanwhile; the
+//!   worker's keep-alive renews it while it is in hand. A worker that crashes lets
+//!   its lease pass, and the retry is due again for whichever worker asks first;
+//!   the gate's claim keeps two copies from running at once.
+//! - The hash value is `{"attempts":…,"error":…,"dueAt":…,"record":…}`: the record
+//!   exactly as stored, so a retry parses like the entry it came from.
+
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::store::{RetryDue, json_string};
+
+/// Stores the record (KEYS[2], field ARGV[3] = ARGV[5]), schedules it (KEYS[1],
+/// member ARGV[3] at score ARGV[4]) and acknowledges the entry ARGV[2] of the
+/// stream KEYS[3] for the group ARGV[1] (when ARGV[2] is not empty).
+const MOVE: &str = r"
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) end
+return 1
+";
+
+/// Hands out up to ARGV[2] members of KEYS[1] due at ARGV[1] (ms), each leased
+/// until ARGV[1] + ARGV[3]; replies member, value, member, value… A member whose
+/// record is gone is dropped from the set.
+const TAKE: &str = r"
+local now = tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  local value = redis.call('HGET', KEYS[2], id)
+  if value then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+    out[#out + 1] = id
+    out[#out + 1] = value
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+";
+
+pub(super) static MOVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(MOVE));
+pub(super) static TAKE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TAKE));
+
+/// The sorted set of a stream's retries.
+pub(super) fn schedule_key(stream: &str) -> String {
+    format!("{stream}:retry")
+}
+
+/// The hash of a stream's retry records.
+pub(super) fn records_key(stream: &str) -> String {
+    format!("{stream}:retry:records")
+}
+
+/// Milliseconds since the Unix epoch.
+pub(super) fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The hash value for `record` moved in with `retry`.
+pub(super) fn value(record: &[u8], retry: &RetryDue<'_>) -> Vec<u8> {
+    let record = serde_json::from_slice::<&RawValue>(record)
+        .map(|raw| raw.get().to_owned())
+        .unwrap_or_else(|_| json_string(&String::from_utf8_lossy(record)));
+    format!(
+        "{{\"attempts\":{},\"error\":{},\"dueAt\":\"{}\",\"record\":{record}}}",
+        retry.attempts,
+        json_string(retry.error),
+        humantime::format_rfc3339_millis(retry.due),
+    )
+    .into_bytes()
+}
+
+/// What a hash value holds: the attempts made and the record.
+pub(super) fn parse(value: &[u8]) -> Option<(u32, Vec<u8>)> {
+    #[derive(Deserialize)]
+    struct Value<'a> {
+        attempts: u32,
+        #[serde(borrow)]
+        record: &'a RawValue,
+    }
+    let parsed: Value<'_> = serde_json::from_slice(value).ok()?;
+    Some((parsed.attempts, parsed.record.get().as_bytes().to_vec()))
+}
+
+/// A lease's end, from now, in ms.
+pub(super) fn lease_end(lease: Duration) -> u64 {
+    millis(SystemTime::now() + lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_keeps_the_record_and_the_attempts() {
+        let record = br#"{"receivedAt":"2026-01-01T00:00:00.000Z","secretIndex":0,"event":{"eventId":"e","name":"x"}}"#;
+        let retry = RetryDue::new(3, "down \"hard\"", UNIX_EPOCH);
+        let value = value(record, &retry);
+        assert_eq!(parse(&value), Some((3, record.to_vec())));
+        assert_eq!(parse(b"not json"), None);
+    }
+}
