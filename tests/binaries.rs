@@ -335,7 +335,8 @@ fn the_dead_letter_demo_takes_seconds_and_the_requeue_brings_it_back() {
     eprintln!("dead-lettered {:?} after the 200", sent_at.elapsed());
     let log = receiver.log.lock().unwrap().clone();
     assert_eq!(
-        log.matches("processing failed; retrying").count(),
+        log.matches("processing failed; moved to the retry schedule")
+            .count(),
         2,
         "{log}"
     );

@@ -185,7 +185,8 @@ pub trait EventSource: Send + Sync {
     /// One stored event as this source hands it out.
     type Delivery: Delivery + Send + Sync;
 
-    /// Waits for stored events, about a second at most, and returns those that
+    /// Waits for stored events, a short while at most (a quarter of a second in
+    /// this crate's sources), and returns those that
     /// came (none, when none did: the worker does its other work and asks again);
     /// `None` once the source is finished: a closed spool read to its end, or a
     /// consumer asked to stop. It may be called while earlier deliveries are still

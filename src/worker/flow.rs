@@ -14,7 +14,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, Semaphore};
@@ -372,8 +372,8 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                     error,
                     attempts,
                     retry_in,
+                    due,
                 } => {
-                    let due = SystemTime::now() + retry_in;
                     let retry = RetryDue {
                         attempts,
                         error: &error,
@@ -381,6 +381,11 @@ impl<D: Delivery + Send + Sync> Flow<D> {
                     };
                     drive(pump, source.schedule_retry(&entry.delivery, &retry)).await?;
                     retried = true;
+                    // What is left of the wait, so that a log says the due time kept.
+                    let retry_in = due
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                        .min(retry_in);
                     lanes
                         .handler
                         .attempt_failed(&event, &error, attempts, retry_in);

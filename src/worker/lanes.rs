@@ -35,6 +35,8 @@ pub(super) enum Outcome {
         error: String,
         attempts: u32,
         retry_in: std::time::Duration,
+        /// `retry_in` after the attempt failed.
+        due: SystemTime,
     },
     /// Not finished (the worker is stopping): it comes again.
     Unfinished,
@@ -208,6 +210,7 @@ impl<S: DecisionStore, H: EventHandler> Lanes<'_, S, H> {
                 error,
                 attempts: attempt,
                 retry_in: retry.delay(attempt),
+                due: SystemTime::now() + retry.delay(attempt),
             }
         }
     }

@@ -21,7 +21,7 @@ use crate::{Error, Event};
 
 /// How long one read waits for a first message before the worker does its other
 /// work.
-const READ_WAIT: Duration = Duration::from_secs(1);
+const READ_WAIT: Duration = Duration::from_millis(250);
 
 /// One message handed to the worker.
 #[derive(Debug, Clone)]
@@ -378,7 +378,7 @@ impl EventSource for RabbitConsumer {
             .due
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
-        // Due within the shortest tier: straight back into the queue.
+        // Due now: straight back into the queue.
         let queue = match retry::tier_for(wait) {
             Some(tier) => retry::tier_queue(&self.config, tier),
             None => self.config.queue.clone(),

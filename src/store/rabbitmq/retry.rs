@@ -17,9 +17,10 @@
 //! epoch); only then is the delivery acknowledged, so a crash between the two
 //! duplicates it, never loses it. A message that comes back before its due time
 //! (a due time between tiers, or past the longest) is moved on to the next tier
-//! that fits by the consumer, without reaching the worker: each due time is kept
-//! to within the shortest tier. Back in the queue, a retry waits behind what is
-//! stored before it.
+//! that fits (the shortest, for what is left of a wait shorter than it) by the
+//! consumer, without reaching the worker. Back in the queue, a retry waits behind what is
+//! stored before it. A retry is never early, and late by less than the shortest
+//! tier plus the queue ahead of it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,11 +62,21 @@ pub(super) fn millis(time: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The delay queue for a message due in `wait`: the longest tier not past it;
-/// `None` when it is due within the shortest tier (it goes back into the queue).
+/// The delay queue for a message due in `wait`: the longest tier not past it, or
+/// the shortest when `wait` is shorter still (a retry comes late by less than the
+/// shortest tier, never early); `None` when it is due now (it goes back into the
+/// queue).
 pub(super) fn tier_for(wait: Duration) -> Option<u64> {
     let wait = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-    TIERS_MS.iter().rev().copied().find(|&tier| tier <= wait)
+    if wait == 0 {
+        return None;
+    }
+    TIERS_MS
+        .iter()
+        .rev()
+        .copied()
+        .find(|&tier| tier <= wait)
+        .or(Some(TIERS_MS[0]))
 }
 
 /// Declares the delay queues (idempotently).
@@ -129,7 +140,8 @@ mod tests {
     #[test]
     fn a_wait_goes_to_the_longest_tier_that_does_not_pass_it() {
         let tier = |ms| tier_for(Duration::from_millis(ms));
-        assert_eq!(tier(100), None);
+        assert_eq!(tier(0), None);
+        assert_eq!(tier(100), Some(250));
         assert_eq!(tier(250), Some(250));
         assert_eq!(tier(999), Some(250));
         assert_eq!(tier(60_000), Some(16_000));

@@ -22,7 +22,7 @@ use crate::{Error, Event};
 
 /// How long one read waits for new entries before it looks at the stop flag and
 /// for entries to take over.
-const READ_BLOCK: Duration = Duration::from_secs(1);
+const READ_BLOCK: Duration = Duration::from_millis(250);
 /// How often finished entries are trimmed from the stream, at most.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
 /// How often the retry schedule is asked for due retries, at most.
@@ -78,8 +78,10 @@ pub struct StreamConsumer {
     last_claim: Option<Instant>,
     /// `None` until the first trim, which comes with the first acknowledgement.
     last_trim: Option<Instant>,
-    /// When the retry schedule was last asked.
+    /// When the retry schedule was last asked, and when its first retry is due
+    /// (ms since the Unix epoch), as far as this consumer knows.
     last_retries: Option<Instant>,
+    next_retry_ms: Option<u64>,
 }
 
 /// The entries a consumer holds, each with how many times it was delivered.
@@ -161,6 +163,7 @@ impl StreamConsumer {
             last_claim: None,
             last_trim: None,
             last_retries: None,
+            next_retry_ms: None,
         };
         let created: Result<(), _> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -247,14 +250,17 @@ impl StreamConsumer {
     /// Retries due now, leased to this consumer; asked at most every
     /// [`RETRIES_EVERY`].
     async fn take_due_retries(&mut self) -> Result<Vec<StreamDelivery>, Error> {
-        if self
-            .last_retries
-            .is_some_and(|at| at.elapsed() < RETRIES_EVERY)
+        let now = retry::millis(std::time::SystemTime::now());
+        let known_due = self.next_retry_ms.is_some_and(|due| due <= now);
+        if !known_due
+            && self
+                .last_retries
+                .is_some_and(|at| at.elapsed() < RETRIES_EVERY)
         {
             return Ok(Vec::new());
         }
         self.last_retries = Some(Instant::now());
-        let reply: Vec<Vec<u8>> = TAKE_SCRIPT
+        let (next_due, reply): (i64, Vec<Vec<u8>>) = TAKE_SCRIPT
             .key(&self.retry_key)
             .key(&self.records_key)
             .arg(retry::millis(std::time::SystemTime::now()))
@@ -263,6 +269,7 @@ impl StreamConsumer {
             .invoke_async(&mut self.connection)
             .await
             .map_err(|e| unavailable("cannot read the retry schedule", e))?;
+        self.next_retry_ms = u64::try_from(next_due).ok();
         let mut due = Vec::new();
         for pair in reply.chunks_exact(2) {
             let id = String::from_utf8_lossy(&pair[0]).into_owned();
@@ -352,8 +359,13 @@ impl StreamConsumer {
         }
     }
 
-    /// New entries, waiting up to [`READ_BLOCK`] for some.
+    /// New entries, waiting up to [`READ_BLOCK`] for some, and no longer than
+    /// until the first retry this consumer knows of is due.
     async fn read_new(&mut self) -> Result<Vec<StreamDelivery>, Error> {
+        let now = retry::millis(std::time::SystemTime::now());
+        let block = self.next_retry_ms.map_or(Self::millis(READ_BLOCK), |due| {
+            due.saturating_sub(now).clamp(1, Self::millis(READ_BLOCK))
+        });
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.group)
@@ -361,7 +373,7 @@ impl StreamConsumer {
             .arg("COUNT")
             .arg(self.batch)
             .arg("BLOCK")
-            .arg(Self::millis(READ_BLOCK))
+            .arg(block)
             .arg("STREAMS")
             .arg(&self.key)
             .arg(">")
@@ -615,6 +627,8 @@ impl EventSource for StreamConsumer {
             .invoke_async(&mut self.connection)
             .await
             .map_err(|e| unavailable("cannot move an event into the retry schedule", e))?;
+        let due = retry::millis(retry.due);
+        self.next_retry_ms = Some(self.next_retry_ms.map_or(due, |next| next.min(due)));
         Ok(())
     }
 

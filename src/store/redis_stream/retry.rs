@@ -35,8 +35,9 @@ return 1
 ";
 
 /// Hands out up to ARGV[2] members of KEYS[1] due at ARGV[1] (ms), each leased
-/// until ARGV[1] + ARGV[3]; replies member, value, member, value… A member whose
-/// record is gone is dropped from the set.
+/// until ARGV[1] + ARGV[3]; replies the first due time left (ms, or -1 for none)
+/// and the list member, value, member, value… A member whose record is gone is
+/// dropped from the set.
 const TAKE: &str = r"
 local now = tonumber(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
@@ -51,7 +52,10 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1], id)
   end
 end
-return out
+local next_due = -1
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then next_due = tonumber(first[2]) end
+return {next_due, out}
 ";
 
 pub(super) static MOVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(MOVE));

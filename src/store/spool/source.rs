@@ -19,8 +19,10 @@ use crate::{Error, Event};
 const ACK_EVERY: Duration = Duration::from_secs(1);
 /// Under load the worker reads at most this often, and takes everything stored meanwhile.
 const READ_EVERY: Duration = Duration::from_millis(10);
-/// How long `next_batch` waits for new events before it returns an empty batch.
-const WAIT_AT_MOST: Duration = Duration::from_secs(1);
+/// How long `next_batch` waits for new events before it returns an empty batch,
+/// so that the worker settles what finished meanwhile (a failure's move into the
+/// retry schedule among it).
+const WAIT_AT_MOST: Duration = Duration::from_millis(250);
 /// The most a batch reads at once.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// The most retries handed out at once.
@@ -188,7 +190,7 @@ impl EventSource for SpoolReader {
                         if self.last_ack.elapsed() >= ACK_EVERY {
                             self.acknowledge_pending().await?;
                         }
-                        continue;
+                        return Ok(Some(Vec::new()));
                     }
                 }
             } else {
