@@ -5,12 +5,15 @@
 //!   message each, raised now) to a receiver at URL in signed batches of 100, eight
 //!   requests at a time, and prints how fast the receiver stored them.
 //! - `drain work N` runs a supervised worker over the store the environment names
-//!   (`COMAPI_REDIS_URL`, else the spool in `COMAPI_SPOOL_DIR`, with
-//!   `COMAPI_CONCURRENCY`) until it has handled N events, and prints how fast. Its
-//!   handler does nothing, or awaits `DRAIN_HANDLER_MS` milliseconds, as a handler
-//!   waiting on I/O would; with `RUST_LOG=info` it logs each event it handled.
-//!   Several `drain work` processes share a Redis stream's events between them: each
-//!   stops once the stream's backlog is empty.
+//!   (`COMAPI_REDIS_URL`, `COMAPI_AMQP_URL`, else the spool in `COMAPI_SPOOL_DIR`,
+//!   with `COMAPI_CONCURRENCY`) until it has handled N events, and prints how fast.
+//!   Its handler does nothing, or awaits `DRAIN_HANDLER_MS` milliseconds, as a
+//!   handler waiting on I/O would; with `RUST_LOG=info` it logs each event it
+//!   handled. Several `drain work` processes share a Redis stream's events between
+//!   them: each stops once the stream's backlog is empty.
+//! - With `DRAIN_FAIL_EVERY=K`, `store` makes every K-th event one the handler
+//!   always fails (its id ends in `-fail`), and `work` counts only the others: N is
+//!   then the healthy events.
 //!
 //! ```sh
 //! COMAPI_WEBHOOK_SECRET=… cargo run --release --features receiver,redis --example drain -- store http://127.0.0.1:8080/ 20000
@@ -38,9 +41,11 @@ use hyper_util::rt::TokioExecutor;
 
 const USAGE: &str = "usage: drain store URL EVENTS | drain work EVENTS
   drain store URL N  POSTs N signed events to the receiver at URL, prints events/s
-  drain work N       a worker over COMAPI_REDIS_URL (else COMAPI_SPOOL_DIR) until it
-                     handled N events, prints events/s; DRAIN_HANDLER_MS: each
-                     handler waits that long; COMAPI_CONCURRENCY: calls in flight";
+  drain work N       a worker over COMAPI_REDIS_URL (else COMAPI_AMQP_URL, else
+                     COMAPI_SPOOL_DIR) until it handled N events, prints events/s;
+                     DRAIN_HANDLER_MS: each handler waits that long;
+                     COMAPI_CONCURRENCY: calls in flight
+  DRAIN_FAIL_EVERY=K every K-th event stored always fails; work counts the others";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -81,13 +86,15 @@ async fn store(url: &str, events: u64) -> Result<(), String> {
         .to_owned();
     let verifier = Verifier::new(&secret).map_err(|e| e.to_string())?;
     let run = std::process::id();
+    let fail_every = fail_every()?;
     let bodies: Vec<String> = (0..events.div_ceil(100))
         .map(|batch| {
             let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
             let batch: Vec<String> = (batch * 100..(batch * 100 + 100).min(events))
                 .map(|n| {
+                    let fail = if fail_every.is_some_and(|k| n % k == 0) { "-fail" } else { "" };
                     format!(
-                        r#"{{"eventId":"d-{run}-{n}","name":"message.sent","payload":{{"id":"m-{run}-{n}"}},"revision":1,"timestamp":"{now}"}}"#
+                        r#"{{"eventId":"d-{run}-{n}{fail}","name":"message.sent","payload":{{"id":"m-{run}-{n}"}},"revision":1,"timestamp":"{now}"}}"#
                     )
                 })
                 .collect();
@@ -137,6 +144,17 @@ async fn store(url: &str, events: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `DRAIN_FAIL_EVERY`, if set.
+fn fail_every() -> Result<Option<u64>, String> {
+    std::env::var("DRAIN_FAIL_EVERY")
+        .ok()
+        .map(|k| match k.trim().parse::<u64>() {
+            Ok(k) if k > 0 => Ok(k),
+            _ => Err("DRAIN_FAIL_EVERY must be a whole number above 0".to_owned()),
+        })
+        .transpose()
+}
+
 /// Runs a worker until `events` were handled (or a Redis stream's backlog is empty)
 /// and prints the rate.
 async fn work(events: u64) -> Result<(), String> {
@@ -160,14 +178,23 @@ async fn work(events: u64) -> Result<(), String> {
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
+            if event.event_id().ends_with("-fail") {
+                return Err(std::io::Error::other("this event always fails"));
+            }
             tracing::info!(event_id = %event.event_id(), "event processed");
             counter.fetch_add(1, Ordering::Relaxed);
             Ok::<(), std::io::Error>(())
         }
     };
     let started = Instant::now();
-    let (worker, stream) = match &config.redis {
-        Some(redis) => {
+    let (worker, stream) = match (&config.redis, &config.amqp) {
+        (None, Some(amqp)) => {
+            use comapi_webhook::store::rabbitmq::RabbitConsumers;
+            let consumers = RabbitConsumers::new(&amqp.url, amqp.rabbit_config());
+            let worker = Worker::spawn(consumers, Gate::in_memory(), handler, config.worker_config);
+            (worker, None)
+        }
+        (Some(redis), _) => {
             let stream = RedisStream::connect(&redis.url, redis.stream_config())
                 .await
                 .map_err(|e| e.report().to_string())?;
@@ -181,7 +208,7 @@ async fn work(events: u64) -> Result<(), String> {
             let worker = Worker::spawn(consumers, gate, handler, config.worker_config);
             (worker, Some(stream))
         }
-        None => {
+        (None, None) => {
             let (spool, _) = Spool::open(&config.spool).map_err(|e| e.report().to_string())?;
             let worker = Worker::spawn(spool, Gate::in_memory(), handler, config.worker_config);
             (worker, None)

@@ -9,13 +9,17 @@
 #   spool        the spool's worker (the receiver's in-process worker, in-memory gate)
 #   redis x1     one `drain work` process on a Redis stream (AOF, appendfsync always)
 #   redis x2     two of them on the same stream
+#   rabbit x1    one `drain work` process on a RabbitMQ quorum queue (a throwaway node)
 # each with a handler that does nothing (noop) and one that awaits 5 ms (5ms), at the
-# default concurrency (COMAPI_CONCURRENCY to change it). Cases take turns for ROUNDS
-# rounds; the summary gives each case's median events/s and its ratio to the ingest rate.
+# default concurrency (COMAPI_CONCURRENCY to change it). A third word `fail` makes 1 %
+# of the events (every 100th) fail always, with the default retry policy: drained/s
+# then counts the healthy events, to the last one handled, and the summary gives
+# its ratio to the same case without failures. Cases take turns for ROUNDS rounds;
+# the summary gives each case's median events/s and its ratio to the ingest rate.
 #
 #   scripts/drain.sh                  # EVENTS=20000 ROUNDS=3
 #   EVENTS=50000 ROUNDS=5 COMAPI_CONCURRENCY=64 scripts/drain.sh
-#   CASES="spool noop,redis-x1 noop" scripts/drain.sh
+#   CASES="spool noop,spool noop fail" scripts/drain.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +29,7 @@ SECRET=drain-benchmark-secret-0123456789
 export COMAPI_WEBHOOK_SECRET=$SECRET RUST_LOG=warn
 
 command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
-cargo build --release --features binaries,redis,actix --bins --examples --quiet
+cargo build --release --features binaries,redis,rabbitmq,actix --bins --examples --quiet
 bin=target/release/examples
 
 work=$(mktemp -d)
@@ -33,6 +37,7 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
+  if declare -F rabbit_node_stop >/dev/null; then rabbit_node_stop; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -63,13 +68,14 @@ fill() {
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }
 
-# drain WORKERS: that many `drain work` processes at once; prints events/s over all of
-# them (the events they handled, over the slowest one's time to its last event).
+# drain WORKERS EVENTS: that many `drain work` processes at once, until EVENTS were
+# handled; prints events/s over all of them (the events they handled, over the
+# slowest one's time to its last event).
 drain() {
-  local n=$1 i
+  local n=$1 events=$2 i
   local started=()
   for i in $(seq "$n"); do
-    "$bin/drain" work "$EVENTS" >"$work/drain-$i.out" 2>"$work/drain-$i.err" &
+    "$bin/drain" work "$events" >"$work/drain-$i.out" 2>"$work/drain-$i.err" &
     started+=($!)
   done
   for pid in "${started[@]}"; do wait "$pid" || { cat "$work"/drain-*.err >&2; exit 1; }; done
@@ -84,37 +90,52 @@ print(f"{counts / max(times):.0f}")'
   rm -f "$work"/drain-*.out "$work"/drain-*.err
 }
 
-cases=("spool noop" "spool 5ms" "redis-x1 noop" "redis-x2 noop" "redis-x1 5ms" "redis-x2 5ms")
+cases=("spool noop" "spool 5ms" "redis-x1 noop" "redis-x2 noop" "redis-x1 5ms" "redis-x2 5ms"
+  "rabbit-x1 noop" "spool noop fail" "redis-x1 noop fail" "rabbit-x1 noop fail")
 if [ -n "${CASES:-}" ]; then IFS=, read -r -a cases <<<"$CASES"; fi
+if printf '%s\n' "${cases[@]}" | grep -q '^rabbit'; then
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { echo "rabbitmq-server is missing: apt-get install rabbitmq-server" >&2; exit 1; }
+  # shellcheck source=scripts/rabbit-node.sh
+  . scripts/rabbit-node.sh
+  rabbit_node_start "$work/rabbit"
+fi
 declare -A rates ingest
-printf '%-16s %5s %12s %12s\n' case round ingest/s drained/s
+printf '%-19s %5s %12s %12s\n' case round ingest/s drained/s
 for round in $(seq "$ROUNDS"); do
   for case in "${cases[@]}"; do
-    read -r store handler <<<"$case"
+    read -r store handler failing <<<"$case"
     workers=1
     if [ "$store" = redis-x2 ]; then workers=2; fi
     case $handler in noop) export DRAIN_HANDLER_MS=0 ;; 5ms) export DRAIN_HANDLER_MS=5 ;; esac
-    if [ "$store" = spool ]; then
-      rm -rf "$work/spool"
-      export COMAPI_SPOOL_DIR="$work/spool"
-      unset COMAPI_REDIS_URL
-    else
-      redis-cli -p "$redis_port" flushall >/dev/null
-      export COMAPI_REDIS_URL=$redis_url
-      unset COMAPI_SPOOL_DIR
+    unset COMAPI_REDIS_URL COMAPI_SPOOL_DIR COMAPI_AMQP_URL COMAPI_AMQP_QUEUE DRAIN_FAIL_EVERY
+    healthy=$EVENTS
+    if [ "${failing:-}" = fail ]; then
+      export DRAIN_FAIL_EVERY=100
+      healthy=$((EVENTS - (EVENTS + 99) / 100))
     fi
+    case $store in
+      spool)
+        rm -rf "$work/spool"
+        export COMAPI_SPOOL_DIR="$work/spool" ;;
+      rabbit*)
+        export COMAPI_AMQP_URL=$RABBIT_URL COMAPI_AMQP_QUEUE="drain.$round.$RANDOM" ;;
+      *)
+        redis-cli -p "$redis_port" flushall >/dev/null
+        export COMAPI_REDIS_URL=$redis_url ;;
+    esac
     stored=$(fill)
-    drained=$(drain "$workers")
+    drained=$(drain "$workers" "$healthy")
     kind=${store%%-*}
     ingest[$kind]="${ingest[$kind]:-} $stored"
     rates[$case]="${rates[$case]:-} $drained"
-    printf '%-16s %5d %12.0f %12.0f\n' "$case" "$round" "$stored" "$drained"
+    printf '%-19s %5d %12.0f %12.0f\n' "$case" "$round" "$stored" "$drained"
   done
 done
 echo
 {
-  echo "ingest spool:${ingest[spool]}"
-  echo "ingest redis:${ingest[redis]}"
+  echo "ingest spool:${ingest[spool]:-}"
+  echo "ingest redis:${ingest[redis]:-}"
+  echo "ingest rabbit:${ingest[rabbit]:-}"
   for case in "${cases[@]}"; do echo "$case:${rates[$case]}"; done
 } >"$work/rates"
 python3 - "$work/rates" "$EVENTS" <<'PY'
@@ -136,6 +157,11 @@ for kind, values in ingest.items():
 for name, values in drained.items():
     base = statistics.median(ingest[name.split("-")[0].split()[0]])
     median = statistics.median(values)
-    print(f"{name:<16} median {median:8.0f} events/s  {median / base:.2f}x its store's ingest  (rounds: {show(values)})")
+    line = f"{name:<19} median {median:8.0f} events/s  {median / base:.2f}x its store's ingest"
+    clean = name.removesuffix(" fail")
+    if clean != name and clean in drained:
+        ratios = [f / c for f, c in zip(values, drained[clean])]
+        line += f", {statistics.median(ratios):.2f}x clean (rounds: {' '.join(f'{r:.2f}' for r in ratios)})"
+    print(f"{line}  (rounds: {show(values)})")
 print(f"({sys.argv[2]} events a case; drained/s counts to the last event handled)")
 PY

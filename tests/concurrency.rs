@@ -42,9 +42,15 @@ fn shuffled_events() -> Vec<String> {
         .collect()
 }
 
-/// What the handler saw: per entity, the revisions in order, and any overlap.
+/// What the handler saw: per entity, the revisions in order, and any overlap. One
+/// event in ten fails its first attempt (every tenth of the shuffled order), so the
+/// order holds across retries too: a later revision may overtake an event waiting
+/// for its retry, which then comes back stale and is skipped.
 #[derive(Default)]
 struct Order {
+    /// Events whose first attempt fails, and those that failed it.
+    fail_first: HashSet<String>,
+    failed: Mutex<HashSet<String>>,
     running: Mutex<HashSet<String>>,
     seen: Mutex<HashMap<String, Vec<u64>>>,
     overlaps: Mutex<Vec<String>>,
@@ -52,6 +58,21 @@ struct Order {
 }
 
 impl Order {
+    fn failing_one_in_ten(events: &[String]) -> Order {
+        let fail_first = events
+            .iter()
+            .step_by(10)
+            .map(|event| {
+                let value: serde_json::Value = serde_json::from_str(event).unwrap();
+                value["eventId"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        Order {
+            fail_first,
+            ..Order::default()
+        }
+    }
+
     async fn handle(&self, event: Event<'static>) -> Result<(), std::io::Error> {
         let entity = event.entity_id().unwrap().to_owned();
         {
@@ -64,6 +85,11 @@ impl Order {
             most.1 = most.1.max(running.len());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+        let id = event.event_id();
+        if self.fail_first.contains(id) && self.failed.lock().unwrap().insert(id.to_owned()) {
+            self.running.lock().unwrap().remove(&entity);
+            return Err(std::io::Error::other("the first attempt fails"));
+        }
         self.seen
             .lock()
             .unwrap()
@@ -94,21 +120,26 @@ impl Order {
         }
         let most = self.most_at_once.lock().unwrap().1;
         assert!(most > 1, "never more than one handler at once");
-        eprintln!("at most {most} handlers at once");
+        let failed = self.failed.lock().unwrap().len();
+        assert!(failed >= 10, "only {failed} first attempts failed");
+        eprintln!("at most {most} handlers at once; {failed} first attempts failed");
     }
 }
 
+/// Sixteen in flight, retries after 20 ms doubling to 100 ms.
 fn sixteen() -> WorkerConfig {
-    WorkerConfig::from(RetryPolicy::default()).with_concurrency(16)
+    let retry = RetryPolicy::new(Duration::from_millis(20), Duration::from_millis(100), 5);
+    WorkerConfig::from(retry).with_concurrency(16)
 }
 
 #[test]
-fn the_spool_worker_keeps_each_entitys_order_with_sixteen_in_flight() {
+fn the_spool_worker_keeps_each_entitys_order_with_sixteen_in_flight_and_failures() {
     let dir = temp_dir("order-spool");
-    let order = Order::default();
+    let events = shuffled_events();
+    let order = Order::failing_one_in_ten(&events);
     runtime().block_on(async {
         let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-        for batch in shuffled_events().chunks(37) {
+        for batch in events.chunks(37) {
             let lines: Vec<u8> = batch.iter().flat_map(|e| spool_line(e)).collect();
             spool.append(lines, batch.len() as u64).await.unwrap();
         }
@@ -205,26 +236,26 @@ fn a_failing_event_holds_nothing_and_waits_in_the_retry_schedule() {
 
 #[cfg(feature = "redis")]
 #[test]
-fn the_stream_worker_keeps_each_entitys_order_with_sixteen_in_flight() {
+fn the_stream_worker_keeps_each_entitys_order_with_sixteen_in_flight_and_failures() {
     use comapi_webhook::gate::{RedisGate, RedisGateConfig};
     use comapi_webhook::store::EventStore;
     use comapi_webhook::store::redis_stream::{RedisStream, RedisStreamConfig, StreamConsumer};
     use comapi_webhook::{Inbox, SIGNATURE_HEADER, Verifier};
 
-    let Some(url) =
-        support::redis_url("the_stream_worker_keeps_each_entitys_order_with_sixteen_in_flight")
+    let Some(url) = support::redis_url("the_stream_worker_keeps_each_entitys_order_with_failures")
     else {
         return;
     };
     const SECRET: &str = "a-comapi-webhook-secret-of-36-chars!";
     let prefix = support::unique_prefix("order-stream");
     let config = RedisStreamConfig::default().with_key_prefix(&prefix);
-    let order = Order::default();
+    let events = shuffled_events();
+    let order = Order::failing_one_in_ten(&events);
     runtime().block_on(async {
         let stream = RedisStream::connect(&url, config.clone()).await.unwrap();
         let inbox = Inbox::new(Verifier::new(SECRET).unwrap(), stream.clone());
         let verifier = Verifier::new(SECRET).unwrap();
-        for batch in shuffled_events().chunks(37) {
+        for batch in events.chunks(37) {
             let body = format!("[{}]", batch.join(","));
             let mut headers = http::HeaderMap::new();
             let signature = verifier.sign(body.as_bytes()).to_string();
@@ -240,8 +271,12 @@ fn the_stream_worker_keeps_each_entitys_order_with_sixteen_in_flight() {
         let worker = run_worker(consumer, &gate, handler, sixteen());
         let watch = async {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while stream.status().await.backlog != Some(0) {
-                assert!(Instant::now() < deadline, "the stream was not drained");
+            loop {
+                let status = stream.status().await;
+                if status.backlog == Some(0) && status.retries == Some(0) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "not drained: {status:?}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             stop.stop();

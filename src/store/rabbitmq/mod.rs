@@ -100,7 +100,10 @@ pub struct RabbitConfig {
     /// The quorum queue. Default `comapi-webhook.events`.
     pub queue: String,
     /// Deliveries of one message without an acknowledgement before the broker
-    /// dead-letters it (`x-delivery-limit`). Default 10.
+    /// dead-letters it (`x-delivery-limit`): a backstop against a message that
+    /// kills its workers, well above the retry policy's attempts, which are counted
+    /// where a handler call starts (a hand-back on a stop counts here, never
+    /// there). Default 20.
     pub delivery_limit: u32,
     /// How long connecting, publishing and waiting for the confirms may take
     /// before a store fails (503). Default 5 s.
@@ -121,7 +124,7 @@ impl Default for RabbitConfig {
     fn default() -> Self {
         RabbitConfig {
             queue: "comapi-webhook.events".to_owned(),
-            delivery_limit: 10,
+            delivery_limit: 20,
             deadline: Duration::from_secs(5),
             prefetch: 512,
             management_url: None,
