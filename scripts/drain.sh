@@ -12,9 +12,10 @@
 #   rabbit x1    one `drain work` process on a RabbitMQ quorum queue (a throwaway node)
 # each with a handler that does nothing (noop) and one that awaits 5 ms (5ms), at the
 # default concurrency (COMAPI_CONCURRENCY to change it). A third word `fail` makes 1 %
-# of the events (every 100th) fail always, with the default retry policy: drained/s
-# then counts the healthy events, to the last one handled, and the summary gives
-# its ratio to the same case without failures. Cases take turns for ROUNDS rounds;
+# of the events (every 100th, the first included) fail always, `fail1` the first
+# event alone, with the default retry policy: drained/s then counts the healthy
+# events, to the last one handled, and the summary gives its ratio to the same case
+# without failures. Cases take turns for ROUNDS rounds;
 # the summary gives each case's median events/s and its ratio to the ingest rate.
 #
 #   scripts/drain.sh                  # EVENTS=20000 ROUNDS=3
@@ -91,7 +92,8 @@ print(f"{counts / max(times):.0f}")'
 }
 
 cases=("spool noop" "spool 5ms" "redis-x1 noop" "redis-x2 noop" "redis-x1 5ms" "redis-x2 5ms"
-  "rabbit-x1 noop" "spool noop fail" "redis-x1 noop fail" "rabbit-x1 noop fail")
+  "rabbit-x1 noop" "spool noop fail1" "redis-x1 noop fail1" "rabbit-x1 noop fail1"
+  "spool noop fail" "redis-x1 noop fail" "rabbit-x1 noop fail")
 if [ -n "${CASES:-}" ]; then IFS=, read -r -a cases <<<"$CASES"; fi
 if printf '%s\n' "${cases[@]}" | grep -q '^rabbit'; then
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { echo "rabbitmq-server is missing: apt-get install rabbitmq-server" >&2; exit 1; }
@@ -109,10 +111,10 @@ for round in $(seq "$ROUNDS"); do
     case $handler in noop) export DRAIN_HANDLER_MS=0 ;; 5ms) export DRAIN_HANDLER_MS=5 ;; esac
     unset COMAPI_REDIS_URL COMAPI_SPOOL_DIR COMAPI_AMQP_URL COMAPI_AMQP_QUEUE DRAIN_FAIL_EVERY
     healthy=$EVENTS
-    if [ "${failing:-}" = fail ]; then
-      export DRAIN_FAIL_EVERY=100
-      healthy=$((EVENTS - (EVENTS + 99) / 100))
-    fi
+    case ${failing:-} in
+      fail) export DRAIN_FAIL_EVERY=100; healthy=$((EVENTS - (EVENTS + 99) / 100)) ;;
+      fail1) export DRAIN_FAIL_EVERY=$EVENTS; healthy=$((EVENTS - 1)) ;;
+    esac
     case $store in
       spool)
         rm -rf "$work/spool"
@@ -158,7 +160,7 @@ for name, values in drained.items():
     base = statistics.median(ingest[name.split("-")[0].split()[0]])
     median = statistics.median(values)
     line = f"{name:<19} median {median:8.0f} events/s  {median / base:.2f}x its store's ingest"
-    clean = name.removesuffix(" fail")
+    clean = name.removesuffix(" fail").removesuffix(" fail1")
     if clean != name and clean in drained:
         ratios = [f / c for f, c in zip(values, drained[clean])]
         line += f", {statistics.median(ratios):.2f}x clean (rounds: {' '.join(f'{r:.2f}' for r in ratios)})"

@@ -9,8 +9,7 @@ use std::time::Instant;
 use std::future::Future;
 
 use crate::Error;
-use crate::store::EventSource;
-use crate::worker::Sources;
+use crate::store::{EventSource, Sources};
 
 /// A broker's settings, as far as its consumers go: how one connects. Implemented
 /// by `RedisStreamConfig` and `RabbitConfig`; [`Consumers`] does the rest.

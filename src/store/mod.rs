@@ -271,6 +271,28 @@ pub trait EventSource: Send + Sync {
     }
 }
 
+/// Where a supervised [`Worker`](crate::Worker) gets the source of each run, and how it is told
+/// to stop. A [`Spool`] is one (each run reads it with a new
+/// [`SpoolReader`](crate::store::spool::SpoolReader); stopping closes it, and the
+/// worker drains it first); so are a Redis stream's consumers
+/// (`StreamConsumers`, feature `redis`).
+pub trait Sources: Clone + Send + Sync + 'static {
+    /// What one run reads.
+    type Source: EventSource;
+
+    /// The source of the next run: the first, or one after a failure.
+    ///
+    /// # Errors
+    /// When it cannot be opened; the worker tries again a second later.
+    fn open(&self) -> impl Future<Output = Result<Self::Source, Error>> + Send;
+
+    /// Asks the current and later runs to finish.
+    fn stop(&self) -> impl Future<Output = ()> + Send;
+
+    /// Whether [`Sources::stop`] was asked.
+    fn is_stopped(&self) -> bool;
+}
+
 /// What [`EventSource::schedule_retry`] keeps with an event that failed an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -27,7 +27,8 @@ mod keeper;
 mod lanes;
 mod supervise;
 
-pub use supervise::{DEFAULT_SHUTDOWN_GRACE, Sources, Worker};
+pub use crate::store::Sources;
+pub use supervise::{DEFAULT_SHUTDOWN_GRACE, Worker};
 
 /// The wait after the first failure, by default.
 const DEFAULT_FIRST_DELAY: Duration = Duration::from_secs(1);

@@ -12,8 +12,7 @@ use tokio::sync::oneshot;
 use super::{Abandon, EventHandler, HandlerError, WorkerConfig, flow};
 use crate::gate::DecisionStore;
 use crate::log_budget::LogBudget;
-use crate::store::EventSource;
-use crate::store::spool::Spool;
+use crate::store::Sources;
 use crate::{Decision, Error, Event};
 
 /// A failed run starts again after this long, then twice as long after each
@@ -27,44 +26,6 @@ const THREAD_NAME: &str = "comapi-worker";
 /// How long [`Worker::shutdown`] takes at most, by default: 25 s, inside the 30 s
 /// that Heroku (and Kubernetes, by default) waits between SIGTERM and SIGKILL.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
-
-/// Where a supervised [`Worker`] gets the source of each run, and how it is told
-/// to stop. A [`Spool`] is one (each run reads it with a new
-/// [`SpoolReader`](crate::store::spool::SpoolReader); stopping closes it, and the
-/// worker drains it first); so are a Redis stream's consumers
-/// (`StreamConsumers`, feature `redis`).
-pub trait Sources: Clone + Send + Sync + 'static {
-    /// What one run reads.
-    type Source: EventSource;
-
-    /// The source of the next run: the first, or one after a failure.
-    ///
-    /// # Errors
-    /// When it cannot be opened; the worker tries again a second later.
-    fn open(&self) -> impl Future<Output = Result<Self::Source, Error>> + Send;
-
-    /// Asks the current and later runs to finish.
-    fn stop(&self) -> impl Future<Output = ()> + Send;
-
-    /// Whether [`Sources::stop`] was asked.
-    fn is_stopped(&self) -> bool;
-}
-
-impl Sources for Spool {
-    type Source = crate::store::spool::SpoolReader;
-
-    async fn open(&self) -> Result<Self::Source, Error> {
-        self.reader()
-    }
-
-    async fn stop(&self) {
-        self.close().await;
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.is_closed()
-    }
-}
 
 /// The worker on a thread of its own: it runs [`run_worker`](super::run_worker)
 /// over its [`Sources`], and when a run fails (a full disk, Redis down) or panics,

@@ -199,6 +199,10 @@ struct Shared {
     reading: Arc<AtomicBool>,
     /// The retry schedule ([`RETRY_FILE`]), kept by the reader.
     retries: Arc<std::sync::Mutex<RetryLog>>,
+    /// Set when a supervised worker stops: once the spool is closed and read to its
+    /// end, the reader finishes without waiting for the retries, which stay in the
+    /// schedule for the next start.
+    leave_retries: Arc<AtomicBool>,
 }
 
 enum Request {
@@ -252,6 +256,7 @@ impl Spool {
             acknowledged: Arc::new(AtomicU64::new(acknowledged)),
             dead_letters: Arc::new(AtomicU64::new(dead_letters)),
             retries,
+            leave_retries: Arc::new(AtomicBool::new(false)),
         };
         Ok((
             Spool {
@@ -351,6 +356,13 @@ impl Spool {
         retry::lock(&self.shared.retries).next_due()
     }
 
+    /// Closes the spool for a supervised worker's stop: its reader finishes at the
+    /// end of what was stored, and the retries waiting stay in the schedule.
+    pub(crate) async fn close_leaving_retries(&self) {
+        self.shared.leave_retries.store(true, Ordering::Release);
+        self.close().await;
+    }
+
     /// `count` dead letters were requeued.
     pub(crate) fn dead_letters_requeued(&self, count: u64) {
         let _ = self
@@ -400,7 +412,8 @@ impl Spool {
         .map(|cursor| {
             // What an earlier reader had in hand and did not finish is due again.
             retry::lock(&self.shared.retries).hand_back();
-            SpoolReader::new(cursor, Arc::clone(&self.shared.retries))
+            let leave = Arc::clone(&self.shared.leave_retries);
+            SpoolReader::new(cursor, Arc::clone(&self.shared.retries), leave)
         })
     }
 

@@ -11,8 +11,8 @@ use super::dead_letter::{DEAD_LETTER_FILE, dead_letter_line};
 use super::files::{append_synced, lock_dead_letter};
 use super::reader::{Cursor, REJECTED_FILE};
 use super::retry::{self, RetryLog};
-use super::{Position, SpooledEvent};
-use crate::store::{Delivery, EventSource, RetryDue};
+use super::{Position, Spool, SpooledEvent};
+use crate::store::{Delivery, EventSource, RetryDue, Sources};
 use crate::{Error, Event};
 
 /// The worker acknowledges (writes the `offset` file) at most this often.
@@ -49,10 +49,16 @@ pub struct SpoolReader {
     last_read: Option<Instant>,
     /// The retry schedule, shared with the spool.
     retries: Arc<Mutex<RetryLog>>,
+    /// Whether to finish at the end of a closed spool without serving the retries.
+    leave_retries: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SpoolReader {
-    pub(super) fn new(cursor: Cursor, retries: Arc<Mutex<RetryLog>>) -> Self {
+    pub(super) fn new(
+        cursor: Cursor,
+        retries: Arc<Mutex<RetryLog>>,
+        leave_retries: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         SpoolReader {
             dir: cursor.dir().to_owned(),
             cursor: Some(cursor),
@@ -60,6 +66,7 @@ impl SpoolReader {
             last_ack: Instant::now(),
             last_read: None,
             retries,
+            leave_retries,
         }
     }
 
@@ -156,9 +163,14 @@ impl SpoolReader {
         (due, next)
     }
 
-    /// Whether the schedule holds anything (waiting or handed out).
+    /// Whether to serve the schedule's retries once the spool is closed and read
+    /// to its end: while it holds any (waiting or handed out), unless a supervised
+    /// worker is stopping (then they wait for the next start).
     fn retries_left(&self) -> bool {
-        retry::lock(&self.retries).len() > 0
+        !self
+            .leave_retries
+            .load(std::sync::atomic::Ordering::Acquire)
+            && retry::lock(&self.retries).len() > 0
     }
 }
 
@@ -270,6 +282,22 @@ impl EventSource for SpoolReader {
 
     async fn flush(&mut self) -> Result<(), Error> {
         self.acknowledge_pending().await
+    }
+}
+
+impl Sources for Spool {
+    type Source = SpoolReader;
+
+    async fn open(&self) -> Result<Self::Source, Error> {
+        self.reader()
+    }
+
+    async fn stop(&self) {
+        self.close_leaving_retries().await;
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.is_closed()
     }
 }
 
