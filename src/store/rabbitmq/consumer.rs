@@ -10,7 +10,7 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer, PublisherConfirm};
 
 use super::retry::{self, ATTEMPTS_HEADER, DUE_HEADER, TIERS_MS};
 use super::{DELIVERY_HEADER, RabbitConfig, declare, delivery_id, open, text, unavailable, within};
@@ -127,6 +127,9 @@ pub struct RabbitConsumer {
     stop: StopHandle,
     /// Whether the consumer was cancelled (on a stop).
     cancelled: bool,
+    /// Moves into the retry schedule published and not yet confirmed, with the
+    /// queue each went to: confirmed before the next acknowledgement.
+    moving: Vec<(String, PublisherConfirm)>,
 }
 
 impl std::fmt::Debug for RabbitConsumer {
@@ -171,6 +174,7 @@ impl RabbitConsumer {
                 finished_up_to: None,
                 stop: StopHandle::default(),
                 cancelled: false,
+                moving: Vec::new(),
             })
         })
         .await
@@ -184,6 +188,10 @@ impl RabbitConsumer {
     }
 
     async fn acknowledge(&mut self) -> Result<(), Error> {
+        // Every move confirmed before the deliveries it moved are acknowledged.
+        for (queue, confirm) in std::mem::take(&mut self.moving) {
+            confirmed(&self.config, &queue, confirm).await?;
+        }
         if let Some(tag) = self.finished_up_to {
             let multiple = BasicAckOptions { multiple: true };
             within(self.config.deadline, "cannot acknowledge messages", async {
@@ -215,30 +223,33 @@ impl RabbitConsumer {
         }
     }
 
-    /// A retry back before its due time: on to the delay queue of `tier` ms, then
-    /// acknowledged on its own (never cumulatively: earlier deliveries may still
-    /// be in the worker's hands).
-    async fn wait_longer(&mut self, delivery: &RabbitDelivery, tier: u64) -> Result<(), Error> {
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(retry::clean(&delivery.properties));
-        let queue = retry::tier_queue(&self.config, tier);
-        publish_confirmed(
-            &self.channel,
-            &self.config,
-            &queue,
-            &delivery.record,
-            properties,
-        )
-        .await?;
-        let tag = delivery.tag;
-        within(self.config.deadline, "cannot acknowledge a retry", async {
-            self.channel
-                .basic_ack(tag, BasicAckOptions::default())
-                .await
-        })
-        .await
+    /// Retries back before their due time: each on to the delay queue of its tier
+    /// (ms), all confirmed, then each acknowledged on its own (never cumulatively:
+    /// earlier deliveries may still be in the worker's hands).
+    async fn wait_longer(&mut self, early: Vec<(RabbitDelivery, u64)>) -> Result<(), Error> {
+        let mut confirms = Vec::with_capacity(early.len());
+        for (delivery, tier) in &early {
+            let properties = delivery
+                .properties
+                .clone()
+                .with_headers(retry::clean(&delivery.properties));
+            let queue = retry::tier_queue(&self.config, *tier);
+            let record = &delivery.record;
+            let confirm = publish(&self.channel, &self.config, &queue, record, properties).await?;
+            confirms.push((queue, confirm));
+        }
+        for (queue, confirm) in confirms {
+            confirmed(&self.config, &queue, confirm).await?;
+        }
+        for (delivery, _) in early {
+            within(self.config.deadline, "cannot acknowledge a retry", async {
+                self.channel
+                    .basic_ack(delivery.tag, BasicAckOptions::default())
+                    .await
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Publishes `delivery` to the dead-letter queue with `error` and `attempts`,
@@ -282,7 +293,20 @@ async fn publish_confirmed(
     record: &[u8],
     properties: BasicProperties,
 ) -> Result<(), Error> {
-    let confirmation = within(config.deadline, "cannot publish to RabbitMQ", async {
+    let confirm = publish(channel, config, queue, record, properties).await?;
+    confirmed(config, queue, confirm).await
+}
+
+/// Publishes `record` to `queue` (through the default exchange), mandatory; the
+/// broker's confirm is to come.
+async fn publish(
+    channel: &Channel,
+    config: &RabbitConfig,
+    queue: &str,
+    record: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, Error> {
+    within(config.deadline, "cannot publish to RabbitMQ", async {
         channel
             .basic_publish(
                 ShortString::from(""),
@@ -294,10 +318,18 @@ async fn publish_confirmed(
                 record,
                 properties,
             )
-            .await?
             .await
     })
-    .await?;
+    .await
+}
+
+/// Waits for the broker's confirm of a publish to `queue`.
+async fn confirmed(
+    config: &RabbitConfig,
+    queue: &str,
+    confirm: PublisherConfirm,
+) -> Result<(), Error> {
+    let confirmation = within(config.deadline, "cannot publish to RabbitMQ", confirm).await?;
     match confirmation {
         lapin::Confirmation::Ack(None) => Ok(()),
         other => Err(Error::store_unavailable(
@@ -341,16 +373,19 @@ impl EventSource for RabbitConsumer {
         }
         // Retries back before their due time move on to the next tier.
         let now = std::time::SystemTime::now();
-        let mut due = Vec::with_capacity(batch.len());
+        let (mut due, mut early) = (Vec::with_capacity(batch.len()), Vec::new());
         for delivery in batch {
             let wait = delivery
                 .due_ms
                 .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms))
                 .and_then(|at| at.duration_since(now).ok());
             match wait.and_then(retry::tier_for) {
-                Some(tier) => self.wait_longer(&delivery, tier).await?,
+                Some(tier) => early.push((delivery, tier)),
                 None => due.push(delivery),
             }
+        }
+        if !early.is_empty() {
+            self.wait_longer(early).await?;
         }
         Ok(Some(due))
     }
@@ -384,15 +419,18 @@ impl EventSource for RabbitConsumer {
             None => self.config.queue.clone(),
         };
         let properties = retry::moved(&delivery.properties, retry);
-        // Acknowledged by `finished`, in order with the others, after this confirm.
-        publish_confirmed(
+        // Confirmed with the others before the next acknowledgement, which
+        // `finished` (called in order) makes it part of: many moves, one wait.
+        let confirm = publish(
             &self.channel,
             &self.config,
             &queue,
             &delivery.record,
             properties,
         )
-        .await
+        .await?;
+        self.moving.push((queue, confirm));
+        Ok(())
     }
 
     async fn set_aside(&mut self, delivery: &RabbitDelivery, error: &Error) -> Result<(), Error> {

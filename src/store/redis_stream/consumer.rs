@@ -82,6 +82,10 @@ pub struct StreamConsumer {
     /// (ms since the Unix epoch), as far as this consumer knows.
     last_retries: Option<Instant>,
     next_retry_ms: Option<u64>,
+    /// Moves into the retry schedule not yet sent: the member, the stream entry
+    /// (empty for a retry moved again), the due time (ms), the hash value. Sent
+    /// before the next acknowledgement.
+    moving: Vec<(String, String, u64, Vec<u8>)>,
 }
 
 /// The entries a consumer holds, each with how many times it was delivered.
@@ -164,6 +168,7 @@ impl StreamConsumer {
             last_trim: None,
             last_retries: None,
             next_retry_ms: None,
+            moving: Vec::new(),
         };
         let created: Result<(), _> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -205,8 +210,24 @@ impl StreamConsumer {
         u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Acknowledges the finished entries, and now and then trims the stream.
+    /// Sends the moves into the retry schedule, acknowledges the finished entries,
+    /// and now and then trims the stream.
     async fn acknowledge(&mut self) -> Result<(), Error> {
+        if !self.moving.is_empty() {
+            let mut invocation = MOVE_SCRIPT.key(&self.retry_key);
+            invocation
+                .key(&self.records_key)
+                .key(&self.key)
+                .arg(&self.group);
+            for (member, entry, due, value) in &self.moving {
+                invocation.arg(member).arg(entry).arg(*due).arg(value);
+            }
+            let _: i64 = invocation
+                .invoke_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot move events into the retry schedule", e))?;
+            self.moving.clear();
+        }
         let finished = self.held.lock().await.finished.clone();
         if !finished.is_empty() {
             let _: i64 = redis::cmd("XACK")
@@ -611,23 +632,15 @@ impl EventSource for StreamConsumer {
             }
         }
         let entry = if delivery.retry.is_some() {
-            ""
+            String::new()
         } else {
-            delivery.id.as_str()
+            delivery.id.clone()
         };
-        let _: i64 = MOVE_SCRIPT
-            .key(&self.retry_key)
-            .key(&self.records_key)
-            .key(&self.key)
-            .arg(&self.group)
-            .arg(entry)
-            .arg(&delivery.id)
-            .arg(retry::millis(retry.due))
-            .arg(retry::value(&delivery.record, retry))
-            .invoke_async(&mut self.connection)
-            .await
-            .map_err(|e| unavailable("cannot move an event into the retry schedule", e))?;
+        // Sent with the others before the next acknowledgement; until then the
+        // entry (or the retry's lease) keeps it from other workers.
         let due = retry::millis(retry.due);
+        let value = retry::value(&delivery.record, retry);
+        self.moving.push((delivery.id.clone(), entry, due, value));
         self.next_retry_ms = Some(self.next_retry_ms.map_or(due, |next| next.min(due)));
         Ok(())
     }

@@ -7,7 +7,8 @@
 //! - **The move is atomic**: one script stores the record, puts it in the sorted
 //!   set at its due time and acknowledges the stream entry (`XACK`). No crash can
 //!   leave it in neither; a move repeated after a crash only rewrites the same
-//!   member.
+//!   member. The moves a worker makes are sent together, in one script, before its
+//!   next acknowledgement: one round trip (and one fsync) for many.
 //! - **Taking due retries is a lease**: the script that hands them out moves each
 //!   one's score to the end of a lease, so no other worker takes it meanwhile; the
 //!   worker's keep-alive renews it while it is in hand. A worker that crashes lets
@@ -24,13 +25,16 @@ use serde_json::value::RawValue;
 
 use crate::store::{RetryDue, json_string};
 
-/// Stores the record (KEYS[2], field ARGV[3] = ARGV[5]), schedules it (KEYS[1],
-/// member ARGV[3] at score ARGV[4]) and acknowledges the entry ARGV[2] of the
-/// stream KEYS[3] for the group ARGV[1] (when ARGV[2] is not empty).
+/// Moves events into the schedule: for each four ARGV after the group (ARGV[1]):
+/// the member, the stream entry (empty for a retry moved again), the due time (ms)
+/// and the hash value. Stores the value (KEYS[2]), schedules the member (KEYS[1])
+/// and acknowledges the entry of the stream KEYS[3] for the group, all at once.
 const MOVE: &str = r"
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
-if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) end
+for i = 2, #ARGV, 4 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 3])
+  redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+  if ARGV[i + 1] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[i + 1]) end
+end
 return 1
 ";
 
