@@ -1,19 +1,19 @@
 //! `RabbitConsumer`: one worker's consumer of the queue, as the worker's
-//! [`EventSource`]; the dead-letter queue's requeue and the queue's counts.
+//! [`EventSource`], and the queue's counts.
 
 use std::borrow::Cow;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer, PublisherConfirm};
 
 use super::retry::{self, ATTEMPTS_HEADER, DUE_HEADER, TIERS_MS};
-use super::{DELIVERY_HEADER, RabbitConfig, declare, delivery_id, open, text, unavailable, within};
+use super::{DELIVERY_HEADER, RabbitConfig, dead_letter, declare, open, unavailable, within};
 use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
 use crate::store::spool::record_event;
 use crate::store::{Delivery, EventSource, RetryDue};
@@ -26,15 +26,15 @@ const READ_WAIT: Duration = Duration::from_millis(250);
 /// One message handed to the worker.
 #[derive(Debug, Clone)]
 pub struct RabbitDelivery {
-    tag: u64,
-    id: String,
-    record: Vec<u8>,
-    times_delivered: u32,
+    pub(super) tag: u64,
+    pub(super) id: String,
+    pub(super) record: Vec<u8>,
+    pub(super) times_delivered: u32,
     /// Handler calls made before (a retry's `x-comapi-attempts`).
-    attempts: u32,
+    pub(super) attempts: u32,
     /// When a retry is due (`x-comapi-due`, ms since the Unix epoch).
-    due_ms: Option<u64>,
-    properties: BasicProperties,
+    pub(super) due_ms: Option<u64>,
+    pub(super) properties: BasicProperties,
 }
 
 impl Delivery for RabbitDelivery {
@@ -251,42 +251,11 @@ impl RabbitConsumer {
         }
         Ok(())
     }
-
-    /// Publishes `delivery` to the dead-letter queue with `error` and `attempts`,
-    /// and waits for the broker's confirm.
-    async fn add_dead(
-        &mut self,
-        delivery: &RabbitDelivery,
-        error: &str,
-        attempts: u32,
-    ) -> Result<(), Error> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert("x-comapi-error".into(), text(error));
-        headers.insert(
-            "x-comapi-attempts".into(),
-            AMQPValue::LongInt(i32::try_from(attempts).unwrap_or(i32::MAX)),
-        );
-        let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        headers.insert("x-comapi-dead-at".into(), text(&dead_at));
-        let properties = delivery.properties.clone().with_headers(headers);
-        let dead = self.config.dead_queue();
-        // Not acknowledged here: the worker dead-letters out of order (a later event's
-        // last attempt may fail before an earlier one is finished) and acknowledgements
-        // are cumulative; `finished`, called in order, acknowledges it.
-        publish_confirmed(
-            &self.channel,
-            &self.config,
-            &dead,
-            &delivery.record,
-            properties,
-        )
-        .await
-    }
 }
 
 /// Publishes `record` to `queue` (through the default exchange), mandatory, and
 /// waits for the broker's confirm.
-async fn publish_confirmed(
+pub(super) async fn publish_confirmed(
     channel: &Channel,
     config: &RabbitConfig,
     queue: &str,
@@ -401,7 +370,7 @@ impl EventSource for RabbitConsumer {
         error: &str,
         attempts: u32,
     ) -> Result<(), Error> {
-        self.add_dead(delivery, error, attempts).await
+        dead_letter::keep(&self.channel, &self.config, delivery, error, attempts).await
     }
 
     async fn schedule_retry(
@@ -434,8 +403,8 @@ impl EventSource for RabbitConsumer {
     }
 
     async fn set_aside(&mut self, delivery: &RabbitDelivery, error: &Error) -> Result<(), Error> {
-        self.add_dead(delivery, &error.report().to_string(), 0)
-            .await
+        let error = error.report().to_string();
+        dead_letter::keep(&self.channel, &self.config, delivery, &error, 0).await
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
@@ -518,43 +487,4 @@ pub(super) async fn counts(channel: &Channel, config: &RabbitConfig) -> Result<C
         dead: u64::from(dead.message_count()),
         retries,
     })
-}
-
-/// See [`RabbitStore::requeue_dead_letters`](super::RabbitStore::requeue_dead_letters).
-pub(super) async fn requeue(channel: &Channel, config: &RabbitConfig) -> Result<u64, Error> {
-    let dead = config.dead_queue();
-    // What is in the dead letter now, and nothing added later: with a worker whose
-    // handler still fails, the same events would otherwise go round and round.
-    let at_start = counts(channel, config).await?.dead;
-    let mut moved = 0;
-    while moved < at_start {
-        let got = within(
-            config.deadline,
-            "cannot read the dead-letter queue",
-            async {
-                channel
-                    .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-                    .await
-            },
-        )
-        .await?;
-        let Some(message) = got else {
-            return Ok(moved);
-        };
-        let message = message.delivery;
-        // A new stored copy, as a spool's or a stream's requeue makes: a delivery id
-        // of its own; the worker's notes and the broker's `x-death` go.
-        let mut headers = FieldTable::default();
-        headers.insert(DELIVERY_HEADER.into(), text(&delivery_id()));
-        let properties = message.properties.clone().with_headers(headers);
-        publish_confirmed(channel, config, &config.queue, &message.data, properties).await?;
-        within(config.deadline, "cannot acknowledge a dead letter", async {
-            channel
-                .basic_ack(message.delivery_tag, BasicAckOptions::default())
-                .await
-        })
-        .await?;
-        moved += 1;
-    }
-    Ok(moved)
 }

@@ -83,6 +83,7 @@ use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
 mod consumer;
+mod dead_letter;
 mod management;
 mod retry;
 
@@ -334,7 +335,7 @@ impl RabbitStore {
     /// [`Error::StoreUnavailable`] when the broker fails; what was moved stays moved.
     pub async fn requeue_dead_letters(&self) -> Result<u64, Error> {
         let channel = self.channel().await?;
-        consumer::requeue(&channel, &self.config).await
+        dead_letter::requeue(&channel, &self.config).await
     }
 }
 

@@ -12,8 +12,8 @@ use crate::gate::{KeepAlive, OwnConnection};
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 
-use super::retry::{self, MOVE_SCRIPT, TAKE_SCRIPT};
-use super::scripts::{DEAD_SCRIPT, FORGET_SCRIPT, TRIM_SCRIPT};
+use super::retry;
+use super::scripts::{FORGET_SCRIPT, TRIM_SCRIPT};
 use super::{RECORD_FIELD, RedisStreamConfig, connect, unavailable};
 use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
 use crate::store::spool::record_event;
@@ -25,8 +25,6 @@ use crate::{Error, Event};
 const READ_BLOCK: Duration = Duration::from_millis(250);
 /// How often finished entries are trimmed from the stream, at most.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
-/// How often the retry schedule is asked for due retries, at most.
-const RETRIES_EVERY: Duration = Duration::from_millis(200);
 
 /// One worker's consumer in the stream's consumer group: the worker's
 /// [`EventSource`] on Redis.
@@ -58,58 +56,58 @@ const RETRIES_EVERY: Duration = Duration::from_millis(200);
 /// # Ok(()) }
 /// ```
 pub struct StreamConsumer {
-    client: redis::Client,
-    connection: ConnectionManager,
-    key: String,
-    dead_key: String,
+    pub(super) client: redis::Client,
+    pub(super) connection: ConnectionManager,
+    pub(super) key: String,
+    pub(super) dead_key: String,
     /// The retry schedule's sorted set and records.
-    retry_key: String,
-    records_key: String,
-    group: String,
-    name: String,
-    lease: Duration,
-    batch: usize,
-    stop: StopHandle,
+    pub(super) retry_key: String,
+    pub(super) records_key: String,
+    pub(super) group: String,
+    pub(super) name: String,
+    pub(super) lease: Duration,
+    pub(super) batch: usize,
+    pub(super) stop: StopHandle,
     /// The entries this consumer holds: kept alive from the worker's keep-alive
     /// thread, so the lock is tokio's (shared across runtimes).
-    held: Arc<tokio::sync::Mutex<Held>>,
+    pub(super) held: Arc<tokio::sync::Mutex<Held>>,
     /// Where the next take-over scan starts (`0-0`: from the beginning).
-    claim_from: String,
-    last_claim: Option<Instant>,
+    pub(super) claim_from: String,
+    pub(super) last_claim: Option<Instant>,
     /// `None` until the first trim, which comes with the first acknowledgement.
-    last_trim: Option<Instant>,
+    pub(super) last_trim: Option<Instant>,
     /// When the retry schedule was last asked, and when its first retry is due
     /// (ms since the Unix epoch), as far as this consumer knows.
-    last_retries: Option<Instant>,
-    next_retry_ms: Option<u64>,
+    pub(super) last_retries: Option<Instant>,
+    pub(super) next_retry_ms: Option<u64>,
     /// Moves into the retry schedule not yet sent: the member, the stream entry
     /// (empty for a retry moved again), the due time (ms), the hash value. Sent
     /// before the next acknowledgement.
-    moving: Vec<(String, String, u64, Vec<u8>)>,
+    pub(super) moving: Vec<(String, String, u64, Vec<u8>)>,
 }
 
 /// The entries a consumer holds, each with how many times it was delivered.
 #[derive(Debug, Default)]
-struct Held {
+pub(super) struct Held {
     /// Entries of the last batch not yet finished, in order.
-    in_hand: VecDeque<(String, u32)>,
+    pub(super) in_hand: VecDeque<(String, u32)>,
     /// Finished entries not yet acknowledged.
-    finished: Vec<String>,
+    pub(super) finished: Vec<String>,
     /// Retries from the schedule in hand (leased), and finished ones to remove.
-    retries: Vec<String>,
-    retries_done: Vec<String>,
+    pub(super) retries: Vec<String>,
+    pub(super) retries_done: Vec<String>,
     /// Retries in hand moved back into the schedule: finished, but kept there.
-    rescheduled: Vec<String>,
+    pub(super) rescheduled: Vec<String>,
 }
 
 /// One stream entry handed to the worker.
 #[derive(Debug, Clone)]
 pub struct StreamDelivery {
-    id: String,
-    record: Vec<u8>,
-    times_delivered: u32,
+    pub(super) id: String,
+    pub(super) record: Vec<u8>,
+    pub(super) times_delivered: u32,
     /// From the retry schedule: the attempts made before.
-    retry: Option<u32>,
+    pub(super) retry: Option<u32>,
 }
 
 impl Delivery for StreamDelivery {
@@ -213,21 +211,7 @@ impl StreamConsumer {
     /// Sends the moves into the retry schedule, acknowledges the finished entries,
     /// and now and then trims the stream.
     async fn acknowledge(&mut self) -> Result<(), Error> {
-        if !self.moving.is_empty() {
-            let mut invocation = MOVE_SCRIPT.key(&self.retry_key);
-            invocation
-                .key(&self.records_key)
-                .key(&self.key)
-                .arg(&self.group);
-            for (member, entry, due, value) in &self.moving {
-                invocation.arg(member).arg(entry).arg(*due).arg(value);
-            }
-            let _: i64 = invocation
-                .invoke_async(&mut self.connection)
-                .await
-                .map_err(|e| unavailable("cannot move events into the retry schedule", e))?;
-            self.moving.clear();
-        }
+        self.send_moves().await?;
         let finished = self.held.lock().await.finished.clone();
         if !finished.is_empty() {
             let _: i64 = redis::cmd("XACK")
@@ -240,23 +224,7 @@ impl StreamConsumer {
             let mut held = self.held.lock().await;
             held.finished.retain(|id| !finished.contains(id));
         }
-        let done = self.held.lock().await.retries_done.clone();
-        if !done.is_empty() {
-            let _: () = redis::pipe()
-                .cmd("ZREM")
-                .arg(&self.retry_key)
-                .arg(&done)
-                .ignore()
-                .cmd("HDEL")
-                .arg(&self.records_key)
-                .arg(&done)
-                .ignore()
-                .query_async(&mut self.connection)
-                .await
-                .map_err(|e| unavailable("cannot remove finished retries", e))?;
-            let mut held = self.held.lock().await;
-            held.retries_done.retain(|id| !done.contains(id));
-        }
+        self.remove_done_retries().await?;
         if self.last_trim.is_none_or(|at| at.elapsed() >= TRIM_EVERY) {
             self.last_trim = Some(Instant::now());
             // Best effort: what is not trimmed now is trimmed next time.
@@ -266,44 +234,6 @@ impl StreamConsumer {
                 .await;
         }
         Ok(())
-    }
-
-    /// Retries due now, leased to this consumer; asked at most every
-    /// [`RETRIES_EVERY`].
-    async fn take_due_retries(&mut self) -> Result<Vec<StreamDelivery>, Error> {
-        let now = retry::millis(std::time::SystemTime::now());
-        let known_due = self.next_retry_ms.is_some_and(|due| due <= now);
-        if !known_due
-            && self
-                .last_retries
-                .is_some_and(|at| at.elapsed() < RETRIES_EVERY)
-        {
-            return Ok(Vec::new());
-        }
-        self.last_retries = Some(Instant::now());
-        let (next_due, reply): (i64, Vec<Vec<u8>>) = TAKE_SCRIPT
-            .key(&self.retry_key)
-            .key(&self.records_key)
-            .arg(retry::millis(std::time::SystemTime::now()))
-            .arg(self.batch)
-            .arg(Self::millis(self.lease))
-            .invoke_async(&mut self.connection)
-            .await
-            .map_err(|e| unavailable("cannot read the retry schedule", e))?;
-        self.next_retry_ms = u64::try_from(next_due).ok();
-        let mut due = Vec::new();
-        for pair in reply.chunks_exact(2) {
-            let id = String::from_utf8_lossy(&pair[0]).into_owned();
-            // A value this crate did not write still comes out, to be set aside.
-            let (attempts, record) = retry::parse(&pair[1]).unwrap_or((0, pair[1].clone()));
-            due.push(StreamDelivery {
-                id,
-                record,
-                times_delivered: 1,
-                retry: Some(attempts),
-            });
-        }
-        Ok(due)
     }
 
     /// Entries other consumers held longer than the lease, now this one's.
@@ -383,10 +313,7 @@ impl StreamConsumer {
     /// New entries, waiting up to [`READ_BLOCK`] for some, and no longer than
     /// until the first retry this consumer knows of is due.
     async fn read_new(&mut self) -> Result<Vec<StreamDelivery>, Error> {
-        let now = retry::millis(std::time::SystemTime::now());
-        let block = self.next_retry_ms.map_or(Self::millis(READ_BLOCK), |due| {
-            due.saturating_sub(now).clamp(1, Self::millis(READ_BLOCK))
-        });
+        let block = self.read_block(READ_BLOCK);
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.group)
@@ -415,20 +342,7 @@ impl StreamConsumer {
     async fn hand_back(&mut self) -> Result<(), Error> {
         // Held across the round trips, so that no keep-alive undoes the hand-back.
         let mut held = self.held.lock().await;
-        let retries = std::mem::take(&mut held.retries);
-        if !retries.is_empty() {
-            // Due again at once, for the next worker that asks.
-            let mut command = redis::cmd("ZADD");
-            command.arg(&self.retry_key).arg("XX");
-            let now = retry::millis(std::time::SystemTime::now());
-            for id in &retries {
-                command.arg(now).arg(id);
-            }
-            let _: i64 = command
-                .query_async(&mut self.connection)
-                .await
-                .map_err(|e| unavailable("cannot hand back retries", e))?;
-        }
+        retry::hand_back(&mut self.connection, &self.retry_key, &mut held).await?;
         let mut by_count: HashMap<u32, Vec<String>> = HashMap::new();
         for (id, times) in held.in_hand.drain(..) {
             by_count
@@ -453,34 +367,6 @@ impl StreamConsumer {
                 .map_err(|e| unavailable("cannot hand back stream entries", e))?;
         }
         drop(held);
-        Ok(())
-    }
-
-    async fn add_dead(
-        &mut self,
-        delivery: &StreamDelivery,
-        error: &str,
-        attempts: u32,
-    ) -> Result<(), Error> {
-        let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let _: i64 = DEAD_SCRIPT
-            .key(&self.key)
-            .key(&self.dead_key)
-            .arg(&self.group)
-            .arg(&delivery.id)
-            .arg(RECORD_FIELD)
-            .arg(&delivery.record)
-            .arg("error")
-            .arg(error)
-            .arg("attempts")
-            .arg(attempts)
-            .arg("delivery")
-            .arg(&delivery.id)
-            .arg("deadAt")
-            .arg(dead_at)
-            .invoke_async(&mut self.connection)
-            .await
-            .map_err(|e| unavailable("cannot write the dead-letter stream", e))?;
         Ok(())
     }
 }
@@ -572,12 +458,7 @@ impl EventSource for StreamConsumer {
                 let held = held.lock().await;
                 if !held.retries.is_empty() {
                     // The leases of the retries in hand, renewed.
-                    let mut command = redis::cmd("ZADD");
-                    command.arg(&retry_key).arg("XX");
-                    let until = retry::lease_end(lease);
-                    for id in &held.retries {
-                        command.arg(until).arg(id);
-                    }
+                    let command = retry::renewal(&retry_key, &held.retries, lease);
                     let renewed = "cannot keep retries";
                     connection.run::<i64>(&command, renewed).await?;
                 }
@@ -622,26 +503,7 @@ impl EventSource for StreamConsumer {
         delivery: &StreamDelivery,
         retry: &RetryDue<'_>,
     ) -> Result<(), Error> {
-        {
-            // Out of hand first, so that no keep-alive renews the lease over the
-            // due time the move sets.
-            let mut held = self.held.lock().await;
-            if delivery.retry.is_some() {
-                held.retries.retain(|id| *id != delivery.id);
-                held.rescheduled.push(delivery.id.clone());
-            }
-        }
-        let entry = if delivery.retry.is_some() {
-            String::new()
-        } else {
-            delivery.id.clone()
-        };
-        // Sent with the others before the next acknowledgement; until then the
-        // entry (or the retry's lease) keeps it from other workers.
-        let due = retry::millis(retry.due);
-        let value = retry::value(&delivery.record, retry);
-        self.moving.push((delivery.id.clone(), entry, due, value));
-        self.next_retry_ms = Some(self.next_retry_ms.map_or(due, |next| next.min(due)));
+        self.move_out(delivery, retry).await;
         Ok(())
     }
 

@@ -42,6 +42,7 @@ use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
 mod consumer;
+mod dead_letter;
 mod retry;
 mod scripts;
 
@@ -206,33 +207,7 @@ end
 return {length, pending, lag, dead, retries, next_due}
 ";
 
-/// Moves up to ARGV[1] entries from the dead stream (KEYS[2]) back to the stream
-/// (KEYS[1]), as new entries, atomically, none later than the entry ARGV[2]; an
-/// entry without a `record` field (not one this crate wrote) is set aside, every
-/// field kept, in KEYS[3]. Replies how many entries it took from the dead stream,
-/// and how many of them were requeued.
-const REQUEUE: &str = r"
-local entries = redis.call('XRANGE', KEYS[2], '-', ARGV[2], 'COUNT', ARGV[1])
-local requeued = 0
-for _, entry in ipairs(entries) do
-  local fields = entry[2]
-  local record = nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 'record' then record = fields[i + 1] end
-  end
-  if record then
-    redis.call('XADD', KEYS[1], '*', 'record', record)
-    requeued = requeued + 1
-  else
-    redis.call('XADD', KEYS[3], '*', unpack(fields))
-  end
-  redis.call('XDEL', KEYS[2], entry[1])
-end
-return {#entries, requeued}
-";
-
 static STATUS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(STATUS));
-static REQUEUE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REQUEUE));
 
 /// The receive step's store on a Redis stream: every event of a request is one
 /// `XADD`, all of them pipelined in one round trip, answered only once Redis
@@ -324,49 +299,6 @@ impl RedisStream {
     #[must_use]
     pub fn key(&self) -> &str {
         &self.key
-    }
-
-    /// Moves every event in the dead-letter stream back to the stream, as new
-    /// entries, for the workers to process again; run it once the cause of the
-    /// failures is fixed. It moves at most what the dead letter held when it
-    /// started: what a running worker dead-letters meanwhile stays. Each step of up to 100 events is atomic in Redis. An
-    /// entry with no `record` (not one this crate wrote) is never dropped: it is
-    /// set aside in `<prefix>events:dead:unreadable`, as it was. Returns how many
-    /// came back.
-    ///
-    /// # Errors
-    /// [`Error::StoreUnavailable`] when Redis cannot answer; what moved before stays moved.
-    pub async fn requeue_dead_letters(&self) -> Result<u64, Error> {
-        // What is in the dead letter now, and nothing added later: with a worker
-        // whose handler still fails, the same events would otherwise go round.
-        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&*self.dead_key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut self.connection.clone())
-            .await
-            .map_err(|e| unavailable("cannot read the dead letter", e))?;
-        let Some(last) = last.ids.into_iter().next().map(|entry| entry.id) else {
-            return Ok(0);
-        };
-        let mut moved = 0;
-        loop {
-            let (taken, requeued): (u64, u64) = REQUEUE_SCRIPT
-                .key(&*self.key)
-                .key(&*self.dead_key)
-                .key(format!("{}:unreadable", self.dead_key))
-                .arg(100)
-                .arg(&last)
-                .invoke_async(&mut self.connection.clone())
-                .await
-                .map_err(|e| unavailable("cannot requeue the dead letter", e))?;
-            if taken == 0 {
-                return Ok(moved);
-            }
-            moved += requeued;
-        }
     }
 
     async fn store_now(&self, records: &Records) -> Result<(), Error> {

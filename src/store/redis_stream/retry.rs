@@ -18,11 +18,16 @@
 //!   exactly as stored, so a retry parses like the entry it came from.
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use redis::aio::ConnectionManager;
+
+use super::consumer::{Held, StreamConsumer, StreamDelivery};
+use super::unavailable;
+use crate::Error;
 use crate::store::{RetryDue, json_string};
 
 /// Moves events into the schedule: for each four ARGV after the group (ARGV[1]):
@@ -107,9 +112,169 @@ pub(super) fn parse(value: &[u8]) -> Option<(u32, Vec<u8>)> {
     Some((parsed.attempts, parsed.record.get().as_bytes().to_vec()))
 }
 
+/// A duration in ms.
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A lease's end, from now, in ms.
 pub(super) fn lease_end(lease: Duration) -> u64 {
     millis(SystemTime::now() + lease)
+}
+
+/// How often the retry schedule is asked for due retries, at most.
+const RETRIES_EVERY: Duration = Duration::from_millis(200);
+
+/// The consumer's side of the schedule.
+impl StreamConsumer {
+    /// Sends the moves into the schedule made since the last acknowledgement, in
+    /// one script.
+    pub(super) async fn send_moves(&mut self) -> Result<(), Error> {
+        if !self.moving.is_empty() {
+            let mut invocation = MOVE_SCRIPT.key(&self.retry_key);
+            invocation
+                .key(&self.records_key)
+                .key(&self.key)
+                .arg(&self.group);
+            for (member, entry, due, value) in &self.moving {
+                invocation.arg(member).arg(entry).arg(*due).arg(value);
+            }
+            let _: i64 = invocation
+                .invoke_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot move events into the retry schedule", e))?;
+            self.moving.clear();
+        }
+        Ok(())
+    }
+
+    /// Removes the finished retries from the schedule.
+    pub(super) async fn remove_done_retries(&mut self) -> Result<(), Error> {
+        let done = self.held.lock().await.retries_done.clone();
+        if !done.is_empty() {
+            let _: () = redis::pipe()
+                .cmd("ZREM")
+                .arg(&self.retry_key)
+                .arg(&done)
+                .ignore()
+                .cmd("HDEL")
+                .arg(&self.records_key)
+                .arg(&done)
+                .ignore()
+                .query_async(&mut self.connection)
+                .await
+                .map_err(|e| unavailable("cannot remove finished retries", e))?;
+            let mut held = self.held.lock().await;
+            held.retries_done.retain(|id| !done.contains(id));
+        }
+        Ok(())
+    }
+
+    /// Retries due now, leased to this consumer; asked at most every
+    /// [`RETRIES_EVERY`].
+    pub(super) async fn take_due_retries(&mut self) -> Result<Vec<StreamDelivery>, Error> {
+        let now = millis(std::time::SystemTime::now());
+        let known_due = self.next_retry_ms.is_some_and(|due| due <= now);
+        if !known_due
+            && self
+                .last_retries
+                .is_some_and(|at| at.elapsed() < RETRIES_EVERY)
+        {
+            return Ok(Vec::new());
+        }
+        self.last_retries = Some(Instant::now());
+        let (next_due, reply): (i64, Vec<Vec<u8>>) = TAKE_SCRIPT
+            .key(&self.retry_key)
+            .key(&self.records_key)
+            .arg(millis(std::time::SystemTime::now()))
+            .arg(self.batch)
+            .arg(duration_ms(self.lease))
+            .invoke_async(&mut self.connection)
+            .await
+            .map_err(|e| unavailable("cannot read the retry schedule", e))?;
+        self.next_retry_ms = u64::try_from(next_due).ok();
+        let mut due = Vec::new();
+        for pair in reply.chunks_exact(2) {
+            let id = String::from_utf8_lossy(&pair[0]).into_owned();
+            // A value this crate did not write still comes out, to be set aside.
+            let (attempts, record) = parse(&pair[1]).unwrap_or((0, pair[1].clone()));
+            due.push(StreamDelivery {
+                id,
+                record,
+                times_delivered: 1,
+                retry: Some(attempts),
+            });
+        }
+        Ok(due)
+    }
+
+    /// Moves `delivery` into the schedule with the next acknowledgement.
+    pub(super) async fn move_out(&mut self, delivery: &StreamDelivery, retry: &RetryDue<'_>) {
+        {
+            // Out of hand first, so that no keep-alive renews the lease over the
+            // due time the move sets.
+            let mut held = self.held.lock().await;
+            if delivery.retry.is_some() {
+                held.retries.retain(|id| *id != delivery.id);
+                held.rescheduled.push(delivery.id.clone());
+            }
+        }
+        let entry = if delivery.retry.is_some() {
+            String::new()
+        } else {
+            delivery.id.clone()
+        };
+        // Sent with the others before the next acknowledgement; until then the
+        // entry (or the retry's lease) keeps it from other workers.
+        let due = millis(retry.due);
+        let value = value(&delivery.record, retry);
+        self.moving.push((delivery.id.clone(), entry, due, value));
+        self.next_retry_ms = Some(self.next_retry_ms.map_or(due, |next| next.min(due)));
+    }
+
+    /// How long a read may block (ms): [`READ_BLOCK`](super::consumer::READ_BLOCK)
+    /// at most, and no longer than until the first retry this consumer knows of.
+    pub(super) fn read_block(&self, most: Duration) -> u64 {
+        let now = millis(SystemTime::now());
+        let most = duration_ms(most);
+        self.next_retry_ms
+            .map_or(most, |due| due.saturating_sub(now).clamp(1, most))
+    }
+}
+
+/// Hands the retries in hand back to the schedule, due at once, for the next
+/// worker that asks (this one stops).
+pub(super) async fn hand_back(
+    connection: &mut ConnectionManager,
+    retry_key: &str,
+    held: &mut Held,
+) -> Result<(), Error> {
+    let retries = std::mem::take(&mut held.retries);
+    if !retries.is_empty() {
+        // Due again at once, for the next worker that asks.
+        let mut command = redis::cmd("ZADD");
+        command.arg(retry_key).arg("XX");
+        let now = millis(std::time::SystemTime::now());
+        for id in &retries {
+            command.arg(now).arg(id);
+        }
+        let _: i64 = command
+            .query_async(connection)
+            .await
+            .map_err(|e| unavailable("cannot hand back retries", e))?;
+    }
+    Ok(())
+}
+
+/// The command that renews the leases of the retries `ids` in hand.
+pub(super) fn renewal(retry_key: &str, ids: &[String], lease: Duration) -> redis::Cmd {
+    let mut command = redis::cmd("ZADD");
+    command.arg(retry_key).arg("XX");
+    let until = lease_end(lease);
+    for id in ids {
+        command.arg(until).arg(id);
+    }
+    command
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! The stream's Lua scripts: each runs atomically in Redis.
+//! The stream's Lua scripts for the consumers' housekeeping (trimming, idle
+//! consumers); each runs atomically in Redis. The dead letter's and the retry
+//! schedule's are beside them, in `dead_letter` and `retry`.
 
 use std::sync::LazyLock;
 
@@ -27,19 +29,6 @@ return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 ";
 
 pub(super) static TRIM_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TRIM));
-
-/// Keeps an entry in the dead-letter stream (KEYS[2]) and acknowledges it in the
-/// stream (KEYS[1]) in one atomic step, so that no crash or take-over between the
-/// two can dead-letter it twice. ARGV: the group, the entry id, then the dead
-/// entry's fields and values.
-const DEAD: &str = r"
-local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], '*', unpack(fields))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-";
-
-pub(super) static DEAD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DEAD));
 
 /// Marks the caller (ARGV[3]) alive in the hash KEYS[2] (consumer name → Redis
 /// time in ms), then removes from the group (ARGV[1]) of the stream (KEYS[1])
