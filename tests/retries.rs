@@ -215,33 +215,42 @@ fn the_schedule_is_kept_on_the_spool() {
 
 /// With a worker whose handler still fails (1 attempt: straight to the dead
 /// letter), `requeue` moves each of the 20 dead letters once, not round and round.
+async fn requeue_moves_each_dead_letter_once<Src, G, S, R>(
+    store: &S,
+    source: Src,
+    gate: &G,
+    requeue: impl FnOnce() -> R,
+) where
+    Src: EventSource,
+    G: DecisionStore,
+    S: EventStore,
+    R: Future<Output = u64>,
+{
+    let ids: Vec<String> = (0..20).map(|n| format!("fail-{n}")).collect();
+    let handler = Failing::default();
+    store_ids(store, &ids).await;
+    let config = WorkerConfig::from(RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1));
+    let watch = async {
+        until_status(store, "dead-lettered", |s| s.dead_letters == Some(20)).await;
+        assert_eq!(requeue().await, 20);
+        until_status(store, "dead-lettered again", |s| s.dead_letters == Some(20)).await;
+    };
+    work_while(source, gate, &handler, config, watch).await;
+    assert_eq!(handler.attempts_at("fail-0").len(), 2);
+}
+
 #[test]
 fn requeue_beside_a_failing_worker_moves_each_dead_letter_once_on_the_spool() {
     let dir = temp_dir("retries-requeue");
     let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
-    let ids: Vec<String> = (0..20).map(|n| format!("fail-{n}")).collect();
-    let handler = Failing::default();
-    runtime().block_on(async {
-        store_ids(&spool, &ids).await;
-        let config = WorkerConfig::from(RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1));
-        let watch = async {
-            until_status(&spool, "dead-lettered", |s| s.dead_letters == Some(20)).await;
-            assert_eq!(requeue_dead_letters(&spool).await.unwrap(), 20);
-            until_status(&spool, "dead-lettered again", |s| {
-                s.dead_letters == Some(20)
-            })
-            .await;
-        };
-        work_while(
-            spool.reader().unwrap(),
-            &Gate::in_memory(),
-            &handler,
-            config,
-            watch,
-        )
-        .await;
-    });
-    assert_eq!(handler.attempts_at("fail-0").len(), 2);
+    let requeue = || async { requeue_dead_letters(&spool).await.unwrap() as u64 };
+    let gate = Gate::in_memory();
+    runtime().block_on(requeue_moves_each_dead_letter_once(
+        &spool,
+        spool.reader().unwrap(),
+        &gate,
+        requeue,
+    ));
 }
 
 #[cfg(feature = "redis")]
@@ -291,18 +300,10 @@ mod redis {
         let Some(url) = support::redis_url("requeue_beside_a_failing_worker_on_redis") else {
             return;
         };
-        let ids: Vec<String> = (0..20).map(|n| format!("fail-{n}")).collect();
-        let handler = Failing::default();
         runtime().block_on(async {
             let (stream, consumer, gate) = setup(&url, "retries-requeue").await;
-            store_ids(&stream, &ids).await;
-            let config = WorkerConfig::from(RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1));
-            let watch = async {
-                until_status(&stream, "dead-lettered", |s| s.dead_letters == Some(20)).await;
-                assert_eq!(stream.requeue_dead_letters().await.unwrap(), 20);
-                until_status(&stream, "again", |s| s.dead_letters == Some(20)).await;
-            };
-            work_while(consumer, &gate, &handler, config, watch).await;
+            let requeue = || async { stream.requeue_dead_letters().await.unwrap() };
+            requeue_moves_each_dead_letter_once(&stream, consumer, &gate, requeue).await;
         });
     }
 }
@@ -351,18 +352,11 @@ mod rabbit {
         else {
             return;
         };
-        let ids: Vec<String> = (0..20).map(|n| format!("fail-{n}")).collect();
-        let handler = Failing::default();
         runtime().block_on(async {
             let (store, consumer) = setup(&url, "retries-requeue").await;
-            store_ids(&store, &ids).await;
-            let config = WorkerConfig::from(RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1));
-            let watch = async {
-                until_status(&store, "dead-lettered", |s| s.dead_letters == Some(20)).await;
-                assert_eq!(store.requeue_dead_letters().await.unwrap(), 20);
-                until_status(&store, "again", |s| s.dead_letters == Some(20)).await;
-            };
-            work_while(consumer, &Gate::in_memory(), &handler, config, watch).await;
+            let requeue = || async { store.requeue_dead_letters().await.unwrap() };
+            let gate = Gate::in_memory();
+            requeue_moves_each_dead_letter_once(&store, consumer, &gate, requeue).await;
         });
     }
 }
