@@ -89,7 +89,8 @@ done
 # concurrency (the binaries they start read the same variable).
 step "COMAPI_CONCURRENCY=1 cargo test --all-features (the delivery tests)"
 COMAPI_CONCURRENCY=1 cargo test --all-features --test worker --test stream --test spool \
-  --test receivers --test scale_out --test keep_alive --test late --test shutdown --test clock
+  --test receivers --test scale_out --test keep_alive --test late --test shutdown --test clock \
+  --test retries
 
 for features in "--no-default-features" "--all-features"; do
   step "RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps $features"

@@ -44,14 +44,19 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// The worker's figures come from wrapping its handler: [`Metrics::meter`].
 ///
 /// ```
+/// use std::time::{Duration, UNIX_EPOCH};
 /// use comapi_webhook::metrics::Metrics;
 /// use comapi_webhook::store::StoreStatus;
 /// let metrics = Metrics::new();
 /// let mut status = StoreStatus::default();
 /// status.backlog = Some(3);
+/// status.retries = Some(2);
+/// status.next_retry_at = Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
 /// metrics.set_store_status(&status);
 /// let text = metrics.encode();
 /// assert!(text.contains("comapi_webhook_backlog_events 3"));
+/// assert!(text.contains("comapi_webhook_retry_events 2"));
+/// assert!(text.contains("comapi_webhook_next_retry_due_seconds 1800000000"));
 /// assert!(text.ends_with("# EOF\n"));
 /// ```
 pub struct Metrics {

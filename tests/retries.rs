@@ -127,7 +127,7 @@ where
     {
         store_ids(store, &ids).await;
         let retry = RetryPolicy::new(Duration::from_secs(60), Duration::from_secs(60), 3);
-        let config = WorkerConfig::from(retry).with_window(64);
+        let config = support::worker_config(WorkerConfig::from(retry).with_window(64));
         let watch = async {
             let deadline = Instant::now() + Duration::from_secs(30);
             while handler.processed() < HEALTHY {
@@ -159,7 +159,7 @@ where
         store_ids(store, &["fail-kept".to_owned()]).await;
         let retry = RetryPolicy::new(Duration::from_millis(300), Duration::from_millis(1200), 4);
         let watch = until_status(store, "dead-lettered", |s| s.dead_letters == Some(1));
-        work_while(source, gate, &handler, WorkerConfig::from(retry), watch).await;
+        work_while(source, gate, &handler, support::worker_config(retry), watch).await;
         until_status(store, "out of the schedule", |s| s.retries == Some(0)).await;
     }
     let times = handler.attempts_at("fail-kept");
@@ -229,7 +229,7 @@ async fn requeue_moves_each_dead_letter_once<Src, G, S, R>(
     let ids: Vec<String> = (0..20).map(|n| format!("fail-{n}")).collect();
     let handler = Failing::default();
     store_ids(store, &ids).await;
-    let config = WorkerConfig::from(RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1));
+    let config = support::worker_config(RetryPolicy::new(Duration::ZERO, Duration::ZERO, 1));
     let watch = async {
         until_status(store, "dead-lettered", |s| s.dead_letters == Some(20)).await;
         assert_eq!(requeue().await, 20);

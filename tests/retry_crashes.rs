@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use process::{Receiver, SECRET, client, event_json, post_signed, processed_ids};
+use process::{Receiver, SECRET, client, event_json, post_signed, processed_ids, status_page};
 use support::{example_binary, runtime, temp_dir};
 
 /// A `message.failed` event, which the binaries fail with `DEMO_FAIL=message.failed`.
@@ -120,18 +120,18 @@ fn retry_settings(delay: &str) -> [(&'static str, String); 4] {
 }
 
 /// The crash test on one store. `start(delay)` starts the process that runs the
-/// worker (with [`retry_settings`]); `intake` is where events are posted, `None`
-/// for the worker's own receiver.
+/// worker (with [`retry_settings`]); `intake` is the receiver events are posted
+/// to, `None` for the worker's own.
 ///
 /// Batch A's failing events are moved and stored (their second attempt is 10 s
 /// away); batch B is posted and the worker SIGKILLed while B's are being moved. A
 /// new worker (100 ms between attempts) processes every healthy event, and
 /// dead-letters every failing one after 4 attempts; A's go on from their stored
 /// attempt: attempts 2 and 3 move them again, never 1.
-fn crash_and_resume(start: &dyn Fn(&str) -> Receiver, intake: Option<&str>) {
+fn crash_and_resume(start: &dyn Fn(&str) -> Receiver, intake: Option<&Receiver>) {
     let (a, b) = (ids("a", 20), ids("b", 20));
     let mut first = start("10s");
-    let url = intake.map_or_else(|| first.url.clone(), str::to_owned);
+    let url = intake.map_or_else(|| first.url.clone(), |r| r.url.clone());
     post_ids(&url, &a);
     let failing_a: Vec<&String> = a.iter().filter(|id| id.starts_with('f')).collect();
     wait_logs(&[&first], Duration::from_secs(30), "A moved", |log| {
@@ -139,6 +139,12 @@ fn crash_and_resume(start: &dyn Fn(&str) -> Receiver, intake: Option<&str>) {
     });
     // The spool writes its schedule with the next acknowledgement, within a second.
     std::thread::sleep(Duration::from_millis(1500));
+    // The receiver's status page counts them.
+    let page = runtime().block_on(status_page(intake.unwrap_or(&first)));
+    assert!(
+        page.contains("Waiting for a retry: <strong>20</strong>"),
+        "{page}"
+    );
     post_ids(&url, &b);
     wait_logs(&[&first], Duration::from_secs(30), "B moving", |log| {
         (0..20)
@@ -223,7 +229,7 @@ fn a_redis_worker_killed_with_retries_waiting_and_moving_loses_nothing() {
             .envs(retry_settings(delay));
         Receiver::start_command("worker", command, SECRET)
     };
-    crash_and_resume(&start, Some(&intake.url));
+    crash_and_resume(&start, Some(&intake));
 }
 
 #[cfg(feature = "rabbitmq")]
@@ -257,7 +263,7 @@ mod rabbitmq {
             &[("COMAPI_WORKER", "false".to_owned())],
         );
         let start = |delay: &str| process("worker", &url, &queue, &retry_settings(delay));
-        crash_and_resume(&start, Some(&intake.url));
+        crash_and_resume(&start, Some(&intake));
     }
 
     /// Eight graceful stops (SIGTERM) of the worker while a backlog of 3,000 waits

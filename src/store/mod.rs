@@ -271,11 +271,12 @@ pub trait EventSource: Send + Sync {
     }
 }
 
-/// Where a supervised [`Worker`](crate::Worker) gets the source of each run, and how it is told
-/// to stop. A [`Spool`] is one (each run reads it with a new
-/// [`SpoolReader`](crate::store::spool::SpoolReader); stopping closes it, and the
-/// worker drains it first); so are a Redis stream's consumers
-/// (`StreamConsumers`, feature `redis`).
+/// Where a supervised [`Worker`](crate::Worker) gets the source of each run, and
+/// how it is told to stop. A [`Spool`](spool::Spool) is one (each run reads it
+/// with a new [`SpoolReader`](spool::SpoolReader); stopping closes it, the worker
+/// processes what it holds, and the retries waiting stay in the schedule for the
+/// next start); so are a broker's consumers (`StreamConsumers`, feature `redis`;
+/// `RabbitConsumers`, feature `rabbitmq`).
 pub trait Sources: Clone + Send + Sync + 'static {
     /// What one run reads.
     type Source: EventSource;
