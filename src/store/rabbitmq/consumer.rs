@@ -2,6 +2,7 @@
 //! [`EventSource`], and the queue's counts.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -121,15 +122,28 @@ pub struct RabbitConsumer {
     channel: Channel,
     messages: Consumer,
     config: RabbitConfig,
-    /// The last finished delivery tag not yet acknowledged: every earlier one is
-    /// finished too, as the worker finishes deliveries in the order it got them.
+    /// The last finished delivery tag: every earlier one is finished too, as the
+    /// worker finishes deliveries in the order it got them.
     finished_up_to: Option<u64>,
+    /// The last delivery tag acknowledged (cumulatively).
+    acknowledged_up_to: Option<u64>,
     stop: StopHandle,
     /// Whether the consumer was cancelled (on a stop).
     cancelled: bool,
-    /// Moves into the retry schedule published and not yet confirmed, with the
-    /// queue each went to: confirmed before the next acknowledgement.
-    moving: Vec<(String, PublisherConfirm)>,
+    /// Moves into the retry schedule published and not yet confirmed, oldest
+    /// first: nothing from a move's delivery on is acknowledged before its confirm.
+    moving: VecDeque<Move>,
+}
+
+/// A move into the retry schedule whose confirm is still to come.
+struct Move {
+    /// The last delivery finished before the moved one: what may be acknowledged
+    /// while this move is unconfirmed.
+    before: Option<u64>,
+    queue: String,
+    confirm: PublisherConfirm,
+    /// When it was published: unconfirmed past the store's deadline, it fails.
+    published: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for RabbitConsumer {
@@ -172,9 +186,10 @@ impl RabbitConsumer {
                 messages,
                 config: config.clone(),
                 finished_up_to: None,
+                acknowledged_up_to: None,
                 stop: StopHandle::default(),
                 cancelled: false,
-                moving: Vec::new(),
+                moving: VecDeque::new(),
             })
         })
         .await
@@ -187,18 +202,39 @@ impl RabbitConsumer {
         self
     }
 
-    async fn acknowledge(&mut self) -> Result<(), Error> {
-        // Every move confirmed before the deliveries it moved are acknowledged.
-        for (queue, confirm) in std::mem::take(&mut self.moving) {
-            confirmed(&self.config, &queue, confirm).await?;
+    /// Acknowledges every finished delivery before the first unconfirmed move.
+    /// With `wait`, every move is confirmed first (so every finished delivery is
+    /// acknowledged); without, only the confirms already in are taken.
+    async fn acknowledge(&mut self, wait: bool) -> Result<(), Error> {
+        while let Some(front) = self.moving.front_mut() {
+            let deadline = self.config.deadline;
+            let confirmation = if wait {
+                let until = front.published + deadline;
+                match tokio::time::timeout_at(until, &mut front.confirm).await {
+                    Ok(confirmation) => confirmation,
+                    Err(_) => return Err(no_confirm(&front.queue, deadline)),
+                }
+            } else {
+                match (&mut front.confirm).now_or_never() {
+                    Some(confirmation) => confirmation,
+                    None if front.published.elapsed() < deadline => break,
+                    None => return Err(no_confirm(&front.queue, deadline)),
+                }
+            };
+            taken(&front.queue, confirmation)?;
+            self.moving.pop_front();
         }
-        if let Some(tag) = self.finished_up_to {
+        let up_to = match self.moving.front() {
+            Some(first) => first.before,
+            None => self.finished_up_to,
+        };
+        if let Some(tag) = up_to.filter(|&tag| Some(tag) > self.acknowledged_up_to) {
             let multiple = BasicAckOptions { multiple: true };
             within(self.config.deadline, "cannot acknowledge messages", async {
                 self.channel.basic_ack(tag, multiple).await
             })
             .await?;
-            self.finished_up_to = None;
+            self.acknowledged_up_to = Some(tag);
         }
         Ok(())
     }
@@ -253,6 +289,32 @@ impl RabbitConsumer {
     }
 }
 
+impl RabbitConsumer {
+    /// The next message from the broker (`Some(None)` when it ended the
+    /// consumer), or `None` after [`READ_WAIT`] without one. Confirms of moves
+    /// that come in meanwhile are taken, and what they held back acknowledged, so
+    /// that the prefetch window refills.
+    async fn first_message(
+        &mut self,
+    ) -> Result<Option<Option<Result<lapin::message::Delivery, lapin::Error>>>, Error> {
+        let until = tokio::time::Instant::now() + READ_WAIT;
+        while let Some(front) = self.moving.front_mut() {
+            tokio::select! {
+                message = self.messages.next() => return Ok(Some(message)),
+                confirmation = &mut front.confirm => {
+                    taken(&front.queue, confirmation)?;
+                    self.moving.pop_front();
+                    self.acknowledge(false).await?;
+                }
+                () = tokio::time::sleep_until(until) => return Ok(None),
+            }
+        }
+        Ok(tokio::time::timeout_at(until, self.messages.next())
+            .await
+            .ok())
+    }
+}
+
 /// Publishes `record` to `queue` (through the default exchange), mandatory, and
 /// waits for the broker's confirm.
 pub(super) async fn publish_confirmed(
@@ -299,12 +361,28 @@ async fn confirmed(
     confirm: PublisherConfirm,
 ) -> Result<(), Error> {
     let confirmation = within(config.deadline, "cannot publish to RabbitMQ", confirm).await?;
+    taken(queue, Ok(confirmation))
+}
+
+fn no_confirm(queue: &str, deadline: Duration) -> Error {
+    Error::store_unavailable(
+        "cannot publish to RabbitMQ",
+        format!("queue {queue}: no confirm within {deadline:?}"),
+    )
+}
+
+/// Whether the broker took a publish to `queue`, from its confirm.
+fn taken(
+    queue: &str,
+    confirmation: Result<lapin::Confirmation, lapin::Error>,
+) -> Result<(), Error> {
     match confirmation {
-        lapin::Confirmation::Ack(None) => Ok(()),
-        other => Err(Error::store_unavailable(
+        Ok(lapin::Confirmation::Ack(None)) => Ok(()),
+        Ok(other) => Err(Error::store_unavailable(
             "cannot publish to RabbitMQ",
             format!("queue {queue}: the broker did not take it ({other:?})"),
         )),
+        Err(error) => Err(unavailable("cannot publish to RabbitMQ", error)),
     }
 }
 
@@ -312,20 +390,20 @@ impl EventSource for RabbitConsumer {
     type Delivery = RabbitDelivery;
 
     async fn next_batch(&mut self) -> Result<Option<Vec<RabbitDelivery>>, Error> {
-        self.acknowledge().await?;
+        self.acknowledge(false).await?;
         if self.stop.is_stopped() {
             self.cancel().await;
             return Ok(None);
         }
-        let first = match tokio::time::timeout(READ_WAIT, self.messages.next()).await {
-            Err(_) => return Ok(Some(Vec::new())),
-            Ok(None) => {
+        let first = match self.first_message().await? {
+            None => return Ok(Some(Vec::new())),
+            Some(None) => {
                 return Err(Error::store_unavailable(
                     "cannot consume from RabbitMQ",
                     "the broker cancelled the consumer",
                 ));
             }
-            Ok(Some(message)) => {
+            Some(Some(message)) => {
                 message.map_err(|e| unavailable("cannot consume from RabbitMQ", e))?
             }
         };
@@ -398,7 +476,13 @@ impl EventSource for RabbitConsumer {
             properties,
         )
         .await?;
-        self.moving.push((queue, confirm));
+        let before = self.finished_up_to;
+        self.moving.push_back(Move {
+            before,
+            queue,
+            confirm,
+            published: tokio::time::Instant::now(),
+        });
         Ok(())
     }
 
@@ -408,7 +492,7 @@ impl EventSource for RabbitConsumer {
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
-        self.acknowledge().await?;
+        self.acknowledge(true).await?;
         if self.stop.is_stopped() {
             // What this consumer held and had not finished goes to another one.
             let closing = async {
