@@ -10,7 +10,7 @@
 //!   cargo run --release --features binaries --bin send_event
 //! ```
 
-#[path = "../src/bin/common/mod.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use axum::Router;

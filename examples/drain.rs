@@ -16,11 +16,11 @@
 //!   then the healthy events.
 //!
 //! ```sh
-//! COMAPI_WEBHOOK_SECRET=… cargo run --release --features receiver,redis --example drain -- store http://127.0.0.1:8080/ 20000
-//! COMAPI_WEBHOOK_SECRET=… COMAPI_SPOOL_DIR=… cargo run --release --features receiver,redis --example drain -- work 20000
+//! COMAPI_WEBHOOK_SECRET=… cargo run --release --features receiver,redis,rabbitmq --example drain -- store http://127.0.0.1:8080/ 20000
+//! COMAPI_WEBHOOK_SECRET=… COMAPI_SPOOL_DIR=… cargo run --release --features receiver,redis,rabbitmq --example drain -- work 20000
 //! ```
 
-#[path = "../src/bin/common/mod.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use std::process::ExitCode;

@@ -16,7 +16,7 @@
 // Built without a broker it only says it needs one.
 #![cfg_attr(not(any(feature = "redis", feature = "rabbitmq")), allow(dead_code))]
 
-#[path = "common/mod.rs"]
+#[path = "../../examples/common/mod.rs"]
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
