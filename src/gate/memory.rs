@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, ReplayWindow};
+use super::{DEFAULT_LEASE, Decision, DecisionStore, GateKey, KeepAlive, ReplayWindow};
 use crate::event::Family;
 use crate::{Error, Event};
 
@@ -151,10 +151,10 @@ impl Gate {
     }
 
     /// Extends `delivery`'s claim on the event with id `event_id` by a lease from
-    /// now, if it still holds it. The worker needs none of this on one spool (the
-    /// copies of an event share its entity's lane, one at a time), so the gate has
-    /// no keep-alive ([`DecisionStore::keep_alive`]); call it yourself when several
-    /// workers share one in-memory gate and a handler may outlast the lease.
+    /// now, if it still holds it. A worker does it for every claim it holds, every
+    /// third of the lease ([`DecisionStore::keep_alive`]), so that a copy of an event
+    /// whose handler outlasts the lease stays [`Decision::Busy`] (copies of an event
+    /// without an entity run in lanes of their own).
     pub fn renew(&self, event_id: &str, delivery: &str) {
         let until = Instant::now() + self.inner.lease;
         self.inner
@@ -295,6 +295,17 @@ impl DecisionStore for Gate {
     ) -> impl Future<Output = Result<(), Error>> + Send {
         Gate::release(self, event, delivery);
         async { Ok(()) }
+    }
+
+    fn keep_alive(&self) -> Option<KeepAlive> {
+        let gate = self.clone();
+        let every = self.inner.lease / 3;
+        Some(KeepAlive::new(every, move |claims| {
+            for (event_id, delivery) in claims {
+                gate.renew(event_id, delivery);
+            }
+            Box::pin(std::future::ready(Ok(())))
+        }))
     }
 }
 
