@@ -5,16 +5,18 @@ use std::time::Duration;
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
+use crate::body_budget::{BodyBudget, BodyBuffer, DEFAULT_BODY_BUDGET_BYTES, Refused};
 use crate::event::split_already_verified;
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
+use crate::signature::single_signature;
 use crate::store::spool::{Spool, encode_lines};
 use crate::store::{EventStore, Records};
 use crate::{Error, Reply, SIGNATURE_HEADER, Verifier};
 
-/// The default body limit of the receive step: 4 MiB, far above a full batch of
-/// 500 Comapi events (about 400 KB).
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// The default body limit of the receive step: 1 MiB, two and a half times a full
+/// batch of 500 Comapi events (about 400 KB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// How long the receive step waits for a request's whole body, by default: 10 s,
 /// Comapi's own limit for the whole answer.
@@ -27,10 +29,12 @@ use std::sync::Arc;
 /// and says what to answer.
 ///
 /// The answers are [`Reply`]'s table; the body limit is [`DEFAULT_MAX_BODY_BYTES`]
-/// unless set. [`Inbox::receive_request`] reads an `http` request's body up to the
-/// limit itself; with another body type, check [`Inbox::check_content_length`]
-/// first, stop reading past [`Inbox::max_body_bytes`], and answer
-/// [`Inbox::too_large`] then.
+/// unless set. [`Inbox::receive_request`] (and `receive_actix`) reads a request's
+/// body itself: it refuses a missing or malformed signature before reading, stops
+/// at the limit, and reads only while the [`BodyBudget`] shared by every clone of
+/// the inbox has room (else `503` with `Retry-After`). With another body type,
+/// check [`Inbox::check_content_length`] first, stop reading past
+/// [`Inbox::max_body_bytes`], and answer [`Inbox::too_large`] then.
 #[derive(Debug, Clone)]
 pub struct Inbox<S = Spool> {
     verifier: Verifier,
@@ -38,7 +42,10 @@ pub struct Inbox<S = Spool> {
     max_body_bytes: usize,
     body_deadline: Duration,
     metrics: Option<Arc<Metrics>>,
-    metrics_token: Option<Arc<[u8]>>,
+    /// The SHA-1 of the metrics token: compared in constant time whatever the
+    /// length of the token given.
+    metrics_token: Option<[u8; 20]>,
+    body_budget: Arc<BodyBudget>,
 }
 
 impl<S: EventStore> Inbox<S> {
@@ -52,7 +59,22 @@ impl<S: EventStore> Inbox<S> {
             body_deadline: DEFAULT_BODY_DEADLINE,
             metrics: None,
             metrics_token: None,
+            body_budget: BodyBudget::new(DEFAULT_BODY_BUDGET_BYTES),
         }
+    }
+
+    /// The same inbox, reading bodies within `budget` (shared with whatever else
+    /// holds it) instead of its own of [`DEFAULT_BODY_BUDGET_BYTES`].
+    #[must_use]
+    pub fn with_body_budget(mut self, budget: Arc<BodyBudget>) -> Self {
+        self.body_budget = budget;
+        self
+    }
+
+    /// The budget of body bytes this inbox (and its clones) reads within.
+    #[must_use]
+    pub fn body_budget(&self) -> &Arc<BodyBudget> {
+        &self.body_budget
     }
 
     /// The same inbox, counting every answer, the events stored and how long storing
@@ -94,12 +116,7 @@ impl<S: EventStore> Inbox<S> {
     /// A 413 before reading the body, when its `Content-Length` is over the limit.
     #[must_use]
     pub fn check_content_length(&self, headers: &HeaderMap) -> Option<Reply> {
-        let length = headers
-            .get(http::header::CONTENT_LENGTH)?
-            .to_str()
-            .ok()?
-            .parse::<u64>()
-            .ok()?;
+        let length = content_length(headers)?;
         (length > self.max_body_bytes as u64).then(|| self.too_large())
     }
 
@@ -218,7 +235,7 @@ impl<S: EventStore> Inbox<S> {
     /// `Authorization: Bearer <token>`.
     #[must_use]
     pub fn with_metrics_token(mut self, token: impl AsRef<[u8]>) -> Self {
-        self.metrics_token = Some(token.as_ref().into());
+        self.metrics_token = Some(token_digest(token.as_ref()));
         self
     }
 
@@ -245,12 +262,15 @@ impl<S: EventStore> Inbox<S> {
         };
         if let Some(token) = &self.metrics_token {
             let given = authorization.and_then(bearer_token);
-            let right = given.is_some_and(|given| bool::from(given.ct_eq(token)));
+            // Digests of one length: neither the token nor its length shows in the time.
+            let right = given.is_some_and(|given| bool::from(token_digest(given).ct_eq(token)));
             if !right {
                 return Reply::metrics_token_required();
             }
         }
         metrics.set_store_status(&self.store.status().await);
+        let budget = &self.body_budget;
+        metrics.set_body_bytes(budget.held(), budget.limit());
         metrics.reply()
     }
 
@@ -264,26 +284,42 @@ impl<S: EventStore> Inbox<S> {
         request: &actix_web::HttpRequest,
         payload: actix_web::web::Payload,
     ) -> Reply {
-        let promised = request
-            .headers()
+        use futures_util::StreamExt;
+        let headers = request.headers();
+        let signatures = || {
+            headers
+                .get_all(SIGNATURE_HEADER.as_str())
+                .map(actix_web::http::header::HeaderValue::as_bytes)
+        };
+        if let Err(error) = single_signature(signatures()) {
+            return self.counted(Reply::from(error).body_unread(), None);
+        }
+        let promised = headers
             .get("content-length")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if promised.is_some_and(|n| n > self.max_body_bytes as u64) {
-            return self.too_large();
-        }
-        let read = payload.to_bytes_limited(self.max_body_bytes);
-        let body = match tokio::time::timeout(self.body_deadline, read).await {
-            Ok(Ok(Ok(body))) => body,
-            Ok(Err(_over_the_limit)) => return self.too_large(),
-            Ok(Ok(Err(error))) => return self.counted(Reply::unreadable_body(error), None),
-            Err(_) => return self.counted(Reply::body_timeout(self.body_deadline), None),
+        let mut buffer = match BodyBuffer::new(&self.body_budget, self.max_body_bytes, promised) {
+            Ok(buffer) => buffer,
+            Err(refused) => return self.refused(&refused),
         };
-        let signatures = request
-            .headers()
-            .get_all(SIGNATURE_HEADER.as_str())
-            .map(|v| v.as_bytes());
-        self.receive_with_signatures(signatures, &body).await
+        let mut payload = payload;
+        let read = async {
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|e| self.counted(Reply::unreadable_body(e), None))?;
+                buffer
+                    .push(&chunk)
+                    .map_err(|refused| self.refused(&refused))?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(self.body_deadline, read).await {
+            Ok(Ok(())) => {
+                self.receive_with_signatures(signatures(), buffer.bytes())
+                    .await
+            }
+            Ok(Err(reply)) => reply,
+            Err(_) => self.counted(Reply::body_timeout(self.body_deadline), None),
+        }
     }
 
     /// Runs the receive step on an `http` request (hyper's, axum's): answers 413
@@ -299,14 +335,70 @@ impl<S: EventStore> Inbox<S> {
             return reply;
         }
         let (parts, body) = request.into_parts();
-        let read = http_body_util::Limited::new(body, self.max_body_bytes).collect();
+        let signatures = parts.headers.get_all(SIGNATURE_HEADER);
+        if let Err(error) = single_signature(signatures.iter().map(http::HeaderValue::as_bytes)) {
+            return self.counted(Reply::from(error).body_unread(), None);
+        }
+        let promised = content_length(&parts.headers);
+        let mut buffer = match BodyBuffer::new(&self.body_budget, self.max_body_bytes, promised) {
+            Ok(buffer) => buffer,
+            Err(refused) => return self.refused(&refused),
+        };
+        let read = async {
+            let mut body = std::pin::pin!(body);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    let error: Box<dyn std::error::Error + Send + Sync> = e.into();
+                    self.counted(Reply::unreadable_body(error), None)
+                })?;
+                if let Ok(mut data) = frame.into_data() {
+                    use bytes::Buf;
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        let n = chunk.len();
+                        buffer
+                            .push(chunk)
+                            .map_err(|refused| self.refused(&refused))?;
+                        data.advance(n);
+                    }
+                }
+            }
+            Ok(())
+        };
         match tokio::time::timeout(self.body_deadline, read).await {
-            Ok(Ok(body)) => self.receive(&parts.headers, &body.to_bytes()).await,
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => self.too_large(),
-            Ok(Err(error)) => self.counted(Reply::unreadable_body(error), None),
+            Ok(Ok(())) => self.receive(&parts.headers, buffer.bytes()).await,
+            Ok(Err(reply)) => reply,
             Err(_) => self.counted(Reply::body_timeout(self.body_deadline), None),
         }
     }
+
+    /// The answer to a body that could not be read whole.
+    fn refused(&self, refused: &Refused) -> Reply {
+        match refused {
+            Refused::TooLarge => self.too_large(),
+            Refused::NoRoom => {
+                let limit = self.body_budget.limit();
+                self.counted(Reply::no_room_for_body(limit), None)
+            }
+        }
+    }
+}
+
+/// The SHA-1 of a metrics token.
+fn token_digest(token: &[u8]) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(token).into()
+}
+
+/// A request's `Content-Length`, if it gives a number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
 }
 
 /// At most this many refused requests are logged a second; the rest are counted.

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "receiver")]
+mod body_budget;
 pub mod dangerous;
 mod error;
 pub mod event;
@@ -33,6 +35,8 @@ pub mod worker;
 /// than adding `http = "1"` yourself.
 pub use http;
 
+#[cfg(feature = "receiver")]
+pub use body_budget::{BodyBudget, DEFAULT_BODY_BUDGET_BYTES};
 pub use error::Error;
 pub use event::{Event, EventKind};
 pub use gate::{Decision, Gate};

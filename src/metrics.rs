@@ -76,6 +76,8 @@ pub struct Metrics {
     consumers: Gauge,
     retries: Gauge,
     next_retry: Gauge,
+    body_bytes: Gauge,
+    body_budget: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,6 +169,8 @@ impl Metrics {
             consumers: Gauge::default(),
             retries: Gauge::default(),
             next_retry: Gauge::default(),
+            body_bytes: Gauge::default(),
+            body_budget: Gauge::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -181,6 +185,16 @@ impl Metrics {
                 "store_seconds",
                 "Time to store a request",
                 m.store_seconds.clone(),
+            );
+            registry.register(
+                "body_bytes",
+                "Request body bytes held now, across every connection",
+                m.body_bytes.clone(),
+            );
+            registry.register(
+                "body_budget_bytes",
+                "The most request body bytes held at once; past it, 503",
+                m.body_budget.clone(),
             );
         }
         registry.register(
@@ -273,6 +287,13 @@ impl Metrics {
             });
             self.next_retry.set(due);
         }
+    }
+
+    /// Sets the body gauges: the bytes held now, and the budget's limit.
+    pub fn set_body_bytes(&self, held: usize, limit: usize) {
+        self.body_bytes.set(i64::try_from(held).unwrap_or(i64::MAX));
+        self.body_budget
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// Counts an answer, and the events it stored and how long that took.

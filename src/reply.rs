@@ -44,6 +44,10 @@ pub struct Reply {
     events: usize,
     /// A 401 that asks for a bearer token (`WWW-Authenticate: Bearer`).
     bearer: bool,
+    /// The request's body was not read to its end: the connection must close.
+    unread: bool,
+    /// Seconds for `Retry-After`.
+    retry_after: Option<u16>,
 }
 
 impl Reply {
@@ -59,6 +63,35 @@ impl Reply {
             reason: None,
             events: 0,
             bearer: false,
+            unread: false,
+            retry_after: None,
+        }
+    }
+
+    /// The same answer, given before the body was read to its end: the connection
+    /// closes after it.
+    #[cfg(feature = "receiver")]
+    pub(crate) fn body_unread(mut self) -> Self {
+        self.unread = true;
+        self
+    }
+
+    /// A `503` for a body the process has no room to read now: every byte of its
+    /// body budget is held by other requests. `Retry-After: 1`; the connection
+    /// closes, since the body was not read.
+    #[cfg(feature = "receiver")]
+    pub(crate) fn no_room_for_body(budget: usize) -> Self {
+        Reply {
+            reason: Some(format!(
+                "no room for the body: the {budget}-byte body budget is held by other requests"
+            )),
+            unread: true,
+            retry_after: Some(1),
+            ..Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "too many requests in flight, retry later\n",
+            )
         }
     }
 
@@ -192,11 +225,18 @@ impl Reply {
         self.events
     }
 
-    /// Whether the connection must close after this answer: a 413's body was not
-    /// read to its end, so the connection cannot carry another request.
+    /// Whether the connection must close after this answer: the body was not read
+    /// to its end (a 413, a 401 for a missing or malformed signature, a 503 for no
+    /// room), so the connection cannot carry another request.
     #[must_use]
     pub fn closes_connection(&self) -> bool {
-        self.status == StatusCode::PAYLOAD_TOO_LARGE
+        self.unread || self.status == StatusCode::PAYLOAD_TOO_LARGE
+    }
+
+    /// The seconds to wait before retrying, sent as `Retry-After`, if any.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<u16> {
+        self.retry_after
     }
 }
 
@@ -249,6 +289,9 @@ impl From<Reply> for http::Response<String> {
                 HeaderValue::from_static("Bearer realm=\"metrics\""),
             );
         }
+        if let Some(seconds) = reply.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -293,6 +336,7 @@ impl actix_web::Responder for Reply {
 impl Reply {
     fn actix_response(self) -> actix_web::HttpResponse<String> {
         let status = actix_web::ResponseError::status_code(&self);
+        let close = self.closes_connection();
         let mut response = actix_web::HttpResponse::with_body(status, self.body.into_owned());
         let headers = response.headers_mut();
         headers.insert(
@@ -305,10 +349,16 @@ impl Reply {
                 actix_web::http::header::HeaderValue::from_static("Bearer realm=\"metrics\""),
             );
         }
-        if status == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
+        if close {
             headers.insert(
                 actix_web::http::header::CONNECTION,
                 actix_web::http::header::HeaderValue::from_static("close"),
+            );
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(
+                actix_web::http::header::RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from(seconds),
             );
         }
         response

@@ -183,12 +183,7 @@ impl Verifier {
         values: impl IntoIterator<Item = &'v [u8]>,
         body: &[u8],
     ) -> Result<Verified, Error> {
-        let mut values = values.into_iter();
-        let value = values.next().ok_or(Error::MissingSignature)?;
-        if values.next().is_some() {
-            return Err(Error::DuplicateSignature);
-        }
-        self.verify_signature(&Signature::parse(value)?, body)
+        self.verify_signature(&single_signature(values)?, body)
     }
 
     /// Verifies a parsed [`Signature`] against `body`: each secret's tag, the
@@ -221,6 +216,19 @@ fn tag(key: &HmacSha1, body: &[u8]) -> [u8; TAG_LEN] {
     let mut mac = key.clone();
     mac.update(body);
     mac.finalize().into_bytes().into()
+}
+
+/// The one `X-Comapi-Signature` value of a request, parsed: what can be refused
+/// before the body is read.
+pub(crate) fn single_signature<'v>(
+    values: impl IntoIterator<Item = &'v [u8]>,
+) -> Result<Signature, Error> {
+    let mut values = values.into_iter();
+    let value = values.next().ok_or(Error::MissingSignature)?;
+    if values.next().is_some() {
+        return Err(Error::DuplicateSignature);
+    }
+    Signature::parse(value)
 }
 
 impl fmt::Debug for Verifier {

@@ -27,7 +27,8 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `BIND` | the address to listen on, default `127.0.0.1` |
 /// | `COMAPI_SPOOL_DIR` | the spool folder, default `comapi-webhook-spool` in the OS temp folder |
 /// | `COMAPI_SPOOL_KEEP` | `true` keeps processed segments; default `false` |
-/// | `COMAPI_MAX_BODY_BYTES` | the body limit, default 4194304 (4 MiB) |
+/// | `COMAPI_MAX_BODY_BYTES` | the body limit, default 1048576 (1 MiB) |
+/// | `COMAPI_BODY_BUDGET_BYTES` | the body bytes held at once across every connection, default 67108864 (64 MiB); past it, `503` with `Retry-After` |
 /// | `COMAPI_REDIS_URL` | store into a Redis stream instead of the spool (feature `redis`) |
 /// | `COMAPI_REDIS_PREFIX` | the Redis keys' prefix, default `comapi-webhook:` |
 /// | `COMAPI_AMQP_URL` | store into a RabbitMQ quorum queue instead (feature `rabbitmq`): `amqp://user:pass@host:port/vhost`; not with `COMAPI_REDIS_URL` |
@@ -58,6 +59,8 @@ pub struct ReceiverConfig {
     pub spool: SpoolConfig,
     /// The body limit.
     pub max_body_bytes: usize,
+    /// The body bytes held at once across every connection ([`BodyBudget`](crate::BodyBudget)).
+    pub body_budget_bytes: usize,
     /// The Redis to store into, if any.
     pub redis: Option<RedisSettings>,
     /// The RabbitMQ to store into, if any.
@@ -240,7 +243,8 @@ impl ReceiverConfig {
   PORT, BIND                where to listen (default 8080 on 127.0.0.1; PORT=0: any free port)
   COMAPI_SPOOL_DIR          the spool folder (default comapi-webhook-spool in the temp folder)
   COMAPI_SPOOL_KEEP         true keeps processed spool segments (default false)
-  COMAPI_MAX_BODY_BYTES     the body limit (default 4194304)
+  COMAPI_MAX_BODY_BYTES     the body limit (default 1048576)
+  COMAPI_BODY_BUDGET_BYTES  body bytes held at once, all connections (default 67108864)
   COMAPI_REDIS_URL          store into a Redis stream: redis://[:password@]host:port/[db]
   COMAPI_REDIS_PREFIX       the Redis keys' prefix (default comapi-webhook:)
   COMAPI_AMQP_URL           store into a RabbitMQ quorum queue: amqp://user:pass@host:port/vhost
@@ -344,6 +348,18 @@ impl ReceiverConfig {
                 "COMAPI_MAX_BODY_BYTES must be a positive number of bytes, not \"0\"",
             ));
         }
+        let body_budget_bytes = parsed(
+            &var,
+            "COMAPI_BODY_BUDGET_BYTES",
+            "a number of bytes",
+            crate::DEFAULT_BODY_BUDGET_BYTES,
+        )?;
+        if body_budget_bytes < max_body_bytes {
+            return Err(ConfigError::setting(format!(
+                "COMAPI_BODY_BUDGET_BYTES ({body_budget_bytes}) must be at least \
+                 COMAPI_MAX_BODY_BYTES ({max_body_bytes}), or no full-size body could ever be read"
+            )));
+        }
         let amqp = super::amqp::amqp_from(lookup)?;
         let redis = redis_from(lookup)?;
         let worker = flag(&var, "COMAPI_WORKER")?.unwrap_or(redis.is_none() && amqp.is_none());
@@ -363,6 +379,7 @@ impl ReceiverConfig {
             addr: SocketAddr::new(ip, port),
             spool: spool.with_remove_processed(!keep),
             max_body_bytes,
+            body_budget_bytes,
             redis,
             amqp,
             worker,

@@ -100,6 +100,7 @@ impl ReceiverConfig {
         };
         let mut inbox = Inbox::new(self.verifier, store)
             .with_max_body_bytes(self.max_body_bytes)
+            .with_body_budget(crate::BodyBudget::new(self.body_budget_bytes))
             .with_body_deadline(self.body_deadline)
             .with_metrics(metrics);
         match &self.metrics_token {

@@ -251,6 +251,14 @@ impl From<RetryPolicy> for WorkerConfig {
 ///   when it comes back (the gate never lets a lower revision run after a higher
 ///   one), and it is skipped as superseded. Events without a revision keep no
 ///   order across a retry.
+///
+///   **Order is per worker.** Lanes order one worker's events. Several workers
+///   reading one Redis stream or RabbitMQ queue share the events of an entity
+///   between them, and may run two revisions of it at once, even with the gate in
+///   Redis: the gate makes sure a lower revision never runs after a higher one has
+///   (it is `Stale` then), not that they never overlap. A handler that needs one
+///   entity's events one at a time across workers must lock the entity itself,
+///   or run one worker.
 /// - [`Decision::Busy`] (another copy is being processed elsewhere): claimed again
 ///   a second later, until completed there (`Duplicate`) or its lease passes
 ///   (`Fresh`); its entity waits meanwhile.
