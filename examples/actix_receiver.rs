@@ -51,7 +51,11 @@ async fn main() {
         .client_request_timeout(header_deadline)
         .keep_alive(header_deadline)
         .max_connections(max_connections.div_ceil(workers)); // a limit per worker
-    let server = match server.disable_signals().shutdown_timeout(30).bind(addr) {
+    // One bound for all of it: connections (actix-web's shutdown timeout, whole
+    // seconds), then the worker, within the grace.
+    let grace = receiver.shutdown_grace();
+    let server = server.disable_signals().shutdown_timeout(grace.as_secs());
+    let server = match server.bind(addr) {
         Ok(server) => server,
         Err(error) => common::exit(&ConfigError::cannot_listen(addr, &error), 1),
     };
@@ -61,12 +65,17 @@ async fn main() {
     );
     let server = server.run();
     let handle = server.handle();
+    let (signalled, mut deadline) = tokio::sync::oneshot::channel();
     actix_web::rt::spawn(async move {
         shutdown_signal().await;
-        handle.stop(true).await
+        let _ = signalled.send(tokio::time::Instant::now() + grace);
+        handle.stop(true).await;
     });
     let _ = server.await;
-    receiver.shutdown().await;
+    let deadline = deadline
+        .try_recv()
+        .unwrap_or_else(|_| tokio::time::Instant::now() + grace);
+    receiver.shutdown_by(deadline).await;
 }
 
 async fn receive(inbox: Shared, request: HttpRequest, body: web::Payload) -> Reply {

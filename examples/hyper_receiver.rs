@@ -6,7 +6,6 @@
 mod common;
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use comapi_webhook::receiver::{Busy, ReceiverConfig, shutdown_signal};
 use comapi_webhook::store::Store;
@@ -58,8 +57,10 @@ async fn main() {
             }
         });
     }
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
-    receiver.shutdown().await;
+    // One bound for all of it: connections, then the worker, within the grace.
+    let deadline = tokio::time::Instant::now() + receiver.shutdown_grace();
+    let _ = tokio::time::timeout_at(deadline, graceful.shutdown()).await;
+    receiver.shutdown_by(deadline).await;
 }
 
 async fn route(

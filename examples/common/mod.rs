@@ -12,6 +12,9 @@ use comapi_webhook::worker::HandlerError;
 /// the dead letter. Delivery is at least once: make it idempotent.
 pub(crate) async fn process(event: Event<'static>) -> Result<(), HandlerError> {
     // ============  PLUG IN YOUR OWN PROCESSING HERE: a database update, …  ============
+    if let Ok(Some(slow)) = *DEMO_SLOW {
+        tokio::time::sleep(slow).await;
+    }
     if DEMO_FAIL.as_deref() == Some(event.name()) {
         return Err(format!(
             "DEMO_FAIL={}: this demo fails every such event",
@@ -28,6 +31,19 @@ pub(crate) async fn process(event: Event<'static>) -> Result<(), HandlerError> {
 /// letter without editing code. Unset by default.
 pub(crate) static DEMO_FAIL: std::sync::LazyLock<Option<String>> =
     std::sync::LazyLock::new(|| std::env::var("DEMO_FAIL").ok().filter(|n| !n.is_empty()));
+
+/// `DEMO_SLOW=<duration>` (for example `30s`): a demo switch that makes [`process`]
+/// take that long on every event, to watch a shutdown or a lease without editing
+/// code. Unset by default; a value that is not a duration stops the program at its
+/// start ([`help_if_asked`]).
+pub(crate) static DEMO_SLOW: std::sync::LazyLock<Result<Option<std::time::Duration>, String>> =
+    std::sync::LazyLock::new(|| match std::env::var("DEMO_SLOW") {
+        Err(_) => Ok(None),
+        Ok(value) if value.trim().is_empty() => Ok(None),
+        Ok(value) => humantime::parse_duration(value.trim())
+            .map(Some)
+            .map_err(|e| format!("DEMO_SLOW must be a duration such as 30s, not {value:?}: {e}")),
+    });
 
 /// Logs through `tracing` to standard error, filtered by `RUST_LOG` (default `info`).
 pub(crate) fn init_logging() {
@@ -57,11 +73,17 @@ pub(crate) fn exit(error: &dyn std::fmt::Display, code: i32) -> ! {
 /// The demo switch's line of `--help`.
 const DEMO_HELP: &str =
     "  DEMO_FAIL                 fail every event of this name (message.sent, say), to
-                            watch the retries and the dead letter (default: unset)";
+                            watch the retries and the dead letter (default: unset)
+  DEMO_SLOW                 take this long on every event (30s, say), to watch a
+                            shutdown or a lease (default: unset)";
 
 /// With `--help` (or `-h`): prints `about`, then the settings, and exits 0. Any
 /// other argument: says so and exits 2; the settings come from the environment.
+/// A demo switch that cannot be read: says so and exits 2.
 pub(crate) fn help_if_asked(about: &str, settings: &str) {
+    if let Err(error) = &*DEMO_SLOW {
+        exit(error, 2);
+    }
     let Some(arg) = std::env::args().nth(1) else {
         return;
     };

@@ -40,7 +40,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_HEADER_TIMEOUT` | how long a connection may take to send a request's headers, or stay idle, default `5s` |
 /// | `COMAPI_BODY_TIMEOUT` | how long a request's body may take to arrive (then 408), default `10s` |
 /// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default 512 |
-/// | `COMAPI_SHUTDOWN_GRACE` | how long a shutdown may take, default `25s` |
+/// | `COMAPI_SHUTDOWN_GRACE` | how long SIGTERM may take to exit in total (requests in flight, then the worker), default `25s` |
 /// | `COMAPI_CONCURRENCY` | handler calls a worker keeps in flight (one entity at a time each), default 32 |
 /// | `COMAPI_RETRY_ATTEMPTS` | attempts at an event before it goes to the dead letter, the first included, default 8 |
 /// | `COMAPI_RETRY_FIRST_DELAY` | the wait after the first failed attempt, doubling after each next one, default `1s` |
@@ -73,7 +73,7 @@ pub struct ReceiverConfig {
     pub body_deadline: Duration,
     /// How many connections may be open at once.
     pub max_connections: usize,
-    /// How long a shutdown may take ([`Worker::shutdown_within`](crate::Worker::shutdown_within)).
+    /// How long a shutdown may take in total ([`Receiver::shutdown_by`](super::Receiver::shutdown_by)).
     pub shutdown_grace: Duration,
     /// How the worker runs: its retries and its concurrency.
     pub worker_config: WorkerConfig,
@@ -258,7 +258,7 @@ impl ReceiverConfig {
   COMAPI_HEADER_TIMEOUT     time for a request's headers, or idling (default 5s)
   COMAPI_BODY_TIMEOUT       time for a request's body, then 408 (default 10s)
   COMAPI_MAX_CONNECTIONS    connections at once (default 512)
-  COMAPI_SHUTDOWN_GRACE     how long a shutdown may take (default 25s)
+  COMAPI_SHUTDOWN_GRACE     how long SIGTERM may take to exit, all in (default 25s)
   COMAPI_CONCURRENCY        handler calls in flight (default 32)
   COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)
   COMAPI_RETRY_FIRST_DELAY  the wait after the first failure, then doubling (default 1s)

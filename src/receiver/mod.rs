@@ -192,24 +192,49 @@ impl Receiver {
         &self.inbox
     }
 
-    /// Stops the worker, if any, and waits for it within the shutdown grace
-    /// (`COMAPI_SHUTDOWN_GRACE`; it drains a spool meanwhile); closes the spool.
-    /// Call it once the server stopped taking requests.
+    /// How long a whole shutdown may take (`COMAPI_SHUTDOWN_GRACE`, default 25 s):
+    /// a server takes its time to finish requests in flight from it, and gives
+    /// the rest to [`Receiver::shutdown_by`].
+    #[must_use]
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        self.shutdown_grace
+    }
+
+    /// [`Receiver::shutdown_by`] the shutdown grace from now.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+        self.shutdown_by(deadline).await;
+    }
+
+    /// Stops the worker, if any, and waits for it until `deadline` (it drains a
+    /// spool meanwhile; at the deadline it lets go of the events in hand, which
+    /// stay stored, unacknowledged, and come again); closes the spool; logs the
+    /// store's counts if the store answers by then. Call it once the server
+    /// stopped taking requests: the reference receivers give their connections
+    /// until the same deadline first, so that SIGTERM to exit takes at most the
+    /// shutdown grace, whatever a client, the store or a handler does.
+    pub async fn shutdown_by(self, deadline: tokio::time::Instant) {
+        // The worker's own timer lets go at four fifths of what it is given: a
+        // little is always left for the rest.
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Some(worker) = self.worker {
-            worker.shutdown_within(self.shutdown_grace).await;
+            let grace = left().max(std::time::Duration::from_millis(10));
+            worker.shutdown_within(grace).await;
         }
         #[allow(irrefutable_let_patterns)] // without the redis feature
         if let Store::Spool(spool) = self.inbox.store() {
             spool.close().await;
         }
-        let status = crate::store::EventStore::status(self.inbox.store()).await;
+        let asked = crate::store::EventStore::status(self.inbox.store());
         let count = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
-        tracing::info!(
-            stored = %count(status.stored),
-            backlog = %count(status.backlog),
-            "stopped"
-        );
+        match tokio::time::timeout_at(deadline, asked).await {
+            Ok(status) => tracing::info!(
+                stored = %count(status.stored),
+                backlog = %count(status.backlog),
+                "stopped"
+            ),
+            Err(_) => tracing::info!("stopped (the store did not answer for its counts in time)"),
+        }
     }
 }
 
