@@ -103,6 +103,27 @@ where
     }
 }
 
+/// How long a run that failed waits for the claims of what it processed to be
+/// completed before its lanes go.
+const COMPLETE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Lets the completer complete the claims already queued (the lanes start nothing
+/// new: they are stopping), for at most [`COMPLETE_WITHIN`].
+async fn complete_finished<S: DecisionStore, H: EventHandler>(
+    pump: &mut Pump<'_>,
+    lanes: &Lanes<'_, S, H>,
+) {
+    let completed = poll_fn(|cx| {
+        pump.poll(cx);
+        if lanes.completing.load(Ordering::Acquire) == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    });
+    let _ = tokio::time::timeout(COMPLETE_WITHIN, completed).await;
+}
+
 /// The events read and not acknowledged, and the lanes they are in.
 struct Flow<D> {
     /// The events read and not acknowledged, in order; the first is number `base`.
@@ -154,33 +175,44 @@ where
         running: FuturesUnordered::new(),
         completer: Box::pin(lanes.completer()),
     };
-    let mut exhausted = false;
-    loop {
-        let stopping = source.stopping() || abandon.is_set();
-        lanes.stopping.store(stopping, Ordering::Release);
-        if flow.settle(&lanes, &mut source, &mut pump).await? {
-            // A retry was scheduled: a finished source may hand it out yet (a
-            // closed spool serves its retries before it ends).
-            exhausted = false;
-        }
-        let idle = lanes.idle(&pump.running);
-        if idle && (exhausted || stopping) {
-            break;
-        }
-        if !exhausted && !stopping && flow.window.len() < config.window.max(1) {
-            match drive(&mut pump, source.next_batch()).await? {
-                None => exhausted = true,
-                Some(batch) => {
-                    health.up();
-                    flow.admit(batch, &lanes, &mut source, &mut pump).await?;
-                }
+    let read = async {
+        let mut exhausted = false;
+        loop {
+            let stopping = source.stopping() || abandon.is_set();
+            lanes.stopping.store(stopping, Ordering::Release);
+            if flow.settle(&lanes, &mut source, &mut pump).await? {
+                // A retry was scheduled: a finished source may hand it out yet (a
+                // closed spool serves its retries before it ends).
+                exhausted = false;
             }
-            continue;
+            let idle = lanes.idle(&pump.running);
+            if idle && (exhausted || stopping) {
+                break;
+            }
+            if !exhausted && !stopping && flow.window.len() < config.window.max(1) {
+                match drive(&mut pump, source.next_batch()).await? {
+                    None => exhausted = true,
+                    Some(batch) => {
+                        health.up();
+                        flow.admit(batch, &lanes, &mut source, &mut pump).await?;
+                    }
+                }
+                continue;
+            }
+            if idle {
+                break; // stopping, or the window's head can go no further
+            }
+            next_result(&mut pump, &lanes).await;
         }
-        if idle {
-            break; // stopping, or the window's head can go no further
-        }
-        next_result(&mut pump, &lanes).await;
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(error) = read {
+        // The lanes go with this run: first the claims of what was processed are
+        // completed, so that the copies the source hands out again are duplicates.
+        lanes.stopping.store(true, Ordering::Release);
+        complete_finished(&mut pump, &lanes).await;
+        return Err(error);
     }
     source.flush().await
 }

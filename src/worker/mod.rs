@@ -281,7 +281,10 @@ impl From<RetryPolicy> for WorkerConfig {
 /// # Errors
 /// When the source cannot be read, or a record not set aside, an event not
 /// dead-lettered, or an acknowledgement not stored. What was acknowledged was
-/// processed; run it again with a new source to resume.
+/// processed; run it again with a new source to resume. Before it returns the
+/// error, the claims of what was processed are completed in the decision store
+/// (for up to 5 s), so that the copies the next source hands out again are
+/// [`Decision::Duplicate`], not handled twice.
 ///
 /// ```no_run
 /// use comapi_webhook::store::spool::{Spool, SpoolConfig};

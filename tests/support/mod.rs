@@ -278,6 +278,31 @@ pub async fn stalling_proxy(
     addr.to_string()
 }
 
+/// A TCP proxy to `target` (`host:port`) whose connections all end when `cut` is
+/// told (a network fault: the broker closed the channel, or a router dropped it);
+/// new connections go through again. Returns its own `host:port`.
+pub async fn cutting_proxy(target: String, cut: std::sync::Arc<tokio::sync::Notify>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let never = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let (cut, never) = (std::sync::Arc::clone(&cut), std::sync::Arc::clone(&never));
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = pump(client_read, server_write, std::sync::Arc::clone(&never)) => {}
+                    () = pump(server_read, client_write, never) => {}
+                    () = cut.notified() => {} // both halves dropped: the connection ends
+                }
+            });
+        }
+    });
+    addr.to_string()
+}
+
 async fn pump(
     mut from: impl tokio::io::AsyncRead + Unpin,
     mut to: impl tokio::io::AsyncWrite + Unpin,
