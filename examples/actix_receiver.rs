@@ -21,7 +21,8 @@ async fn main() {
     );
     let config = common::config();
     let addr = config.addr;
-    let (header_deadline, max_connections) = (config.header_deadline, config.max_connections);
+    let (header_deadline, idle_deadline) = (config.header_deadline, config.idle_deadline);
+    let max_connections = config.max_connections;
     let receiver = config
         .start(common::process)
         .await
@@ -49,7 +50,7 @@ async fn main() {
     let server = server
         .workers(workers)
         .client_request_timeout(header_deadline)
-        .keep_alive(header_deadline)
+        .keep_alive(idle_deadline)
         .max_connections(max_connections.div_ceil(workers)); // a limit per worker
     // One bound for all of it: connections (actix-web's shutdown timeout, whole
     // seconds), then the worker, within the grace.

@@ -37,9 +37,10 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_GATE_REDIS_URL` | with RabbitMQ: a Redis (`redis://…`) where the workers share their revision gate, so that a Comapi retry or an older revision reaching another worker is still told apart; default none, each worker's gate in its memory |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
-/// | `COMAPI_HEADER_TIMEOUT` | how long a connection may take to send a request's headers, or stay idle, default `5s` |
+/// | `COMAPI_HEADER_TIMEOUT` | how long a new connection may take to send its first request's headers, default `1s` |
+/// | `COMAPI_IDLE_TIMEOUT` | how long a connection may stay idle between requests, default `5s` |
 /// | `COMAPI_BODY_TIMEOUT` | how long a request's body may take to arrive (then 408), default `10s` |
-/// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default 512 |
+/// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default the open-file limit less 64, at most 4096 ([`default_max_connections`](super::default_max_connections)) |
 /// | `COMAPI_SHUTDOWN_GRACE` | how long SIGTERM may take to exit in total (requests in flight, then the worker), default `25s` |
 /// | `COMAPI_CONCURRENCY` | handler calls a worker keeps in flight (one entity at a time each), default 32 |
 /// | `COMAPI_RETRY_ATTEMPTS` | attempts at an event before it goes to the dead letter, the first included, default 8 |
@@ -67,8 +68,10 @@ pub struct ReceiverConfig {
     pub amqp: Option<super::AmqpSettings>,
     /// Whether this process runs a worker.
     pub worker: bool,
-    /// How long a connection may take to send a request's headers, or stay idle.
+    /// How long a new connection may take to send its first request's headers.
     pub header_deadline: Duration,
+    /// How long a connection may stay idle between requests.
+    pub idle_deadline: Duration,
     /// How long a request's body may take to arrive.
     pub body_deadline: Duration,
     /// How many connections may be open at once.
@@ -255,9 +258,10 @@ impl ReceiverConfig {
                             (default: each worker's gate in its memory)
   COMAPI_LEASE              how long a worker may hold an event (default 60s)
   COMAPI_WORKER             run a worker in this process (default: true without a broker)
-  COMAPI_HEADER_TIMEOUT     time for a request's headers, or idling (default 5s)
+  COMAPI_HEADER_TIMEOUT     time for a new connection's request headers (default 1s)
+  COMAPI_IDLE_TIMEOUT       time a connection may idle between requests (default 5s)
   COMAPI_BODY_TIMEOUT       time for a request's body, then 408 (default 10s)
-  COMAPI_MAX_CONNECTIONS    connections at once (default 512)
+  COMAPI_MAX_CONNECTIONS    connections at once (default: ulimit -n less 64, <= 4096)
   COMAPI_SHUTDOWN_GRACE     how long SIGTERM may take to exit, all in (default 25s)
   COMAPI_CONCURRENCY        handler calls in flight (default 32)
   COMAPI_RETRY_ATTEMPTS     attempts before the dead letter (default 8)
@@ -367,7 +371,7 @@ impl ReceiverConfig {
             &var,
             "COMAPI_MAX_CONNECTIONS",
             "a positive number",
-            super::DEFAULT_MAX_CONNECTIONS,
+            super::default_max_connections(),
         )?;
         if max_connections == 0 {
             return Err(ConfigError::setting(
@@ -388,6 +392,7 @@ impl ReceiverConfig {
                 "COMAPI_HEADER_TIMEOUT",
                 super::DEFAULT_HEADER_DEADLINE,
             )?,
+            idle_deadline: duration(&var, "COMAPI_IDLE_TIMEOUT", super::DEFAULT_IDLE_DEADLINE)?,
             body_deadline: duration(
                 &var,
                 "COMAPI_BODY_TIMEOUT",

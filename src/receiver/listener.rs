@@ -19,13 +19,50 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// How long a connection may take to send a request's headers, and may stay idle
-/// between requests, by default: 5 seconds.
-pub const DEFAULT_HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a new connection may take to send its first request's headers, by
+/// default: 1 second. Comapi (and any proxy in front) sends a request's headers at
+/// once; a client that trickles them holds a connection at most this long, and a
+/// server that cannot make room early (actix-web) answers a real request behind a
+/// full house of them within about this long.
+pub const DEFAULT_HEADER_DEADLINE: Duration = Duration::from_secs(1);
 
-/// How many connections a [`Listener`] keeps open at once, by default: 512, well
-/// under the usual limit of 1,024 open files per process.
+/// How long a connection may stay idle between requests (keep-alive), by default:
+/// 5 seconds, so that a sender reusing its connections seldom finds one closed.
+pub const DEFAULT_IDLE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How many connections a [`Listener`] keeps open at once when the process's
+/// open-file limit cannot be read: 512, well under the usual limit of 1,024. See
+/// [`default_max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// Open files kept for everything but connections: the store's files and
+/// sockets, logs.
+const FILES_KEPT: usize = 64;
+
+/// At most this many connections by default, whatever the open-file limit: each
+/// idle one costs a few kilobytes of buffers.
+const MOST_CONNECTIONS: usize = 4_096;
+
+/// How many connections to keep open at once by default: the process's soft
+/// open-file limit (`ulimit -n`, read from `/proc/self/limits`) less 64 kept for
+/// the store and logs, at most 4,096; [`DEFAULT_MAX_CONNECTIONS`] where the limit
+/// cannot be read. Up to the limit, connections are accepted rather than left in
+/// the kernel's queue, where a real request would wait behind stalled ones.
+#[must_use]
+pub fn default_max_connections() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse::<usize>().ok());
+    match soft {
+        Some(soft) => soft
+            .saturating_sub(FILES_KEPT)
+            .clamp(FILES_KEPT, MOST_CONNECTIONS),
+        None => DEFAULT_MAX_CONNECTIONS,
+    }
+}
 
 /// How long to wait for room before looking again, at the limit.
 const ROOM_POLL: Duration = Duration::from_millis(10);
@@ -36,8 +73,9 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A TCP listener that sheds load instead of starving: it backs off when accepting
 /// fails (out of file descriptors) instead of spinning, keeps at most a set number
-/// of connections, and closes a connection that sends no request within the header
-/// deadline. At the limit, the longest-idle connection (a slow client that never
+/// of connections, and closes a connection that sends no request headers within
+/// the header deadline of opening, or no next request within the idle deadline of
+/// its last one. At the limit, the longest-idle connection (a slow client that never
 /// finished its headers, or an idle keep-alive) makes room for a new one once it
 /// has been idle for a second (or half the header deadline, if shorter); while
 /// every connection is in a request or has just opened, new ones wait in the
@@ -64,6 +102,7 @@ pub struct Listener {
     inner: TcpListener,
     slots: Arc<Slots>,
     header_deadline: Duration,
+    idle_deadline: Duration,
     max_connections: usize,
 }
 
@@ -88,6 +127,8 @@ struct Slot {
     busy: AtomicU32,
     /// When the last request ended (or the connection opened).
     idle_since: Mutex<Instant>,
+    /// Whether a request ended on it: it is idle between requests, not new.
+    served: AtomicBool,
     /// Asked to close (to make room), or closed.
     closing: AtomicBool,
     close: Notify,
@@ -109,7 +150,7 @@ impl Slot {
 
 impl Listener {
     /// Listens on `addr` with [`DEFAULT_HEADER_DEADLINE`] and
-    /// [`DEFAULT_MAX_CONNECTIONS`].
+    /// [`default_max_connections`].
     ///
     /// # Errors
     /// When the address cannot be bound.
@@ -124,15 +165,24 @@ impl Listener {
             inner,
             slots: Arc::default(),
             header_deadline: DEFAULT_HEADER_DEADLINE,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_deadline: DEFAULT_IDLE_DEADLINE,
+            max_connections: default_max_connections(),
         }
     }
 
-    /// The same listener with another header deadline: how long a connection may
-    /// take to send a request's headers, or stay idle between requests.
+    /// The same listener with another header deadline: how long a new connection
+    /// may take to send its first request's headers.
     #[must_use]
     pub fn with_header_deadline(mut self, deadline: Duration) -> Self {
         self.header_deadline = deadline;
+        self
+    }
+
+    /// The same listener with another idle deadline: how long a connection may
+    /// stay idle between requests.
+    #[must_use]
+    pub fn with_idle_deadline(mut self, deadline: Duration) -> Self {
+        self.idle_deadline = deadline;
         self
     }
 
@@ -217,6 +267,7 @@ impl Listener {
         let slot = Arc::new(Slot {
             busy: AtomicU32::new(0),
             idle_since: Mutex::new(Instant::now()),
+            served: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close: Notify::new(),
         });
@@ -229,6 +280,7 @@ impl Listener {
         Connection {
             slot,
             header_deadline: self.header_deadline,
+            idle_deadline: self.idle_deadline,
         }
     }
 }
@@ -252,6 +304,7 @@ fn is_per_connection(error: &io::Error) -> bool {
 pub struct Connection {
     slot: Arc<Slot>,
     header_deadline: Duration,
+    idle_deadline: Duration,
 }
 
 impl Connection {
@@ -262,16 +315,22 @@ impl Connection {
         self.requests().busy()
     }
 
-    /// Resolves when the connection should be closed: it sent no request (or no
-    /// complete request headers) within the header deadline since it opened or
-    /// since its last request ended, or it was asked to make room.
+    /// Resolves when the connection should be closed: it sent no complete request
+    /// headers within the header deadline since it opened, or no next request
+    /// within the idle deadline since its last one ended, or it was asked to make
+    /// room.
     pub async fn closed(&self) {
         loop {
             if self.slot.closing.load(Ordering::Acquire) {
                 return;
             }
             let wake = if self.slot.busy.load(Ordering::Acquire) == 0 {
-                let due = self.slot.idle_since() + self.header_deadline;
+                let deadline = if self.slot.served.load(Ordering::Acquire) {
+                    self.idle_deadline
+                } else {
+                    self.header_deadline
+                };
+                let due = self.slot.idle_since() + deadline;
                 if Instant::now() >= due {
                     return;
                 }
@@ -332,6 +391,7 @@ impl Drop for Busy {
             .idle_since
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        self.slot.served.store(true, Ordering::Release);
         self.slot.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -19,7 +19,8 @@ mod listener;
 pub use amqp::{AmqpSettings, DEFAULT_QUEUE};
 pub use config::{ConfigError, DEFAULT_KEY_PREFIX, DEFAULT_PORT, ReceiverConfig, RedisSettings};
 pub use listener::{
-    Busy, Connection, DEFAULT_HEADER_DEADLINE, DEFAULT_MAX_CONNECTIONS, Listener, Requests,
+    Busy, Connection, DEFAULT_HEADER_DEADLINE, DEFAULT_IDLE_DEADLINE, DEFAULT_MAX_CONNECTIONS,
+    Listener, Requests, default_max_connections,
 };
 
 /// A running receiver: its [`Inbox`] (route `GET /`, `POST /` and `GET /metrics`
@@ -43,6 +44,7 @@ impl ReceiverConfig {
             .map_err(|e| ConfigError::cannot_listen(self.addr, &e))?;
         Ok(listener
             .with_header_deadline(self.header_deadline)
+            .with_idle_deadline(self.idle_deadline)
             .with_max_connections(self.max_connections))
     }
 
