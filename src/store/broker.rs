@@ -122,7 +122,8 @@ fn host_name() -> Option<String> {
 }
 
 /// A store's outages, for its log: one line when storing starts to fail, one when
-/// it stores again, with how long it was down.
+/// it stores again, with how long it was down; and, meanwhile, why, for the status
+/// page.
 #[derive(Debug, Clone)]
 pub(crate) struct Outage {
     /// `Redis`, `RabbitMQ`: named in the lines.
@@ -131,6 +132,8 @@ pub(crate) struct Outage {
     place: Arc<str>,
     failed: Arc<AtomicBool>,
     since: Arc<Mutex<Option<Instant>>>,
+    /// The last failure's report, while storing fails.
+    why: Arc<Mutex<Option<String>>>,
 }
 
 impl Outage {
@@ -140,7 +143,16 @@ impl Outage {
             place,
             failed: Arc::default(),
             since: Arc::default(),
+            why: Arc::default(),
         }
+    }
+
+    /// Why storing fails, while it does: the last failure's report.
+    pub(crate) fn why(&self) -> Option<String> {
+        self.why
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Records how a store went: logs the first failure of an outage, and returns
@@ -149,6 +161,8 @@ impl Outage {
     pub(crate) fn record(&self, stored: &Result<(), Error>) -> bool {
         match stored {
             Err(error) => {
+                *self.why.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(error.report().to_string());
                 if !self.failed.swap(true, Ordering::AcqRel) {
                     *self.since.lock().unwrap_or_else(PoisonError::into_inner) =
                         Some(Instant::now());
@@ -167,6 +181,10 @@ impl Outage {
                 {
                     return false;
                 }
+                self.why
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
                 let since = self
                     .since
                     .lock()

@@ -166,6 +166,10 @@ impl OwnRabbit {
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("ERL_EPMD_PORT", self.epmd_port.to_string())
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
@@ -200,6 +204,44 @@ impl OwnRabbit {
         }
         let mut frame = [0u8; 8];
         socket.read_exact(&mut frame).is_ok() && frame[0] == 1
+    }
+
+    /// Runs `expression` (Erlang) on the node with `rabbitmqctl eval`; its output.
+    pub fn eval(&self, expression: &str) -> String {
+        let cookie = std::fs::read_to_string(self.dir.join(".erlang.cookie")).unwrap();
+        let output = Command::new("rabbitmqctl")
+            .env("HOME", &*self.dir)
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .args(["--erlang-cookie", cookie.trim(), "-n"])
+            .arg(format!("test{}@localhost", self.port))
+            .args(["eval", expression])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "rabbitmqctl eval {expression}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    }
+
+    /// Stops the Raft member of the quorum queue `queue` (in `/`): the queue is
+    /// still declared, but has no leader and takes no publish.
+    pub fn stop_queue_member(&self, queue: &str) {
+        self.eval(&format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+             ra:stop_server(quorum_queues, amqqueue:get_pid(Q))."
+        ));
+    }
+
+    /// Starts the member [`OwnRabbit::stop_queue_member`] stopped.
+    pub fn restart_queue_member(&self, queue: &str) {
+        self.eval(&format!(
+            "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+             ra:restart_server(quorum_queues, amqqueue:get_pid(Q))."
+        ));
     }
 
     /// SIGKILL to the node and everything it started.

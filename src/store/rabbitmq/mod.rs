@@ -194,6 +194,8 @@ pub struct RabbitStore {
     link: Arc<Mutex<Option<Link>>>,
     outage: Outage,
     management: Option<Arc<management::Management>>,
+    /// Whether the log said, in this outage, that the queue takes no publish.
+    told_no_leader: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for RabbitStore {
@@ -230,6 +232,7 @@ impl RabbitStore {
             outage: Outage::new("RabbitMQ", config.queue.as_str().into()),
             config: Arc::new(config),
             link: Arc::default(),
+            told_no_leader: Arc::default(),
         };
         store.channel().await?;
         Ok(store)
@@ -320,6 +323,48 @@ impl RabbitStore {
         Ok(())
     }
 
+    /// `error` (a store that failed), with the likely cause when the broker
+    /// answers but the queue took no publish: the queue still exists (a passive
+    /// declare answers), so it is full or, a quorum queue, has no leader. The
+    /// first time in an outage, the log says what to run.
+    async fn diagnosed(&self, error: Error) -> Error {
+        let why = match &error {
+            Error::StoreUnavailable { source, .. } => source.to_string(),
+            _ => return error,
+        };
+        if !why.starts_with("no confirm within") && !why.contains("(nack)") {
+            return error;
+        }
+        let queue = self.config.queue.as_str();
+        let exists = async {
+            let channel = self.channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let asked = channel.queue_declare(queue.into(), passive, FieldTable::default());
+            within(self.config.deadline, "cannot look at the queue", asked).await
+        };
+        if exists.await.is_err() {
+            return error;
+        }
+        if !self.told_no_leader.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                %queue,
+                "queue {queue} exists but takes no publish: it is full (x-max-length), or a \
+                 quorum queue without a leader. Run `rabbitmq-queues quorum_status {queue}` to see \
+                 its members; the recovery is in examples/README.md, \"A queue without a leader\""
+            );
+        }
+        Error::store_unavailable(
+            "cannot store the events in RabbitMQ",
+            format!(
+                "{why}; the queue exists but takes no publish: it is full, or a quorum queue \
+                 without a leader"
+            ),
+        )
+    }
+
     /// Forgets the link after a failure: the next store connects again.
     async fn forget_link(&self) {
         self.link.lock().await.take();
@@ -349,9 +394,16 @@ impl EventStore for RabbitStore {
                 format!("no confirm within {:?}", self.config.deadline),
             )),
         };
-        if stored.is_err() {
-            self.forget_link().await;
-        }
+        let stored = match stored {
+            Err(error) => {
+                self.forget_link().await;
+                Err(self.diagnosed(error).await)
+            }
+            Ok(()) => {
+                self.told_no_leader.store(false, Ordering::Release);
+                Ok(())
+            }
+        };
         self.outage.record(&stored);
         stored
     }
@@ -401,6 +453,8 @@ impl EventStore for RabbitStore {
             Ok(sample) => (sample, None),
             Err(error) => (None, Some(error.report().to_string())),
         };
+        // Storing failing while the queue answers: say why on the page too.
+        let error = error.or_else(|| self.outage.why());
         StoreStatus {
             store,
             stored: None,
