@@ -98,3 +98,45 @@ fn copies_of_an_event_without_an_entity_never_run_at_once() {
 fn copies_of_an_event_of_an_entity_never_run_at_once() {
     copies_never_overlap("message.sent", r#"{"id":"m-1"}"#);
 }
+
+/// The same on the real receiver, on its spool: `COMAPI_LEASE=1s`, a handler of 3 s
+/// (`DEMO_SLOW`), and Comapi's retry of an event without an entity stored while the
+/// first copy runs: processed once.
+#[cfg(feature = "binaries")]
+#[test]
+fn the_receiver_runs_a_retried_event_without_an_entity_once_whatever_its_lease() {
+    #[path = "support/process.rs"]
+    mod process;
+    use process::{Receiver, SECRET, client, post_signed};
+
+    let dir = temp_dir("long-handler-receiver");
+    let mut command = std::process::Command::new(support::example_binary("hyper_receiver"));
+    command
+        .env("COMAPI_SPOOL_DIR", &dir)
+        .env("COMAPI_LEASE", "1s")
+        .env("DEMO_SLOW", "3s");
+    let receiver = Receiver::start_command("hyper_receiver", command, SECRET);
+    let now = support::now_rfc3339();
+    let body = format!(
+        r#"{{"eventId":"retried","name":"account.renamed","payload":{{"name":"x"}},"timestamp":"{now}"}}"#
+    );
+    runtime().block_on(async {
+        let client = client();
+        let first = post_signed(&client, &receiver.url, SECRET, body.clone());
+        assert_eq!(first.await, Ok(200));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let retried = post_signed(&client, &receiver.url, SECRET, body);
+        assert_eq!(retried.await, Ok(200));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    });
+    let log = receiver.log.lock().unwrap().clone();
+    let processed = log
+        .lines()
+        .filter(|l| l.contains("event processed") && l.contains("event_id=retried"))
+        .count();
+    assert_eq!(processed, 1, "{log}");
+    assert!(
+        log.contains("decision=duplicate") || log.contains("decision=\"duplicate\""),
+        "{log}"
+    );
+}

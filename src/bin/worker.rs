@@ -90,7 +90,6 @@ async fn main() -> ExitCode {
 
 #[cfg(feature = "rabbitmq")]
 async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
-    use comapi_webhook::Gate;
     use comapi_webhook::store::rabbitmq::{RabbitConsumers, RabbitStore};
     let config = amqp.rabbit_config();
     let queue = match RabbitStore::connect(&amqp.url, config.clone()).await {
@@ -99,7 +98,7 @@ async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
     };
     let consumers = RabbitConsumers::new(&amqp.url, config);
     match &amqp.gate {
-        None => run(consumers, Gate::in_memory(), queue, settings).await,
+        None => run(consumers, amqp.memory_gate(), queue, settings).await,
         #[cfg(feature = "redis")]
         Some(redis) => match redis.gate().await {
             Ok(gate) => run(consumers, gate, queue, settings).await,
@@ -107,7 +106,7 @@ async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
         },
         // Without Redis the settings refuse COMAPI_GATE_REDIS_URL.
         #[cfg(not(feature = "redis"))]
-        Some(_) => run(consumers, Gate::in_memory(), queue, settings).await,
+        Some(_) => run(consumers, amqp.memory_gate(), queue, settings).await,
     }
 }
 

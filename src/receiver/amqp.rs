@@ -24,9 +24,19 @@ pub struct AmqpSettings {
     /// another worker is still told apart. Without it each worker's gate is in its
     /// memory.
     pub gate: Option<super::RedisSettings>,
+    /// How long a worker may hold an event (`COMAPI_LEASE`): the lease of the
+    /// in-memory gate when there is no `gate`.
+    pub lease: std::time::Duration,
 }
 
 impl AmqpSettings {
+    /// The gate of a worker of the queue without `gate`: in its memory, with the
+    /// lease of `COMAPI_LEASE`.
+    #[must_use]
+    pub fn memory_gate(&self) -> crate::Gate {
+        crate::Gate::with_config(crate::gate::GateConfig::default().with_lease(self.lease))
+    }
+
     /// The RabbitMQ settings alone (`COMAPI_AMQP_URL`, `COMAPI_AMQP_QUEUE`), for a
     /// worker process: `None` without `COMAPI_AMQP_URL`.
     ///
@@ -100,5 +110,6 @@ pub(super) fn amqp_from(
             .map_or_else(|| DEFAULT_QUEUE.to_owned(), |q| q.trim().to_owned()),
         management_url,
         gate,
+        lease: super::config::lease(&var)?,
     }))
 }

@@ -35,7 +35,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_AMQP_QUEUE` | the queue, default `comapi-webhook.events` (its dead letters in `<queue>.dead`) |
 /// | `COMAPI_AMQP_MANAGEMENT_URL` | RabbitMQ's management API, `http://[user:pass@]host:15672` (`https://` with `rabbitmq-tls`), for the unacknowledged count on the status page and `/metrics`; default none |
 /// | `COMAPI_GATE_REDIS_URL` | with RabbitMQ: a Redis (`redis://…`) where the workers share their revision gate, so that a Comapi retry or an older revision reaching another worker is still told apart; default none, each worker's gate in its memory |
-/// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over, default `60s` |
+/// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over (the lease of every gate, in memory or in Redis), default `60s`, at least `1s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
 /// | `COMAPI_HEADER_TIMEOUT` | how long a new connection may take to send its first request's headers, default `1s` |
 /// | `COMAPI_IDLE_TIMEOUT` | how long a connection may stay idle between requests, default `5s` |
@@ -68,6 +68,9 @@ pub struct ReceiverConfig {
     pub amqp: Option<super::AmqpSettings>,
     /// Whether this process runs a worker.
     pub worker: bool,
+    /// How long a worker may hold an event before another takes it over
+    /// (`COMAPI_LEASE`): the lease of every gate, in memory or in Redis.
+    pub lease: Duration,
     /// How long a new connection may take to send its first request's headers.
     pub header_deadline: Duration,
     /// How long a connection may stay idle between requests.
@@ -256,7 +259,7 @@ impl ReceiverConfig {
                             http[s]://[user:pass@]host:15672 (default none)
   COMAPI_GATE_REDIS_URL     with RabbitMQ: a Redis the workers share their gate in
                             (default: each worker's gate in its memory)
-  COMAPI_LEASE              how long a worker may hold an event (default 60s)
+  COMAPI_LEASE              how long a worker may hold an event (default 60s, >= 1s)
   COMAPI_WORKER             run a worker in this process (default: true without a broker)
   COMAPI_HEADER_TIMEOUT     time for a new connection's request headers (default 1s)
   COMAPI_IDLE_TIMEOUT       time a connection may idle between requests (default 5s)
@@ -387,6 +390,7 @@ impl ReceiverConfig {
             redis,
             amqp,
             worker,
+            lease: lease(&var)?,
             header_deadline: duration(
                 &var,
                 "COMAPI_HEADER_TIMEOUT",
@@ -432,7 +436,7 @@ pub(super) fn redis_at(
              feature redis"
         )));
     }
-    let lease = duration(&var, "COMAPI_LEASE", crate::gate::DEFAULT_LEASE)?;
+    let lease = lease(&var)?;
     Ok(Some(RedisSettings {
         url: url.trim().to_owned(),
         key_prefix: var("COMAPI_REDIS_PREFIX").unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned()),
@@ -502,6 +506,22 @@ fn duration(
             }),
         None => Ok(default),
     }
+}
+
+/// The shortest lease accepted: a worker renews what it holds every third of it.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+
+/// `COMAPI_LEASE`, at least [`MIN_LEASE`]; the default lease when unset.
+pub(super) fn lease(var: &dyn Fn(&str) -> Option<String>) -> Result<Duration, ConfigError> {
+    let lease = duration(var, "COMAPI_LEASE", crate::gate::DEFAULT_LEASE)?;
+    if lease < MIN_LEASE {
+        return Err(ConfigError::setting(format!(
+            "COMAPI_LEASE must be at least 1s (a worker renews what it holds every third of \
+             it), not {}",
+            humantime::format_duration(lease)
+        )));
+    }
+    Ok(lease)
 }
 
 /// `name` parsed, or `default` when unset.

@@ -64,7 +64,7 @@ fn defaults_and_each_variable() {
 
 #[test]
 fn each_error_names_the_variable_and_never_the_secret() {
-    let cases: [(&[(&str, &str)], &str); 10] = [
+    let cases: [(&[(&str, &str)], &str); 13] = [
         (&[], "COMAPI_WEBHOOK_SECRET is required"),
         (
             &[("COMAPI_WEBHOOK_SECRET", "short")],
@@ -102,6 +102,22 @@ fn each_error_names_the_variable_and_never_the_secret() {
                 ("COMAPI_WORKER", "maybe"),
             ],
             "COMAPI_WORKER must be true or false",
+        ),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", SECRET), ("COMAPI_LEASE", "abc")],
+            "COMAPI_LEASE must be a duration such as 1m, not \"abc\"",
+        ),
+        (
+            &[("COMAPI_WEBHOOK_SECRET", SECRET), ("COMAPI_LEASE", "1ms")],
+            "COMAPI_LEASE must be at least 1s (a worker renews what it holds every third of it), not 1ms",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_MAX_BODY_BYTES", "2000"),
+                ("COMAPI_BODY_BUDGET_BYTES", "1000"),
+            ],
+            "COMAPI_BODY_BUDGET_BYTES (1000) must be at least COMAPI_MAX_BODY_BYTES (2000)",
         ),
         (
             &[

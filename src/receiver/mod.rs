@@ -33,6 +33,13 @@ pub struct Receiver {
 }
 
 impl ReceiverConfig {
+    /// The gate of a worker on the spool: in its memory, with the lease of
+    /// `COMAPI_LEASE`.
+    #[must_use]
+    pub fn memory_gate(&self) -> Gate {
+        Gate::with_config(crate::gate::GateConfig::default().with_lease(self.lease))
+    }
+
     /// Listens on [`ReceiverConfig::addr`] with this configuration's header
     /// deadline and connection limit (see [`Listener`]).
     ///
@@ -88,7 +95,7 @@ impl ReceiverConfig {
                 );
                 let worker = self
                     .worker
-                    .then(|| Worker::spawn(spool.clone(), Gate::in_memory(), handler, retry))
+                    .then(|| Worker::spawn(spool.clone(), self.memory_gate(), handler, retry))
                     .transpose()
                     .map_err(|e| ConfigError::new(e.report().to_string()))?;
                 (Store::Spool(spool), worker)
@@ -143,12 +150,12 @@ async fn rabbit_store<H: EventHandler + 'static>(
     }
     let consumers = RabbitConsumers::new(&amqp.url, config);
     let worker = match &amqp.gate {
-        None => Worker::spawn(consumers, Gate::in_memory(), handler, retry),
+        None => Worker::spawn(consumers, amqp.memory_gate(), handler, retry),
         #[cfg(feature = "redis")]
         Some(redis) => Worker::spawn(consumers, redis.gate().await?, handler, retry),
         // Without Redis the settings refuse COMAPI_GATE_REDIS_URL.
         #[cfg(not(feature = "redis"))]
-        Some(_) => Worker::spawn(consumers, Gate::in_memory(), handler, retry),
+        Some(_) => Worker::spawn(consumers, amqp.memory_gate(), handler, retry),
     };
     Ok((Store::Rabbit(queue), Some(worker.map_err(failed)?)))
 }
