@@ -14,6 +14,7 @@ rabbit_node_start() {
   RABBIT_DIR=$1
   RABBIT_PORT=$(rabbit_free_port)
   RABBIT_EPMD_PORT=$(rabbit_free_port)
+  RABBIT_DIST_PORT=$(rabbit_free_port)
   mkdir -p "$RABBIT_DIR"
   printf 'NODE%s' "$$" > "$RABBIT_DIR/.erlang.cookie"
   chmod 400 "$RABBIT_DIR/.erlang.cookie"
@@ -30,7 +31,7 @@ rabbit_node_start() {
     echo '[].' > "$RABBIT_DIR/enabled_plugins"
   fi
   HOME=$RABBIT_DIR RABBITMQ_NODENAME="node$RABBIT_PORT@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-    RABBITMQ_NODE_PORT=$RABBIT_PORT RABBITMQ_DIST_PORT=$(rabbit_free_port) ERL_EPMD_PORT=$RABBIT_EPMD_PORT \
+    RABBITMQ_NODE_PORT=$RABBIT_PORT RABBITMQ_DIST_PORT=$RABBIT_DIST_PORT ERL_EPMD_PORT=$RABBIT_EPMD_PORT \
     ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
     RABBITMQ_MNESIA_BASE="$RABBIT_DIR/mnesia" RABBITMQ_LOG_BASE="$RABBIT_DIR/log" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$RABBIT_DIR/enabled_plugins" RABBITMQ_CONFIG_FILE="$RABBIT_DIR/rabbitmq.conf" \
@@ -48,6 +49,21 @@ rabbit_node_start() {
     done
   fi
   RABBIT_URL="amqp://guest:guest@127.0.0.1:$RABBIT_PORT/%2f"
+  rabbit_node_on_loopback
+}
+
+# Fails, naming the port, when the node or its epmd listens anywhere but on loopback
+# (anyone who reaches the distribution port with the cookie runs code on the node).
+rabbit_node_on_loopback() {
+  command -v ss >/dev/null || return 0
+  local port listening
+  for port in "$RABBIT_PORT" "$RABBIT_DIST_PORT" "$RABBIT_EPMD_PORT"; do
+    listening=$(ss -Hltn "sport = :$port" | awk '{print $4}')
+    if [ -z "$listening" ] || echo "$listening" | grep -qvE '^(127\.0\.0\.1|\[::1\]):'; then
+      echo "rabbit-node: port $port listens on ${listening:-nothing}, not on loopback alone" >&2
+      return 1
+    fi
+  done
 }
 
 rabbit_node_stop() {
