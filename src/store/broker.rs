@@ -147,6 +147,11 @@ impl Outage {
         }
     }
 
+    /// Whether storing fails now (since the last store).
+    pub(crate) fn failing(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// Why storing fails, while it does: the last failure's report.
     pub(crate) fn why(&self) -> Option<String> {
         self.why

@@ -196,6 +196,8 @@ pub struct RabbitStore {
     management: Option<Arc<management::Management>>,
     /// Whether the log said, in this outage, that the queue takes no publish.
     told_no_leader: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the queue takes no publish, while it does not.
+    diagnosis: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for RabbitStore {
@@ -233,6 +235,7 @@ impl RabbitStore {
             config: Arc::new(config),
             link: Arc::default(),
             told_no_leader: Arc::default(),
+            diagnosis: Arc::default(),
         };
         store.channel().await?;
         Ok(store)
@@ -309,7 +312,8 @@ impl RabbitStore {
                 lapin::Confirmation::Nack(_) => {
                     return Err(Error::store_unavailable(
                         "cannot store the events in RabbitMQ",
-                        "the broker refused them (nack): the queue may be full",
+                        "the broker refused them (nack): the queue is full, or a quorum queue \
+                     without a leader",
                     ));
                 }
                 lapin::Confirmation::NotRequested => {
@@ -323,18 +327,23 @@ impl RabbitStore {
         Ok(())
     }
 
-    /// `error` (a store that failed), with the likely cause when the broker
-    /// answers but the queue took no publish: the queue still exists (a passive
-    /// declare answers), so it is full or, a quorum queue, has no leader. The
-    /// first time in an outage, the log says what to run.
-    async fn diagnosed(&self, error: Error) -> Error {
-        let why = match &error {
-            Error::StoreUnavailable { source, .. } => source.to_string(),
-            _ => return error,
+    /// After a store that the broker refused (a nack) or never confirmed: looks,
+    /// in the background (the 503 waits for nothing more), whether the queue still
+    /// exists. Then it is full or, a quorum queue, has no leader: the status page
+    /// says so while storing fails, and the log says once per outage what to run.
+    fn diagnose_later(&self, error: &Error) {
+        let Error::StoreUnavailable { source, .. } = error else {
+            return;
         };
+        let why = source.to_string();
         if !why.starts_with("no confirm within") && !why.contains("(nack)") {
-            return error;
+            return;
         }
+        let store = self.clone();
+        tokio::spawn(async move { store.diagnose().await });
+    }
+
+    async fn diagnose(&self) {
         let queue = self.config.queue.as_str();
         let exists = async {
             let channel = self.channel().await?;
@@ -345,24 +354,22 @@ impl RabbitStore {
             let asked = channel.queue_declare(queue.into(), passive, FieldTable::default());
             within(self.config.deadline, "cannot look at the queue", asked).await
         };
-        if exists.await.is_err() {
-            return error;
+        // Stored again meanwhile: nothing to say.
+        if exists.await.is_err() || !self.outage.failing() {
+            return;
         }
+        let cause = format!(
+            "queue {queue} exists but takes no publish: it is full (x-max-length), or a quorum \
+             queue without a leader (`rabbitmq-queues quorum_status {queue}` shows its members)"
+        );
         if !self.told_no_leader.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 %queue,
-                "queue {queue} exists but takes no publish: it is full (x-max-length), or a \
-                 quorum queue without a leader. Run `rabbitmq-queues quorum_status {queue}` to see \
-                 its members; the recovery is in examples/README.md, \"A queue without a leader\""
+                "{cause}. Run `rabbitmq-queues quorum_status {queue}` to see them; the recovery \
+                 is in examples/README.md, \"A queue without a leader\""
             );
         }
-        Error::store_unavailable(
-            "cannot store the events in RabbitMQ",
-            format!(
-                "{why}; the queue exists but takes no publish: it is full, or a quorum queue \
-                 without a leader"
-            ),
-        )
+        *self.diagnosis.lock().await = Some(cause);
     }
 
     /// Forgets the link after a failure: the next store connects again.
@@ -394,16 +401,17 @@ impl EventStore for RabbitStore {
                 format!("no confirm within {:?}", self.config.deadline),
             )),
         };
-        let stored = match stored {
+        match &stored {
             Err(error) => {
                 self.forget_link().await;
-                Err(self.diagnosed(error).await)
+                self.diagnose_later(error);
             }
             Ok(()) => {
-                self.told_no_leader.store(false, Ordering::Release);
-                Ok(())
+                if self.told_no_leader.swap(false, Ordering::AcqRel) {
+                    self.diagnosis.lock().await.take();
+                }
             }
-        };
+        }
         self.outage.record(&stored);
         stored
     }
@@ -454,7 +462,8 @@ impl EventStore for RabbitStore {
             Err(error) => (None, Some(error.report().to_string())),
         };
         // Storing failing while the queue answers: say why on the page too.
-        let error = error.or_else(|| self.outage.why());
+        let diagnosis = self.diagnosis.lock().await.clone();
+        let error = error.or(diagnosis).or_else(|| self.outage.why());
         StoreStatus {
             store,
             stored: None,
