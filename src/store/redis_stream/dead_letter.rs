@@ -20,6 +20,22 @@ return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 
 static DEAD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DEAD));
 
+/// Keeps a retry taken from the schedule (ARGV[1], its member) in the dead-letter
+/// stream (KEYS[1]) and removes it from the schedule's sorted set (KEYS[2]) and
+/// records (KEYS[3]) in one atomic step, so that no crash in between brings it
+/// back for another attempt. ARGV from 2: the dead entry's fields and values.
+const DEAD_RETRY: &str = r"
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[1], '*', unpack(fields))
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+";
+
+static DEAD_RETRY_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(DEAD_RETRY));
+
 /// Moves up to ARGV[1] entries from the dead stream (KEYS[2]) back to the stream
 /// (KEYS[1]), as new entries, atomically, none later than the entry ARGV[2]; an
 /// entry without a `record` field (not one this crate wrote) is set aside, every
@@ -102,10 +118,16 @@ impl StreamConsumer {
         attempts: u32,
     ) -> Result<(), Error> {
         let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let _: i64 = DEAD_SCRIPT
-            .key(&self.key)
-            .key(&self.dead_key)
-            .arg(&self.group)
+        let mut script = if delivery.retry.is_some() {
+            let mut script = DEAD_RETRY_SCRIPT.key(&self.dead_key);
+            script.key(&self.retry_key).key(&self.records_key);
+            script
+        } else {
+            let mut script = DEAD_SCRIPT.key(&self.key);
+            script.key(&self.dead_key).arg(&self.group);
+            script
+        };
+        let _: i64 = script
             .arg(&delivery.id)
             .arg(RECORD_FIELD)
             .arg(&delivery.record)
