@@ -406,10 +406,10 @@ const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
 
 /// Logs an answer other than 200 at `warn`: its status and reason (a wrong secret
 /// shows as `signature mismatch`), never the signature or the body. At most
-/// [`REFUSALS_LOGGED_PER_SECOND`] lines a second, so a flood cannot fill a disk; the
-/// next line says how many were left out.
+/// [`REFUSALS_LOGGED_PER_SECOND`] lines a second, so a flood cannot fill a disk; a
+/// line at the end of the second says how many were left out.
 fn log_refusal(reply: &Reply) {
-    static BUDGET: LogBudget = LogBudget::new(REFUSALS_LOGGED_PER_SECOND);
+    static BUDGET: LogBudget = LogBudget::new(REFUSALS_LOGGED_PER_SECOND, "request refused");
     if reply.status().is_success() {
         return;
     }

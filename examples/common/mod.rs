@@ -22,7 +22,7 @@ pub(crate) async fn process(event: Event<'static>) -> Result<(), HandlerError> {
         )
         .into());
     }
-    tracing::info!(event_id = %event.event_id(), name = %event.name(), revision = ?event.revision(), decision = "fresh", "event processed");
+    tracing::info!(event_id = %event.event_id(), name = %event.name(), revision = event.revision(), decision = %"fresh", "event processed");
     Ok(())
 }
 
@@ -45,10 +45,12 @@ pub(crate) static DEMO_SLOW: std::sync::LazyLock<Result<Option<std::time::Durati
             .map_err(|e| format!("DEMO_SLOW must be a duration such as 30s, not {value:?}: {e}")),
     });
 
-/// Logs through `tracing` to standard error, filtered by `RUST_LOG` (default `info`).
+/// Logs through `tracing` to standard error, filtered by `RUST_LOG` (default
+/// `info,lapin=off`: the AMQP client's own lines repeat, as Debug structs, what this
+/// crate says once in words; `RUST_LOG=info,lapin=debug` shows them).
 pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -12,17 +12,41 @@
 //! On Redis (the running workers pick them up):
 //! `COMAPI_REDIS_URL=redis://… cargo run --release --features binaries,redis --bin requeue`.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use comapi_webhook::store::spool::{Spool, SpoolConfig, requeue_dead_letters};
 
+const HELP: &str = "requeue: brings the events in the dead letter back to be processed again,
+once the cause of their failures is fixed. It works on the store the receiver
+and workers use, named by the same variables:
+
+  COMAPI_SPOOL_DIR=<folder> requeue
+      a spool: the receiver's COMAPI_SPOOL_DIR (without it the receiver uses
+      comapi-webhook-spool in the temp folder: COMAPI_SPOOL_DIR=$TMPDIR/comapi-webhook-spool).
+      Stop the receiver first: a spool has one writer at a time. Its next
+      start processes the requeued events.
+  COMAPI_REDIS_URL=redis://host:6379 [COMAPI_REDIS_STREAM=<key>] requeue
+      a Redis stream (needs --features redis); running workers pick them up.
+  COMAPI_AMQP_URL=amqp://user:pass@host:5672/%2f [COMAPI_AMQP_QUEUE=<queue>] requeue
+      a RabbitMQ queue (needs --features rabbitmq); running workers pick them up.
+
+It prints how many events it requeued. Exit status: 0 done, 1 the store failed,
+2 a setting is missing or wrong.";
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
-        println!(
-            "usage: COMAPI_SPOOL_DIR=<spool folder> requeue\n       COMAPI_REDIS_URL=<redis url> requeue\n       COMAPI_AMQP_URL=<amqp url> [COMAPI_AMQP_QUEUE=<queue>] requeue"
-        );
+        println!("{HELP}");
         return ExitCode::SUCCESS;
+    }
+    if let Some(arg) = std::env::args().nth(1) {
+        return fail(
+            &format!(
+                "unknown argument {arg:?}: requeue takes its settings from the environment; see requeue --help"
+            ),
+            2,
+        );
     }
     #[cfg(feature = "rabbitmq")]
     match comapi_webhook::receiver::AmqpSettings::from_env() {
@@ -37,14 +61,34 @@ async fn main() -> ExitCode {
         Err(error) => return fail(&error.to_string(), 2),
     }
     let Some(dir) = std::env::var_os("COMAPI_SPOOL_DIR").filter(|d| !d.is_empty()) else {
+        let default = SpoolConfig::in_temp_dir().dir;
         return fail(
-            "COMAPI_SPOOL_DIR is required: the spool folder of the receiver",
+            &format!(
+                "no store named: set the receiver's own store setting, COMAPI_SPOOL_DIR \
+                 (a receiver without it spools to {}), COMAPI_REDIS_URL or COMAPI_AMQP_URL; \
+                 see requeue --help",
+                default.display()
+            ),
             2,
         );
     };
     let config = SpoolConfig::new(dir);
+    if let Err(message) = holds_a_spool(&config.dir) {
+        return fail(&message, 2);
+    }
     let spool = match Spool::open(&config) {
         Ok((spool, _)) => spool,
+        Err(error) if busy(&error) => {
+            return fail(
+                &format!(
+                    "the spool in {} is open in another process, most likely the receiver: \
+                     stop it (its shutdown keeps every stored event), run requeue, then start \
+                     it again",
+                    config.dir.display()
+                ),
+                1,
+            );
+        }
         Err(error) => {
             return fail(
                 &format!("spool {}: {}", config.dir.display(), error.report()),
@@ -61,6 +105,40 @@ async fn main() -> ExitCode {
         }
         Err(error) => fail(&error.report().to_string(), 1),
     }
+}
+
+/// Refuses a folder that no spool was ever opened in (a mistyped path), rather
+/// than creating it and reporting nothing to requeue.
+fn holds_a_spool(dir: &Path) -> Result<(), String> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "COMAPI_SPOOL_DIR={}: no such folder; give the receiver's spool folder",
+            dir.display()
+        ));
+    }
+    if !dir.join("spool.lock").is_file() {
+        return Err(format!(
+            "COMAPI_SPOOL_DIR={}: this folder holds no spool (no spool.lock); give the \
+             receiver's spool folder",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether opening failed because another spool holds the folder.
+fn busy(error: &comapi_webhook::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        if inner
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ResourceBusy)
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
 }
 
 #[cfg(feature = "redis")]
@@ -81,12 +159,11 @@ async fn requeue_redis(redis: &comapi_webhook::receiver::RedisSettings) -> ExitC
 
 #[cfg(feature = "rabbitmq")]
 async fn requeue_rabbit(amqp: &comapi_webhook::receiver::AmqpSettings) -> ExitCode {
-    use comapi_webhook::store::rabbitmq::RabbitStore;
-    let requeued = match RabbitStore::connect(&amqp.url, amqp.rabbit_config()).await {
-        Ok(queue) => queue.requeue_dead_letters().await,
-        Err(error) => Err(error),
+    let queue = match amqp.connect().await {
+        Ok(queue) => queue,
+        Err(error) => return fail(&error.to_string(), error.exit_code()),
     };
-    match requeued {
+    match queue.requeue_dead_letters().await {
         Ok(count) => {
             println!("requeued {count} event(s) into {}", amqp.queue);
             ExitCode::SUCCESS

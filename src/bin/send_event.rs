@@ -24,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 const SAMPLE: &str = include_str!("../../tests/fixtures/events/message_sent_sms.json");
 const USAGE: &str =
     "usage: send_event [--url URL] [--secret SECRET] [--file EVENT.json] [--as-is] [--curl]
-  --url     where to POST (default http://127.0.0.1:8080/)
+  --url     where to POST (default http://127.0.0.1:$PORT/, port 8080 without PORT)
   --secret  the shared secret (default: $COMAPI_WEBHOOK_SECRET; the primary if comma-separated)
   --file    a JSON event or batch to send, each event with a fresh eventId and
             timestamp (default: a sample message.sent event)
@@ -40,7 +40,7 @@ struct Args {
 
 /// The arguments, or `None` when asked for help.
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut url = "http://127.0.0.1:8080/".to_owned();
+    let mut url = default_url()?;
     let mut secret = std::env::var("COMAPI_WEBHOOK_SECRET").ok();
     let mut file = None;
     let mut curl = false;
@@ -81,6 +81,81 @@ fn parse_args() -> Result<Option<Args>, String> {
         body,
         curl,
     }))
+}
+
+/// `http://127.0.0.1:$PORT/`, the receivers' own default, on port 8080 without `PORT`.
+fn default_url() -> Result<String, String> {
+    match std::env::var("PORT") {
+        Ok(port) if !port.trim().is_empty() => match port.trim().parse::<u16>() {
+            Ok(port) if port > 0 => Ok(format!("http://127.0.0.1:{port}/")),
+            _ => Err(format!(
+                "PORT={port:?} is not a port (1-65535); unset it or pass --url"
+            )),
+        },
+        _ => Ok("http://127.0.0.1:8080/".to_owned()),
+    }
+}
+
+/// Checks the URL before sending, so that a missing scheme or host gets a message
+/// that says what to write rather than hyper's `UserAbsoluteUriRequired`.
+fn check_url(url: &str) -> Result<http::Uri, String> {
+    if !url.contains("://") {
+        return Err(format!(
+            "--url {url:?} has no scheme; write it as http://{}",
+            url.trim_start_matches('/')
+        ));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("--url {url:?} is not a URL ({e}); write it as http://host:port/"))?;
+    match uri.scheme_str() {
+        Some("http") if uri.host().is_some() => Ok(uri),
+        Some("http") => Err(format!(
+            "--url {url:?} has no host; write it as http://host:port/"
+        )),
+        Some(_) => Err(format!(
+            "--url {url:?}: this sender speaks plain http:// only"
+        )),
+        None => Err(format!(
+            "--url {url:?} has no scheme; write it as http://host:port/"
+        )),
+    }
+}
+
+/// What a refusal most likely means, said after the receiver's own answer.
+fn hint(status: http::StatusCode) -> Option<&'static str> {
+    match status.as_u16() {
+        401 => Some(
+            "the receiver refused the signature: the secret used here (--secret, or \
+             COMAPI_WEBHOOK_SECRET in this shell) is not the receiver's COMAPI_WEBHOOK_SECRET; \
+             compare the two",
+        ),
+        400 => Some(
+            "the receiver could not read an event id from the body; --file must hold a \
+             Comapi event or an array of them",
+        ),
+        413 => Some("the body is larger than the receiver's COMAPI_MAX_BODY_BYTES"),
+        503 => Some("the receiver could not store the event now; its log says why"),
+        _ => None,
+    }
+}
+
+/// Why a POST got no answer, in terms of what to check.
+fn cause(error: &hyper_util::client::legacy::Error, url: &str) -> String {
+    if error.is_connect() {
+        let mut detail = String::new();
+        let mut source = std::error::Error::source(error);
+        while let Some(inner) = source {
+            detail = inner.to_string();
+            source = inner.source();
+        }
+        format!(
+            "cannot connect to {url} ({detail}): is a receiver running there? \
+             Start one, or pass the right --url (or PORT)"
+        )
+    } else {
+        format!("{url} gave no HTTP answer: {error}")
+    }
 }
 
 /// A uuid-shaped id unique to this run: `salt` tells apart two ids of one run.
@@ -183,7 +258,14 @@ async fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    let request = http::Request::post(&args.url)
+    let uri = match check_url(&args.url) {
+        Ok(uri) => uri,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let request = http::Request::post(uri)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(SIGNATURE_HEADER, &signature)
         .body(Full::new(Bytes::from(args.body)));
@@ -210,13 +292,15 @@ async fn main() -> ExitCode {
                 String::from_utf8_lossy(&body).trim_end()
             );
             if status.is_success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+                return ExitCode::SUCCESS;
             }
+            if let Some(hint) = hint(status) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
         }
         Err(error) => {
-            eprintln!("error: cannot POST to {}: {error}", args.url);
+            eprintln!("error: {}", cause(&error, &args.url));
             ExitCode::FAILURE
         }
     }

@@ -90,11 +90,11 @@ async fn main() -> ExitCode {
 
 #[cfg(feature = "rabbitmq")]
 async fn rabbit(amqp: &AmqpSettings, settings: Settings) -> ExitCode {
-    use comapi_webhook::store::rabbitmq::{RabbitConsumers, RabbitStore};
+    use comapi_webhook::store::rabbitmq::RabbitConsumers;
     let config = amqp.rabbit_config();
-    let queue = match RabbitStore::connect(&amqp.url, config.clone()).await {
+    let queue = match amqp.connect().await {
         Ok(queue) => queue,
-        Err(error) => return fail(&format!("COMAPI_AMQP_URL: {}", error.report()), 1),
+        Err(error) => return fail(&error.to_string(), error.exit_code()),
     };
     let consumers = RabbitConsumers::new(&amqp.url, config);
     match &amqp.gate {

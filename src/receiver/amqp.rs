@@ -47,6 +47,20 @@ impl AmqpSettings {
         amqp_from(&|name| std::env::var(name).ok())
     }
 
+    /// Connects to the queue as the receivers, the worker and `requeue` do, and
+    /// says what to change when the broker refuses.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `COMAPI_AMQP_URL`: with exit status 2 when the
+    /// broker refused the user or password or does not have the vhost (a wrong
+    /// setting), 1 when it cannot be reached.
+    #[cfg(feature = "rabbitmq")]
+    pub async fn connect(&self) -> Result<crate::store::rabbitmq::RabbitStore, ConfigError> {
+        crate::store::rabbitmq::RabbitStore::connect(&self.url, self.rabbit_config())
+            .await
+            .map_err(|e| refusal(&e.report().to_string()))
+    }
+
     /// The store's settings: this queue and management API, the rest the defaults.
     #[cfg(feature = "rabbitmq")]
     #[must_use]
@@ -56,6 +70,40 @@ impl AmqpSettings {
             Some(url) => config.with_management_url(url.clone()),
             None => config,
         }
+    }
+}
+
+/// A failed connection in terms of the setting to change.
+#[cfg(feature = "rabbitmq")]
+fn refusal(report: &str) -> ConfigError {
+    if report.contains("ACCESS_REFUSED") {
+        ConfigError::setting(format!(
+            "COMAPI_AMQP_URL: RabbitMQ refused the user or password in the URL \
+             (amqp://USER:PASSWORD@host:port/vhost; `rabbitmqctl list_users` shows the users): \
+             {report}"
+        ))
+    } else if report.contains("vhost") && report.contains("not found") {
+        ConfigError::setting(format!(
+            "COMAPI_AMQP_URL: RabbitMQ has no such vhost; the default vhost `/` is written \
+             %2f (amqp://user:pass@host:5672/%2f), and `rabbitmqctl list_vhosts` lists the \
+             others: {report}"
+        ))
+    } else {
+        ConfigError::new(format!("COMAPI_AMQP_URL: {report}"))
+    }
+}
+
+/// Refuses a URL whose path is a lone `/`: an empty vhost, which RabbitMQ does
+/// not have, where the default vhost `/` is meant.
+fn check_vhost(url: &str) -> Result<(), ConfigError> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = rest.split_once('/').map(|(_, path)| path);
+    match path.map(|p| p.split(['?', '#']).next().unwrap_or("")) {
+        Some("") => Err(ConfigError::setting(
+            "COMAPI_AMQP_URL ends in `/`: that names an empty vhost. RabbitMQ's default vhost \
+             `/` is written %2f: amqp://user:pass@host:5672/%2f (or leave the path out)",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -97,6 +145,7 @@ pub(super) fn amqp_from(
             "COMAPI_AMQP_URL must be amqp://user:pass@host:port/vhost (or amqps://, with TLS)",
         ));
     }
+    check_vhost(&url)?;
     let management_url = var("COMAPI_AMQP_MANAGEMENT_URL").map(|m| m.trim().to_owned());
     let gate = super::config::redis_at(lookup, "COMAPI_GATE_REDIS_URL")?;
     #[cfg(feature = "rabbitmq")]

@@ -158,29 +158,51 @@ impl RedisSettings {
             e.kind() == redis::ErrorKind::AuthenticationFailed
                 || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
         };
-        let said = |e: redis::RedisError| {
-            if refused(&e) {
-                ConfigError::setting(format!(
-                    "{}: Redis refused this process: {e} \
-                     (give the password in the URL: redis://:PASSWORD@host:port/)",
-                    self.variable
-                ))
-            } else {
-                ConfigError::new(format!("{}: cannot reach Redis: {e}", self.variable))
-            }
-        };
         let client = redis::Client::open(self.url.as_str()).map_err(|e| {
-            ConfigError::setting(format!("{} is not a Redis URL: {e}", self.variable))
+            ConfigError::setting(format!(
+                "{} is not a Redis URL ({e}): write it as {REDIS_URL_FORM}",
+                self.variable
+            ))
         })?;
-        let ping = async {
+        let ping = |client: redis::Client| async move {
             let mut connection = client.get_multiplexed_async_connection().await?;
             redis::cmd("PING")
                 .query_async::<String>(&mut connection)
                 .await
         };
-        match tokio::time::timeout(Duration::from_secs(5), ping).await {
+        let answer = tokio::time::timeout(Duration::from_secs(5), ping(client.clone())).await;
+        match answer {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(said(e)),
+            Ok(Err(e)) if refused(&e) => {
+                let sent_password = client
+                    .get_connection_info()
+                    .redis_settings()
+                    .password()
+                    .is_some();
+                let needs_none = sent_password
+                    && match redis::Client::open(without_credentials(&self.url)) {
+                        Ok(bare) => matches!(
+                            tokio::time::timeout(Duration::from_secs(5), ping(bare)).await,
+                            Ok(Ok(_))
+                        ),
+                        Err(_) => false,
+                    };
+                let what = if needs_none {
+                    "this Redis needs no password: remove it from the URL".to_owned()
+                } else if sent_password {
+                    "the user or password in the URL is wrong, or the user lacks access".to_owned()
+                } else {
+                    format!("this Redis needs a password: give it in the URL, {REDIS_URL_FORM}")
+                };
+                Err(ConfigError::setting(format!(
+                    "{}: Redis refused this process ({e}): {what}",
+                    self.variable
+                )))
+            }
+            Ok(Err(e)) => Err(ConfigError::new(format!(
+                "{}: cannot reach Redis: {e}",
+                self.variable
+            ))),
             Err(_) => Err(ConfigError::new(format!(
                 "{}: Redis did not answer within 5 s",
                 self.variable
@@ -189,6 +211,22 @@ impl RedisSettings {
     }
 }
 
+/// `url` without its `user:password@`.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}/{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// How a Redis URL is written, for the messages that refuse one.
+const REDIS_URL_FORM: &str = "redis://[[user]:password@]host:port/[db] (rediss:// with TLS)";
 /// A setting that is missing or wrong, or a store that cannot be opened: says which
 /// variable to change, never a secret's value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,7 +309,7 @@ impl ReceiverConfig {
   COMAPI_RETRY_FIRST_DELAY  the wait after the first failure, then doubling (default 1s)
   COMAPI_RETRY_MAX_DELAY    the longest wait between attempts (default 60s)
   COMAPI_METRICS_TOKEN      GET /metrics needs Authorization: Bearer <token> (default: open)
-  RUST_LOG                  the log filter (default info)";
+  RUST_LOG                  the log filter (default info,lapin=off)";
 
     /// Reads the settings from the environment (see the table above).
     ///
@@ -430,10 +468,16 @@ pub(super) fn redis_at(
     let Some(url) = var(variable) else {
         return Ok(None);
     };
+    let scheme = url.trim().split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
+        return Err(ConfigError::setting(format!(
+            "{variable} must be a Redis URL: {REDIS_URL_FORM}"
+        )));
+    }
     if !cfg!(feature = "redis") {
         return Err(ConfigError::setting(format!(
-            "{variable} is set, but this binary was built without Redis: build it with the \
-             feature redis"
+            "{variable} is set, but this binary was built without Redis: build it with \
+             --features binaries,redis"
         )));
     }
     let lease = lease(&var)?;
@@ -455,10 +499,10 @@ fn worker_config(var: &dyn Fn(&str) -> Option<String>) -> Result<WorkerConfig, C
         "a positive number",
         defaults.attempts,
     )?;
-    if attempts == 0 {
-        return Err(ConfigError::setting(
-            "COMAPI_RETRY_ATTEMPTS must be a positive number (1: no retry), not \"0\"",
-        ));
+    if attempts == 0 || attempts > MAX_ATTEMPTS {
+        return Err(ConfigError::setting(format!(
+            "COMAPI_RETRY_ATTEMPTS must be from 1 (no retry) to {MAX_ATTEMPTS}, not \"{attempts}\""
+        )));
     }
     let first_delay = duration(var, "COMAPI_RETRY_FIRST_DELAY", defaults.first_delay)?;
     let max_delay = duration(
@@ -480,13 +524,19 @@ fn worker_config(var: &dyn Fn(&str) -> Option<String>) -> Result<WorkerConfig, C
         "a positive number",
         WorkerConfig::DEFAULT_CONCURRENCY,
     )?;
-    if concurrency == 0 {
-        return Err(ConfigError::setting(
-            "COMAPI_CONCURRENCY must be a positive number, not \"0\"",
-        ));
+    if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+        return Err(ConfigError::setting(format!(
+            "COMAPI_CONCURRENCY must be from 1 to {MAX_CONCURRENCY}, not \"{concurrency}\""
+        )));
     }
     Ok(WorkerConfig::from(retry).with_concurrency(concurrency))
 }
+
+/// The most attempts `COMAPI_RETRY_ATTEMPTS` takes: more is a typo, not a policy.
+const MAX_ATTEMPTS: u32 = 1_000;
+
+/// The most handler calls in flight `COMAPI_CONCURRENCY` takes.
+const MAX_CONCURRENCY: usize = 65_536;
 
 /// `name` as a positive duration (`60s`, `500ms`), or `default` when unset.
 fn duration(

@@ -64,7 +64,7 @@ fn defaults_and_each_variable() {
 
 #[test]
 fn each_error_names_the_variable_and_never_the_secret() {
-    let cases: [(&[(&str, &str)], &str); 13] = [
+    let cases: [(&[(&str, &str)], &str); 15] = [
         (&[], "COMAPI_WEBHOOK_SECRET is required"),
         (
             &[("COMAPI_WEBHOOK_SECRET", "short")],
@@ -124,7 +124,21 @@ fn each_error_names_the_variable_and_never_the_secret() {
                 ("COMAPI_WEBHOOK_SECRET", SECRET),
                 ("COMAPI_RETRY_ATTEMPTS", "0"),
             ],
-            "COMAPI_RETRY_ATTEMPTS must be a positive number (1: no retry)",
+            "COMAPI_RETRY_ATTEMPTS must be from 1 (no retry) to 1000, not \"0\"",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_CONCURRENCY", "100000"),
+            ],
+            "COMAPI_CONCURRENCY must be from 1 to 65536, not \"100000\"",
+        ),
+        (
+            &[
+                ("COMAPI_WEBHOOK_SECRET", SECRET),
+                ("COMAPI_REDIS_URL", "127.0.0.1:6379"),
+            ],
+            "COMAPI_REDIS_URL must be a Redis URL: redis://[[user]:password@]host:port/[db]",
         ),
         (
             &[

@@ -138,12 +138,10 @@ async fn rabbit_store<H: EventHandler + 'static>(
     handler: H,
     retry: crate::worker::WorkerConfig,
 ) -> Result<(Store, Option<Worker>), ConfigError> {
-    use crate::store::rabbitmq::{RabbitConsumers, RabbitStore};
+    use crate::store::rabbitmq::RabbitConsumers;
     let failed = |e: crate::Error| ConfigError::new(format!("COMAPI_AMQP_URL: {}", e.report()));
     let config = amqp.rabbit_config();
-    let queue = RabbitStore::connect(&amqp.url, config.clone())
-        .await
-        .map_err(failed)?;
+    let queue = amqp.connect().await?;
     tracing::info!(queue = %queue.queue(), "storing into RabbitMQ");
     if !worker {
         return Ok((Store::Rabbit(queue), None));
@@ -257,9 +255,9 @@ pub async fn shutdown_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down: finishing requests in flight");
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        () = terminate => "SIGTERM",
+    };
+    tracing::info!(signal = %signal, "shutting down: finishing what is in hand");
 }

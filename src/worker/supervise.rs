@@ -249,15 +249,15 @@ impl Health {
                 failing.wait = (failing.wait * 2).min(RESTART_AT_MOST_AFTER);
                 failing.read_at = None;
                 if failing.last == error {
-                    tracing::debug!(%error, retry_in = ?failing.wait, "worker failed again");
+                    tracing::debug!(%error, retry_in = %shown(failing.wait), "worker failed again");
                 } else {
-                    tracing::error!(%error, retry_in = ?failing.wait, "worker failed; retrying");
+                    tracing::error!(%error, retry_in = %shown(failing.wait), "worker failed; retrying");
                     failing.last = error;
                 }
                 failing.wait
             }
             None => {
-                tracing::error!(%error, retry_in = ?RESTART_AFTER, "worker failed; retrying");
+                tracing::error!(%error, retry_in = %shown(RESTART_AFTER), "worker failed; retrying");
                 *failing = Some(Failing {
                     since: Instant::now(),
                     runs: 1,
@@ -283,7 +283,7 @@ impl Health {
         let read_at = *failing.read_at.get_or_insert_with(Instant::now);
         if read_at.elapsed() >= UP_AFTER {
             tracing::info!(
-                down_for = ?failing.since.elapsed(),
+                down_for = %shown(failing.since.elapsed()),
                 failed_runs = failing.runs,
                 "worker running again"
             );
@@ -291,6 +291,13 @@ impl Health {
             self.down.store(false, Ordering::Release);
         }
     }
+}
+
+/// A duration as a log shows it: `6.593s`, not Debug's `6.593468587s`.
+fn shown(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(
+        u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+    ))
 }
 
 /// A handler whose callbacks are also logged.
@@ -306,8 +313,11 @@ impl<H: EventHandler> EventHandler for Logged<H> {
 
     fn skipped(&self, event: &Event<'_>, decision: Decision) {
         // A flood of replays or retries logs at most so many lines a second.
-        static EXPIRED: LogBudget = LogBudget::new(SKIPS_LOGGED_PER_SECOND);
-        static OTHERS: LogBudget = LogBudget::new(SKIPS_LOGGED_PER_SECOND);
+        static EXPIRED: LogBudget = LogBudget::new(
+            SKIPS_LOGGED_PER_SECOND,
+            "event skipped: dated outside the replay window",
+        );
+        static OTHERS: LogBudget = LogBudget::new(SKIPS_LOGGED_PER_SECOND, "event skipped");
         if let Decision::Expired { age_secs } = decision {
             if let Some(suppressed) = EXPIRED.admit() {
                 tracing::warn!(
@@ -323,7 +333,7 @@ impl<H: EventHandler> EventHandler for Logged<H> {
             tracing::info!(
                 event_id = %event.event_id(),
                 name = %event.name(),
-                revision = ?event.revision(),
+                revision = event.revision(),
                 decision = %decision.as_str(),
                 suppressed_before = suppressed,
                 "event skipped"
@@ -378,7 +388,7 @@ fn yield_to_requests() {
             ThreadPriority::Min,
             ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
         ) {
-            tracing::warn!(?error, "the worker keeps its normal CPU priority");
+            tracing::warn!(%error, "the worker keeps its normal CPU priority");
         }
     }
 }
