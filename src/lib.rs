@@ -2,7 +2,23 @@
 // source there: a link's first definition wins, and these come before the README's.
 #![doc = "[examples]: https://docs.rs/crate/comapi-webhook/latest/source/examples/README.md"]
 #![doc = "[axum-example]: https://docs.rs/crate/comapi-webhook/latest/source/examples/axum_receiver.rs"]
-#![doc = include_str!("../README.md")]
+// The README's snippets are whole programs that use the features `receiver`, `redis`,
+// `axum` and `actix`: it is the crate's page when they are all on (as on docs.rs, and
+// in the suite's `--all-features` doctests), and a pointer to it otherwise.
+#![cfg_attr(
+    all(feature = "receiver", feature = "redis", feature = "axum", feature = "actix"),
+    doc = include_str!("../README.md")
+)]
+#![cfg_attr(
+    not(all(
+        feature = "receiver",
+        feature = "redis",
+        feature = "axum",
+        feature = "actix"
+    )),
+    doc = "Receive webhooks from Comapi safely and fast. The guide is the README (this \
+           page, when built with every feature as on docs.rs)."
+)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -148,11 +148,13 @@ impl Outage {
     }
 
     /// Whether storing fails now (since the last store).
+    #[cfg(feature = "rabbitmq")]
     pub(crate) fn failing(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
     /// Why storing fails, while it does: the last failure's report.
+    #[cfg(feature = "rabbitmq")]
     pub(crate) fn why(&self) -> Option<String> {
         self.why
             .lock()
