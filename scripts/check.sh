@@ -116,8 +116,8 @@ done
 step "cargo test --benches --all-features (each benchmark once)"
 cargo test --benches --all-features
 
-step "scripts/snippets.sh (the READMEs' snippets, built as shown in a new project)"
-scripts/snippets.sh
+step "scripts/readme.sh (the READMEs' snippets, built as shown in a new project)"
+scripts/readme.sh
 
 step "no folder left in the temp folder"
 left=$(find "$test_tmp" -mindepth 1 -maxdepth 1 | head -20)

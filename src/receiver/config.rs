@@ -212,6 +212,7 @@ impl RedisSettings {
 }
 
 /// `url` without its `user:password@`.
+#[cfg(feature = "redis")]
 fn without_credentials(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {

@@ -1,17 +1,17 @@
 //! Where the receive step stores events and where the worker reads them back: the
 //! [`EventStore`] and [`EventSource`] traits, the local [`Spool`](spool::Spool) (the
-//! embedded default) and, with the `redis` feature, a Redis stream
-//! (`redis_stream::RedisStream`, feature `redis`).
+//! embedded default), a Redis stream (`redis_stream::RedisStream`, feature `redis`)
+//! and a RabbitMQ quorum queue (`rabbitmq::RabbitStore`, feature `rabbitmq`).
 //!
 //! # Design
 //!
-//! Both backends hold the same record per event, `{"receivedAt":…,"secretIndex":…,
+//! The three stores hold the same record per event, `{"receivedAt":…,"secretIndex":…,
 //! "event":{…}}` with the envelope as received, so intake rules, answers, the
-//! handler contract, retries and the dead letter are the same for both; only
+//! handler contract, retries and the dead letter are the same for all three; only
 //! durability and distribution differ. A store answers only once every event of a
-//! request is durable by its own definition: synced to disk (spool), or replied to
-//! by Redis (whose durability is its `appendfsync` setting, see
-//! `redis_stream`).
+//! request is durable by its own definition: synced to disk (spool), replied to by
+//! Redis (whose durability is its `appendfsync` setting, see `redis_stream`), or
+//! confirmed by the queue's quorum (RabbitMQ).
 
 use std::borrow::Cow;
 use std::future::Future;

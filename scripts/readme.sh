@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
-# Builds every Rust snippet of README.md and examples/README.md exactly as shown,
-# each as a binary of a new project that depends on this crate by path, the way a
-# user who copies it would (with the dependencies its first comment names). Fails,
-# naming the snippet's file and line, when one does not compile.
+# Checks the READMEs against the code:
+# - the layout table of README.md names every public module `cargo doc` shows, and
+#   no other module, and every private file it names exists;
+# - every Rust snippet of README.md and examples/README.md builds exactly as shown,
+#   each as a binary of a new project that depends on this crate by path, the way
+#   a user who copies it would (with the dependencies its first comment names).
+# Fails, naming the row or the snippet's file and line.
 #
-#   scripts/snippets.sh
+#   scripts/readme.sh
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+(cd "$repo" && cargo doc --no-deps --all-features --quiet)
+python3 - "$repo" <<'PY'
+import pathlib, re, sys
+repo = pathlib.Path(sys.argv[1])
+doc = repo / "target/doc/comapi_webhook"
+shown = {"::".join(p.parent.relative_to(doc).parts) for p in doc.rglob("index.html")} - {""}
+text = (repo / "README.md").read_text()
+table = text[text.index("| public module, or private file | owns |"):]
+table = table[: table.index("\n\n")]
+named = set()
+for row in table.splitlines()[2:]:
+    cell = row.split("|")[1].strip().strip("`")
+    if cell.endswith(".rs"):
+        if not (repo / cell).is_file():
+            sys.exit(f"README.md layout: {cell} is not a file")
+    else:
+        named.add(cell)
+if named != shown:
+    sys.exit(f"README.md layout and cargo doc disagree: only in the README {sorted(named - shown)}, "
+             f"only in cargo doc {sorted(shown - named)}")
+print(f"layout: the {len(shown)} public modules of cargo doc, as the README shows them")
+PY
 project=$(mktemp -d "${TMPDIR:-/tmp}/comapi-snippets.XXXXXX")
 trap 'rm -rf "$project"' EXIT
 mkdir -p "$project/src/bin"
