@@ -13,6 +13,12 @@ use comapi_webhook::{Inbox, Reply};
 
 type Shared = web::Data<Inbox<Store>>;
 
+/// actix_receiver's header deadline without `COMAPI_HEADER_TIMEOUT`: 1 s, so that
+/// a signed POST behind a full house of stalled connections is answered in about
+/// a second. The price: a burst of more new connections than it reads the headers
+/// of within a second sees some closed (Comapi sends those again).
+const ACTIX_HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[actix_web::main]
 async fn main() {
     common::help_if_asked(
@@ -21,7 +27,14 @@ async fn main() {
     );
     let config = common::config();
     let addr = config.addr;
-    let (header_deadline, idle_deadline) = (config.header_deadline, config.idle_deadline);
+    // actix-web cannot make room at its connection limit as the library's listener
+    // does: its header deadline is what bounds a slow-loris, so it is short unless
+    // COMAPI_HEADER_TIMEOUT says otherwise.
+    let header_deadline = match std::env::var_os("COMAPI_HEADER_TIMEOUT") {
+        Some(_) => config.header_deadline,
+        None => ACTIX_HEADER_DEADLINE,
+    };
+    let idle_deadline = config.idle_deadline;
     let max_connections = config.max_connections;
     let receiver = config
         .start(common::process)

@@ -37,7 +37,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "comapi-webhook:";
 /// | `COMAPI_GATE_REDIS_URL` | with RabbitMQ: a Redis (`redis://…`) where the workers share their revision gate, so that a Comapi retry or an older revision reaching another worker is still told apart; default none, each worker's gate in its memory |
 /// | `COMAPI_LEASE` | how long a worker may hold an event before another takes it over (the lease of every gate, in memory or in Redis), default `60s`, at least `1s` |
 /// | `COMAPI_WORKER` | run a worker in this process: default `true` without Redis, `false` with it |
-/// | `COMAPI_HEADER_TIMEOUT` | how long a new connection may take to send its first request's headers, default `1s` |
+/// | `COMAPI_HEADER_TIMEOUT` | how long a new connection may take to send its first request's headers, default `5s` (`1s` for actix_receiver, which cannot make room at its connection limit) |
 /// | `COMAPI_IDLE_TIMEOUT` | how long a connection may stay idle between requests, default `5s` |
 /// | `COMAPI_BODY_TIMEOUT` | how long a request's body may take to arrive (then 408), default `10s` |
 /// | `COMAPI_MAX_CONNECTIONS` | connections open at once; at the limit the longest-idle one makes room, default the open-file limit less 64, at most 4096 ([`default_max_connections`](super::default_max_connections)) |
@@ -300,7 +300,8 @@ impl ReceiverConfig {
                             (default: each worker's gate in its memory)
   COMAPI_LEASE              how long a worker may hold an event (default 60s, >= 1s)
   COMAPI_WORKER             run a worker in this process (default: true without a broker)
-  COMAPI_HEADER_TIMEOUT     time for a new connection's request headers (default 1s)
+  COMAPI_HEADER_TIMEOUT     time for a new connection's request headers (default 5s;
+                            1s for actix_receiver)
   COMAPI_IDLE_TIMEOUT       time a connection may idle between requests (default 5s)
   COMAPI_BODY_TIMEOUT       time for a request's body, then 408 (default 10s)
   COMAPI_MAX_CONNECTIONS    connections at once (default: ulimit -n less 64, <= 4096)

@@ -20,11 +20,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How long a new connection may take to send its first request's headers, by
-/// default: 1 second. Comapi (and any proxy in front) sends a request's headers at
-/// once; a client that trickles them holds a connection at most this long, and a
-/// server that cannot make room early (actix-web) answers a real request behind a
-/// full house of them within about this long.
-pub const DEFAULT_HEADER_DEADLINE: Duration = Duration::from_secs(1);
+/// default: 5 seconds. It is a backstop: at its connection limit the listener
+/// closes the longest-idle connection to make room, so clients that trickle their
+/// headers cannot crowd out a real request however long this is; and long enough
+/// that a burst of new connections the server is still working through (a
+/// thousand at once on two busy cores take about a second) is not cut.
+pub const DEFAULT_HEADER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long a connection may stay idle between requests (keep-alive), by default:
 /// 5 seconds, so that a sender reusing its connections seldom finds one closed.

@@ -69,7 +69,12 @@ impl ReceiverConfig {
         self,
         handler: H,
     ) -> Result<Receiver, ConfigError> {
-        let metrics = Arc::new(Metrics::new());
+        // A receiver whose events workers elsewhere process counts no decision.
+        let metrics = Arc::new(if self.worker {
+            Metrics::new()
+        } else {
+            Metrics::for_receiver()
+        });
         let handler = metrics.meter(handler);
         let retry = self.worker_config;
         let (store, worker) = match (&self.redis, &self.amqp) {

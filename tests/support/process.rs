@@ -222,17 +222,22 @@ pub async fn post_signed(
 
 /// The receiver's status page (`GET /`), within 10 s.
 pub async fn status_page(receiver: &Receiver) -> String {
+    get(&format!("{}/", receiver.url)).await
+}
+
+/// The body of `GET url`, within 10 s.
+pub async fn get(url: &str) -> String {
     let asked = async {
         let answer = Client::builder(TokioExecutor::new())
             .build_http::<http_body_util::Empty<Bytes>>()
-            .get(format!("{}/", receiver.url).parse().unwrap())
+            .get(url.parse().unwrap())
             .await
             .unwrap();
         answer.into_body().collect().await.unwrap().to_bytes()
     };
     let body = tokio::time::timeout(Duration::from_secs(10), asked)
         .await
-        .expect("the status page within 10 s");
+        .unwrap_or_else(|_| panic!("GET {url} within 10 s"));
     String::from_utf8(body.to_vec()).unwrap()
 }
 

@@ -329,8 +329,9 @@ impl Spool {
         self.shared.stored.load(Ordering::Acquire)
     }
 
-    /// Events stored but not yet processed: not yet acknowledged by the reader (the
-    /// worker acknowledges within about a second of processing).
+    /// Events stored but not yet processed: not yet acknowledged by the reader. The
+    /// worker persists its offset about once a second, so this trails processing
+    /// by a second or two: it counts what a restart would process again.
     #[must_use]
     pub fn backlog(&self) -> u64 {
         self.stored()

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -14,6 +15,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::store::StoreStatus;
+use store_gauges::StoreGauges;
+
+mod store_gauges;
 use crate::worker::{EventHandler, HandlerError};
 use crate::{Decision, Error, Event};
 
@@ -32,14 +36,17 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// | `handler_total{outcome}` | handler `success`, `failure` (an error or a panic), `retry` and `dead_letter` |
 /// | `handler_seconds` | how long each handler attempt took |
 /// | `stored_events` | events in the store, processed or not (a spool's events, a stream's length) |
-/// | `backlog_events` | events stored but not yet processed |
+/// | `backlog_events` | events stored but not yet processed (on the spool, not yet past the offset the worker persists about once a second: it trails processing by a second or two) |
 /// | `pending_events` | of the backlog, events handed to a worker and not yet acknowledged (Redis; RabbitMQ with its management API) |
 /// | `dead_letter_events` | events in the dead letter |
 /// | `consumers` | workers consuming from the store (RabbitMQ) |
 /// | `retry_events` | events in the retry schedule, waiting for their next attempt off the line |
 /// | `next_retry_due_seconds` | when the first of them is due, in Unix time; 0 when none waits (the spool and Redis; RabbitMQ cannot tell) |
 ///
-/// The gauges are read from a store's [`StoreStatus`] ([`Metrics::set_store_status`]).
+/// The gauges are read from a store's [`StoreStatus`] ([`Metrics::set_store_status`]); a
+/// figure the store cannot tell (the status page's "unknown") is left out rather
+/// than shown as 0. A receiver without a worker in its process
+/// ([`Metrics::for_receiver`]) has no `decisions`, `handler` or `handler_seconds`.
 ///
 /// The worker's figures come from wrapping its handler: [`Metrics::meter`].
 ///
@@ -69,15 +76,9 @@ pub struct Metrics {
     decisions: Family<DecisionLabel, Counter>,
     handler: Family<OutcomeLabel, Counter>,
     handler_seconds: Histogram,
-    stored: Gauge,
-    backlog: Gauge,
-    pending: Gauge,
-    dead_letters: Gauge,
-    consumers: Gauge,
-    retries: Gauge,
-    next_retry: Gauge,
     body_bytes: Gauge,
     body_budget: Gauge,
+    store: Arc<StoreGauges>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,7 +121,21 @@ impl Metrics {
     /// handler outcomes and time) and the store's gauges.
     #[must_use]
     pub fn new() -> Self {
-        Self::with_parts(true)
+        Self::with_parts(true, true)
+    }
+
+    /// A receiver's metrics without a worker in its process (one that stores into
+    /// Redis or RabbitMQ for `worker` processes): [`Metrics::new`] without the
+    /// worker's (`decisions`, `handler`, `handler_seconds`), which it never counts.
+    ///
+    /// ```
+    /// let text = comapi_webhook::metrics::Metrics::for_receiver().encode();
+    /// assert!(text.contains("comapi_webhook_requests_total"));
+    /// assert!(!text.contains("comapi_webhook_handler_seconds"));
+    /// ```
+    #[must_use]
+    pub fn for_receiver() -> Self {
+        Self::with_parts(true, false)
     }
 
     /// A worker process's metrics: [`Metrics::new`] without the receiver's
@@ -133,10 +148,10 @@ impl Metrics {
     /// ```
     #[must_use]
     pub fn for_worker() -> Self {
-        Self::with_parts(false)
+        Self::with_parts(false, true)
     }
 
-    fn with_parts(receiver: bool) -> Self {
+    fn with_parts(receiver: bool, worker: bool) -> Self {
         let mut registry = Registry::with_prefix("comapi_webhook");
         // 0.5 ms to about 8 s, doubling.
         let seconds = || Histogram::new(exponential_buckets(0.0005, 2.0, 15));
@@ -162,15 +177,9 @@ impl Metrics {
             decisions: Family::default(),
             handler: Family::default(),
             handler_seconds: seconds(),
-            stored: Gauge::default(),
-            backlog: Gauge::default(),
-            pending: Gauge::default(),
-            dead_letters: Gauge::default(),
-            consumers: Gauge::default(),
-            retries: Gauge::default(),
-            next_retry: Gauge::default(),
             body_bytes: Gauge::default(),
             body_budget: Gauge::default(),
+            store: Arc::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -197,53 +206,20 @@ impl Metrics {
                 m.body_budget.clone(),
             );
         }
-        registry.register(
-            "decisions",
-            "Gate decisions, one per claim",
-            m.decisions.clone(),
-        );
-        registry.register("handler", "Handler outcomes", m.handler.clone());
-        registry.register(
-            "handler_seconds",
-            "Time of a handler attempt",
-            m.handler_seconds.clone(),
-        );
-        let gauges = [
-            ("stored_events", "Events in the store", &m.stored),
-            (
-                "backlog_events",
-                "Events stored, not yet processed",
-                &m.backlog,
-            ),
-            (
-                "pending_events",
-                "Events handed to a worker, not acknowledged",
-                &m.pending,
-            ),
-            (
-                "dead_letter_events",
-                "Events in the dead letter",
-                &m.dead_letters,
-            ),
-            (
-                "consumers",
-                "Workers consuming from the store (RabbitMQ)",
-                &m.consumers,
-            ),
-            (
-                "retry_events",
-                "Events waiting in the retry schedule for their next attempt",
-                &m.retries,
-            ),
-            (
-                "next_retry_due_seconds",
-                "When the first event in the retry schedule is due, in Unix time (0: none waits)",
-                &m.next_retry,
-            ),
-        ];
-        for (name, help, gauge) in gauges {
-            registry.register(name, help, gauge.clone());
+        if worker {
+            registry.register(
+                "decisions",
+                "Gate decisions, one per claim",
+                m.decisions.clone(),
+            );
+            registry.register("handler", "Handler outcomes", m.handler.clone());
+            registry.register(
+                "handler_seconds",
+                "Time of a handler attempt",
+                m.handler_seconds.clone(),
+            );
         }
+        registry.register_collector(Box::new(Arc::clone(&m.store)));
         Metrics {
             registry,
             ..metrics
@@ -267,26 +243,7 @@ impl Metrics {
 
     /// Sets the store's gauges from `status`; a figure it lacks keeps its last value.
     pub fn set_store_status(&self, status: &StoreStatus) {
-        let gauges = [
-            (&self.stored, status.stored),
-            (&self.backlog, status.backlog),
-            (&self.pending, status.pending),
-            (&self.dead_letters, status.dead_letters),
-            (&self.consumers, status.consumers),
-            (&self.retries, status.retries),
-        ];
-        for (gauge, figure) in gauges {
-            if let Some(n) = figure {
-                gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
-        }
-        if status.retries.is_some() {
-            let due = status.next_retry_at.map_or(0, |at| {
-                at.duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            });
-            self.next_retry.set(due);
-        }
+        self.store.set(status);
     }
 
     /// Sets the body gauges: the bytes held now, and the budget's limit.
