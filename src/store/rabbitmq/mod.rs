@@ -17,7 +17,9 @@
 //!   and `x-overflow=reject-publish` (without which dead-lettering is at most once);
 //! - the dead-letter exchange (fanout) and queue (quorum), both named
 //!   `<queue>.dead`: the broker's dead letters (the delivery limit) and the
-//!   worker's (the last attempt failed) land there;
+//!   worker's (the last attempt failed) land there, the worker's with the headers
+//!   `x-comapi-error` (the last attempt's), `x-comapi-attempts` and
+//!   `x-comapi-dead-at` (RFC 3339, UTC);
 //! - the retry schedule's delay queues (quorum), `<queue>.retry.<ms>`, one per
 //!   [`RETRY_TIERS_MS`], whose messages expire back into the queue (see `retry`
 //!   in the source, and *Retries* below).

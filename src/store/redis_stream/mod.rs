@@ -30,6 +30,9 @@
 //!   [`RedisStreamConfig::deadline`] and the receive step answers 503; the
 //!   connection is re-established on later calls, without a restart.
 //! - Each entry holds one field, `record`: the same record as a spool line.
+//! - An entry of the dead stream `<prefix>events:dead` holds `record`, `error` (the
+//!   last attempt's), `attempts`, `delivery` (the entry id it had in the stream) and
+//!   `deadAt` (RFC 3339, UTC).
 
 use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
