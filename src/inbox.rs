@@ -3,12 +3,11 @@
 use std::time::Duration;
 
 use http::HeaderMap;
-use subtle::ConstantTimeEq;
 
 use crate::body_budget::{BodyBudget, BodyBuffer, DEFAULT_BODY_BUDGET_BYTES, Refused};
 use crate::event::split_already_verified;
 use crate::log_budget::LogBudget;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MetricsToken, StatusCache};
 use crate::signature::single_signature;
 use crate::store::spool::{Spool, encode_lines};
 use crate::store::{EventStore, Records};
@@ -42,9 +41,10 @@ pub struct Inbox<S = Spool> {
     max_body_bytes: usize,
     body_deadline: Duration,
     metrics: Option<Arc<Metrics>>,
-    /// The SHA-1 of the metrics token: compared in constant time whatever the
-    /// length of the token given.
-    metrics_token: Option<[u8; 20]>,
+    /// The metrics token, which also hides the status page's figures.
+    metrics_token: Option<MetricsToken>,
+    /// The store's status, asked at most once a second for the page and `/metrics`.
+    status: StatusCache,
     body_budget: Arc<BodyBudget>,
 }
 
@@ -59,6 +59,7 @@ impl<S: EventStore> Inbox<S> {
             body_deadline: DEFAULT_BODY_DEADLINE,
             metrics: None,
             metrics_token: None,
+            status: StatusCache::default(),
             body_budget: BodyBudget::new(DEFAULT_BODY_BUDGET_BYTES),
         }
     }
@@ -193,13 +194,28 @@ impl<S: EventStore> Inbox<S> {
     /// A small HTML page for `GET`: the receiver is up, which store it uses, how many
     /// events are stored, how many of them wait to be processed (the backlog), how
     /// many wait for a retry (and when the next is due) and how many are in the
-    /// dead letter.
+    /// dead letter. The store is asked at most once a second ([`StatusCache`]).
+    ///
+    /// With a metrics token ([`Inbox::with_metrics_token`]) the page is public no
+    /// more than that the receiver is up and its version: the figures (which can
+    /// name the store's hosts in an error) are at `/metrics`, behind the token, and
+    /// the page asks the store nothing.
     pub async fn status_page(&self) -> Reply {
+        if self.metrics_token.is_some() {
+            return Reply::html(format!(
+                "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+                 <title>Comapi webhook receiver</title></head>\n<body><h1>Comapi webhook receiver is up</h1>\n\
+                 <p>comapi-webhook {}. Its figures are at <code>/metrics</code>, with the metrics \
+                 token (<code>Authorization: Bearer</code>).</p>\n\
+                 <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
         Reply::html(self.status_html().await)
     }
 
     async fn status_html(&self) -> String {
-        let status = self.store.status().await;
+        let status = self.status.status(&self.store).await;
         let figure = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
         let pending = status.pending.map_or_else(String::new, |n| {
             format!(" ({n} of them handed to a worker, not yet acknowledged)")
@@ -235,7 +251,7 @@ impl<S: EventStore> Inbox<S> {
     /// `Authorization: Bearer <token>`.
     #[must_use]
     pub fn with_metrics_token(mut self, token: impl AsRef<[u8]>) -> Self {
-        self.metrics_token = Some(token_digest(token.as_ref()));
+        self.metrics_token = Some(MetricsToken::new(token));
         self
     }
 
@@ -260,15 +276,12 @@ impl<S: EventStore> Inbox<S> {
         let Some(metrics) = self.metrics.as_ref() else {
             return Reply::not_found();
         };
-        if let Some(token) = &self.metrics_token {
-            let given = authorization.and_then(bearer_token);
-            // Digests of one length: neither the token nor its length shows in the time.
-            let right = given.is_some_and(|given| bool::from(token_digest(given).ct_eq(token)));
-            if !right {
-                return Reply::metrics_token_required();
-            }
+        if let Some(token) = &self.metrics_token
+            && !token.admits(authorization)
+        {
+            return Reply::metrics_token_required();
         }
-        metrics.set_store_status(&self.store.status().await);
+        metrics.set_store_status(&self.status.status(&self.store).await);
         let budget = &self.body_budget;
         metrics.set_body_bytes(budget.held(), budget.limit());
         metrics.reply()
@@ -384,12 +397,6 @@ impl<S: EventStore> Inbox<S> {
     }
 }
 
-/// The SHA-1 of a metrics token.
-fn token_digest(token: &[u8]) -> [u8; 20] {
-    use sha1::Digest;
-    sha1::Sha1::digest(token).into()
-}
-
 /// A request's `Content-Length`, if it gives a number.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -430,39 +437,4 @@ fn html_text(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-/// The token of an `Authorization: Bearer <token>` value; the scheme's case does not
-/// matter (RFC 9110, 11.1).
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let value = value.trim_ascii();
-    let (scheme, token) = value.split_at_checked(6)?;
-    let token = token.strip_prefix(b" ")?.trim_ascii();
-    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bearer_token;
-
-    #[test]
-    fn a_bearer_token_is_read_whatever_the_scheme_s_case() {
-        for value in ["Bearer tok", "bearer tok", "BEARER tok", " Bearer   tok "] {
-            assert_eq!(
-                bearer_token(value.as_bytes()),
-                Some(&b"tok"[..]),
-                "{value:?}"
-            );
-        }
-        for value in [
-            "Bearer",
-            "Bearer ",
-            "Bearertok",
-            "Basic tok",
-            "",
-            "Bear tok",
-        ] {
-            assert_eq!(bearer_token(value.as_bytes()), None, "{value:?}");
-        }
-    }
 }

@@ -95,10 +95,12 @@ impl Reply {
         }
     }
 
-    /// `401` for a `GET /metrics` without the right bearer token;
+    /// `401` for a `GET /metrics` without the right bearer token
+    /// ([`MetricsToken`](crate::metrics::MetricsToken));
     /// `WWW-Authenticate: Bearer`.
     #[cfg(feature = "receiver")]
-    pub(crate) fn metrics_token_required() -> Self {
+    #[must_use]
+    pub fn metrics_token_required() -> Self {
         Reply {
             reason: Some("no or wrong metrics token".to_owned()),
             bearer: true,

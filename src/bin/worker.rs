@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use comapi_webhook::Worker;
 use comapi_webhook::gate::DecisionStore;
-use comapi_webhook::metrics::Metrics;
+use comapi_webhook::metrics::{Metrics, MetricsToken, StatusCache};
 use comapi_webhook::receiver::{AmqpSettings, ReceiverConfig, RedisSettings, shutdown_signal};
 use comapi_webhook::store::EventStore;
 use comapi_webhook::worker::{Sources, WorkerConfig};
@@ -48,6 +48,7 @@ const WORKER_HELP: &str = "\
   COMAPI_RETRY_MAX_DELAY    the longest wait between attempts (default 60s)
   COMAPI_SHUTDOWN_GRACE     how long a shutdown may take (default 25s)
   METRICS_PORT, BIND        serve GET /metrics there (default: no metrics; BIND 127.0.0.1)
+  COMAPI_METRICS_TOKEN      when set, GET /metrics needs Authorization: Bearer <token>
   RUST_LOG                  the log filter (default info)";
 
 /// What every broker's worker needs besides its consumers and gate.
@@ -55,6 +56,7 @@ struct Settings {
     grace: Duration,
     worker: WorkerConfig,
     metrics_at: Option<SocketAddr>,
+    metrics_token: Option<MetricsToken>,
 }
 
 #[tokio::main]
@@ -154,10 +156,16 @@ fn settings() -> Result<Settings, String> {
         None => IpAddr::from([127, 0, 0, 1]),
         Some(b) => b.trim().parse().map_err(|_| "BIND must be an IP address")?,
     };
+    let metrics_token = std::env::var("COMAPI_METRICS_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .map(MetricsToken::new);
     Ok(Settings {
         grace,
         worker,
         metrics_at: port.map(|port| SocketAddr::new(ip, port)),
+        metrics_token,
     })
 }
 
@@ -183,7 +191,15 @@ where
             "metrics on http://{}/metrics",
             listener.local_addr().unwrap_or(addr)
         );
-        tokio::spawn(serve_metrics(listener, store, Arc::clone(&metrics)));
+        if settings.metrics_token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "GET /metrics answers anyone who can reach this address (event volumes, the \
+                 backlog, the dead letter): set COMAPI_METRICS_TOKEN to ask for a bearer token"
+            );
+        }
+        let token = settings.metrics_token.clone();
+        tokio::spawn(serve_metrics(listener, store, Arc::clone(&metrics), token));
     }
     let worker = match Worker::spawn(
         consumers,
@@ -200,19 +216,41 @@ where
     ExitCode::SUCCESS
 }
 
-/// Answers every request on `listener` with the metrics, gauges read from `store` now.
+/// Answers every request on `listener` with the metrics, gauges read from `store`
+/// at most once a second; with `token`, only requests that bring it.
 async fn serve_metrics<E: EventStore>(
     listener: tokio::net::TcpListener,
     store: E,
     metrics: Arc<Metrics>,
+    token: Option<MetricsToken>,
 ) {
+    let cache = StatusCache::default();
     while let Ok((connection, _)) = listener.accept().await {
-        let (store, metrics) = (store.clone(), Arc::clone(&metrics));
-        let service = service_fn(move |_| {
-            let (store, metrics) = (store.clone(), Arc::clone(&metrics));
+        let (store, metrics, cache, token) = (
+            store.clone(),
+            Arc::clone(&metrics),
+            cache.clone(),
+            token.clone(),
+        );
+        let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let (store, metrics, cache, token) = (
+                store.clone(),
+                Arc::clone(&metrics),
+                cache.clone(),
+                token.clone(),
+            );
             async move {
-                metrics.set_store_status(&store.status().await);
-                Ok::<_, std::convert::Infallible>(http::Response::<String>::from(metrics.reply()))
+                let authorization = request.headers().get(http::header::AUTHORIZATION);
+                let reply = match &token {
+                    Some(token) if !token.admits(authorization.map(|a| a.as_bytes())) => {
+                        comapi_webhook::Reply::metrics_token_required()
+                    }
+                    _ => {
+                        metrics.set_store_status(&cache.status(&store).await);
+                        metrics.reply()
+                    }
+                };
+                Ok::<_, std::convert::Infallible>(http::Response::<String>::from(reply))
             }
         });
         tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(connection), service));

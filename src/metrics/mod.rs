@@ -17,9 +17,12 @@ use prometheus_client::registry::Registry;
 use crate::store::StoreStatus;
 use store_gauges::StoreGauges;
 
+mod access;
 mod store_gauges;
+
 use crate::worker::{EventHandler, HandlerError};
 use crate::{Decision, Error, Event};
+pub use access::{MetricsToken, STATUS_CACHE_TTL, StatusCache};
 
 /// The content type of [`Metrics::encode`]'s text, for the `/metrics` answer.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
