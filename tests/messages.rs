@@ -308,3 +308,57 @@ fn every_binary_checks_every_setting_alike() {
         says(&refused, 2, said);
     }
 }
+
+#[test]
+fn logs_count_every_skip_and_show_values_not_debug_structs() {
+    let dir = temp_dir("log-messages");
+    let mut command = Command::new(example_binary("hyper_receiver"));
+    command.env("COMAPI_SPOOL_DIR", &dir); // the default body limit: 500 events fit
+    let mut receiver = Receiver::start_command("hyper_receiver", command, SECRET);
+    let port = receiver.url.rsplit(':').next().unwrap().to_owned();
+    // 500 events of a few messages: the older revisions are skipped as stale.
+    let sent = run(
+        "send_event",
+        &[("PORT", &port)],
+        &["--file", "tests/fixtures/events/batch_500.json"],
+    );
+    assert_eq!(sent.0, 0, "{}", sent.1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = receiver.log.lock().unwrap().clone();
+        let processed = log.matches("event processed").count();
+        let skipped = log.matches("event skipped event_id=").count();
+        let counted: usize = log
+            .lines()
+            .filter_map(|l| l.split("left_out=").nth(1)?.trim().parse::<usize>().ok())
+            .sum();
+        if processed + skipped + counted == 500 {
+            assert!(skipped <= 20, "{skipped} skip lines logged one by one");
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{processed} processed, {skipped} skips logged and {counted} counted of 500:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        log.contains("more in the last second, not logged one by one"),
+        "{log}"
+    );
+    for debug in ["=Some(", "=None", "decision=\""] {
+        assert!(!log.contains(debug), "{debug:?} in the log:\n{log}");
+    }
+    assert!(
+        log.contains("decision=fresh") && log.contains("decision=stale"),
+        "{log}"
+    );
+    receiver.signal("-TERM");
+    assert!(receiver.wait(Duration::from_secs(30)).success());
+    let log = receiver.log.lock().unwrap().clone();
+    assert!(
+        log.contains("shutting down: finishing what is in hand signal=SIGTERM"),
+        "{log}"
+    );
+    assert!(!log.contains("requests in flight"), "{log}");
+}

@@ -326,3 +326,32 @@ fn rabbitmq_workers_share_a_gate_in_the_redis_of_comapi_gate_redis_url() {
     assert_eq!(gate.lease, std::time::Duration::from_secs(90));
     assert_eq!(gate.variable(), "COMAPI_GATE_REDIS_URL");
 }
+
+#[test]
+fn a_store_this_build_lacks_names_the_features_to_build_with() {
+    for (variable, url, feature, lacking) in [
+        (
+            "COMAPI_REDIS_URL",
+            "redis://127.0.0.1:6379/",
+            "redis",
+            !cfg!(feature = "redis"),
+        ),
+        (
+            "COMAPI_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "rabbitmq",
+            !cfg!(feature = "rabbitmq"),
+        ),
+    ] {
+        let settings = config(&[("COMAPI_WEBHOOK_SECRET", SECRET), (variable, url)]);
+        if lacking {
+            let error = settings.err().unwrap_or_default();
+            assert!(
+                error.ends_with(&format!("build it with --features binaries,{feature}")),
+                "{error}"
+            );
+        } else {
+            assert!(settings.is_ok(), "{settings:?}");
+        }
+    }
+}
