@@ -383,7 +383,10 @@ fn the_requeue_command_brings_dead_letters_back() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("COMAPI_SPOOL_DIR is required"));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("no store named: set the receiver's own store setting, COMAPI_SPOOL_DIR")
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
