@@ -47,7 +47,7 @@ fn a_second_open_of_the_same_folder_fails_at_once_here_and_in_another_process() 
             .unwrap();
         assert_eq!(other.status.code(), Some(1), "{other:?}");
         let stderr = String::from_utf8_lossy(&other.stderr);
-        assert!(stderr.contains("has it open"), "{stderr}");
+        assert!(stderr.contains("is open in another process"), "{stderr}");
         assert!(stderr.contains(&dir.display().to_string()), "{stderr}");
 
         // Closed, the folder is free again, at once.
