@@ -147,7 +147,7 @@ pub(super) fn amqp_from(
     }
     check_vhost(&url)?;
     let management_url = var("COMAPI_AMQP_MANAGEMENT_URL").map(|m| m.trim().to_owned());
-    let gate = super::config::redis_at(lookup, "COMAPI_GATE_REDIS_URL")?;
+    let gate = super::redis::redis_at(lookup, "COMAPI_GATE_REDIS_URL")?;
     #[cfg(feature = "rabbitmq")]
     if let Some(management_url) = &management_url {
         crate::store::rabbitmq::check_management_url(management_url)

@@ -169,7 +169,7 @@ fn redis_turns_the_worker_off_unless_asked() {
     let settings = redis.redis.unwrap_or_else(|| panic!("no Redis"));
     assert_eq!(
         (settings.key_prefix.as_str(), settings.lease),
-        (DEFAULT_KEY_PREFIX, Duration::from_secs(2))
+        (crate::receiver::DEFAULT_KEY_PREFIX, Duration::from_secs(2))
     );
     let error = config(&[
         ("COMAPI_WEBHOOK_SECRET", SECRET),

@@ -15,13 +15,15 @@ use crate::worker::{EventHandler, Worker};
 mod amqp;
 mod config;
 mod listener;
+mod redis;
 
 pub use amqp::{AmqpSettings, DEFAULT_QUEUE};
-pub use config::{ConfigError, DEFAULT_KEY_PREFIX, DEFAULT_PORT, ReceiverConfig, RedisSettings};
+pub use config::{ConfigError, DEFAULT_PORT, ReceiverConfig};
 pub use listener::{
     Busy, Connection, DEFAULT_HEADER_DEADLINE, DEFAULT_IDLE_DEADLINE, DEFAULT_MAX_CONNECTIONS,
     Listener, Requests, default_max_connections,
 };
+pub use redis::{DEFAULT_KEY_PREFIX, RedisSettings};
 
 /// A running receiver: its [`Inbox`] (route `GET /`, `POST /` and `GET /metrics`
 /// to it) and, if it has one, its [`Worker`].
