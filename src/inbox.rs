@@ -307,10 +307,7 @@ impl<S: EventStore> Inbox<S> {
         if let Err(error) = single_signature(signatures()) {
             return self.counted(Reply::from(error).body_unread(), None);
         }
-        let promised = headers
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let promised = parse_length(headers.get("content-length").map(|v| v.as_bytes()));
         let mut buffer = match BodyBuffer::new(&self.body_budget, self.max_body_bytes, promised) {
             Ok(buffer) => buffer,
             Err(refused) => return self.refused(&refused),
@@ -399,13 +396,16 @@ impl<S: EventStore> Inbox<S> {
 
 /// A request's `Content-Length`, if it gives a number.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
+    parse_length(
+        headers
+            .get(http::header::CONTENT_LENGTH)
+            .map(|v| v.as_bytes()),
+    )
+}
+
+/// A `Content-Length` value as a number, whatever the framework's header type.
+fn parse_length(value: Option<&[u8]>) -> Option<u64> {
+    std::str::from_utf8(value?).ok()?.trim().parse::<u64>().ok()
 }
 
 /// At most this many refused requests are logged a second; the rest are counted.

@@ -253,59 +253,39 @@ fn wrong_amqp_urls_say_what_to_write_in_one_line() {
     says(&no_vhost, 2, "RabbitMQ has no such vhost");
 }
 
+/// Wrong settings, and what every binary says of each.
+const WRONG_SETTINGS: [(&str, &str, &str); 4] = [
+    (
+        "COMAPI_LEASE",
+        "abc",
+        "COMAPI_LEASE must be a duration such as 1m, not \"abc\"",
+    ),
+    ("COMAPI_LEASE", "1ms", "COMAPI_LEASE must be at least 1s"),
+    (
+        "COMAPI_CONCURRENCY",
+        "0",
+        "COMAPI_CONCURRENCY must be from 1 to 65536",
+    ),
+    (
+        "COMAPI_RETRY_ATTEMPTS",
+        "5000",
+        "COMAPI_RETRY_ATTEMPTS must be from 1",
+    ),
+];
+
 #[test]
 fn every_binary_checks_every_setting_alike() {
     let dir = temp_dir("settings-messages");
-    let spool = dir.to_str().unwrap();
-    for binary in ["hyper_receiver", "actix_receiver"] {
-        for (variable, value, said) in [
-            (
-                "COMAPI_LEASE",
-                "abc",
-                "COMAPI_LEASE must be a duration such as 1m, not \"abc\"",
-            ),
-            ("COMAPI_LEASE", "1ms", "COMAPI_LEASE must be at least 1s"),
-            (
-                "COMAPI_CONCURRENCY",
-                "0",
-                "COMAPI_CONCURRENCY must be from 1 to 65536",
-            ),
-            (
-                "COMAPI_RETRY_ATTEMPTS",
-                "5000",
-                "COMAPI_RETRY_ATTEMPTS must be from 1",
-            ),
-        ] {
-            let refused = run(
-                binary,
-                &[(variable, value), ("COMAPI_SPOOL_DIR", spool)],
-                &[],
-            );
-            says(&refused, 2, said);
-        }
-    }
-    for (variable, value, said) in [
-        (
-            "COMAPI_LEASE",
-            "abc",
-            "COMAPI_LEASE must be a duration such as 1m, not \"abc\"",
-        ),
-        ("COMAPI_LEASE", "1ms", "COMAPI_LEASE must be at least 1s"),
-        (
-            "COMAPI_CONCURRENCY",
-            "0",
-            "COMAPI_CONCURRENCY must be from 1 to 65536",
-        ),
+    let spool = ("COMAPI_SPOOL_DIR", dir.to_str().unwrap());
+    let redis = ("COMAPI_REDIS_URL", "redis://127.0.0.1:1/");
+    for (binary, store) in [
+        ("hyper_receiver", spool),
+        ("actix_receiver", spool),
+        ("worker", redis),
     ] {
-        let refused = run(
-            "worker",
-            &[
-                (variable, value),
-                ("COMAPI_REDIS_URL", "redis://127.0.0.1:1/"),
-            ],
-            &[],
-        );
-        says(&refused, 2, said);
+        for (variable, value, said) in WRONG_SETTINGS {
+            says(&run(binary, &[(variable, value), store], &[]), 2, said);
+        }
     }
 }
 
