@@ -1,5 +1,6 @@
 //! The reference receiver on actix-web 4, behaving exactly like `hyper_receiver`:
-//! `GET /` a status page, `POST /` the receive step, `GET /metrics` the metrics.
+//! `GET /` a status page, `POST /` the receive step, `GET /metrics` the metrics,
+//! `/console` the operator's console (with `COMAPI_CONSOLE_TOKEN`).
 //! `COMAPI_WEBHOOK_SECRET=… cargo run --release --features binaries,actix --bin actix_receiver`
 
 #[path = "common/mod.rs"]
@@ -7,6 +8,7 @@ mod common;
 
 use actix_web::web;
 use actix_web::{App, HttpRequest, HttpServer};
+use comapi_webhook::console::Console;
 use comapi_webhook::receiver::{ConfigError, ReceiverConfig, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
@@ -22,7 +24,7 @@ const ACTIX_HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_sec
 #[actix_web::main]
 async fn main() {
     common::help_if_asked(
-        "actix_receiver: receives Comapi webhooks on actix-web (GET / status, POST / events, GET /metrics)",
+        "actix_receiver: receives Comapi webhooks on actix-web (GET / status, POST / events, GET /metrics, /console)",
         ReceiverConfig::HELP,
     );
     let config = common::config();
@@ -41,9 +43,11 @@ async fn main() {
         .await
         .unwrap_or_else(|e| common::exit(&e, e.exit_code().into()));
     let inbox = web::Data::new(receiver.inbox().clone());
+    let console = web::Data::new(receiver.console().clone());
     let server = HttpServer::new(move || {
         App::new()
             .app_data(inbox.clone())
+            .app_data(console.clone())
             .route(
                 "/",
                 web::get().to(async |inbox: Shared| inbox.status_page().await),
@@ -56,6 +60,7 @@ async fn main() {
                 }),
             )
             .route("/", web::post().to(receive))
+            .default_service(web::to(console_or_not_found))
     });
     // actix-web closes a connection whose headers are late (and backs off when out
     // of file descriptors) itself; the receive step puts the body under its deadline.
@@ -90,6 +95,18 @@ async fn main() {
         .try_recv()
         .unwrap_or_else(|_| tokio::time::Instant::now() + grace);
     receiver.shutdown_by(deadline).await;
+}
+
+/// The console's paths go to it; any other is not found.
+async fn console_or_not_found(
+    console: web::Data<Console>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> actix_web::HttpResponse {
+    if !console.serves(request.path()) {
+        return actix_web::HttpResponse::NotFound().body("not found\n");
+    }
+    console.handle_actix(&request, body).await
 }
 
 async fn receive(inbox: Shared, request: HttpRequest, body: web::Payload) -> Reply {

@@ -1,5 +1,6 @@
 //! The reference receiver on hyper 1.x: `GET /` a status page, `POST /` the receive
-//! step, `GET /metrics` the metrics; settings from the environment (see
+//! step, `GET /metrics` the metrics, `/console` the operator's console (with
+//! `COMAPI_CONSOLE_TOKEN`); settings from the environment (see
 //! `ReceiverConfig`). `COMAPI_WEBHOOK_SECRET=… cargo run --release --features binaries --bin hyper_receiver`
 
 #[path = "common/mod.rs"]
@@ -7,6 +8,7 @@ mod common;
 
 use std::convert::Infallible;
 
+use comapi_webhook::console::Console;
 use comapi_webhook::receiver::{Busy, ReceiverConfig, shutdown_signal};
 use comapi_webhook::store::Store;
 use comapi_webhook::{Inbox, Reply};
@@ -16,7 +18,7 @@ use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 #[tokio::main]
 async fn main() {
     common::help_if_asked(
-        "hyper_receiver: receives Comapi webhooks on hyper (GET / status, POST / events, GET /metrics)",
+        "hyper_receiver: receives Comapi webhooks on hyper (GET / status, POST / events, GET /metrics, /console)",
         ReceiverConfig::HELP,
     );
     let config = common::config();
@@ -43,10 +45,11 @@ async fn main() {
             () = &mut stop => break,
         };
         let (inbox, requests) = (receiver.inbox().clone(), connection.requests());
+        let console = receiver.console().clone();
         let service = service_fn(move |request| {
             let busy = requests.busy(); // a request in progress is never cut for idling
-            let inbox = inbox.clone();
-            async move { route(inbox, request, busy).await }
+            let (inbox, console) = (inbox.clone(), console.clone());
+            async move { route(inbox, console, request, busy).await }
         });
         let serving =
             graceful.watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
@@ -65,9 +68,13 @@ async fn main() {
 
 async fn route(
     inbox: Inbox<Store>,
+    console: Console,
     request: Request<Incoming>,
     _busy: Busy,
 ) -> Result<Response<String>, Infallible> {
+    if console.serves(request.uri().path()) {
+        return Ok(console.handle_body(request).await);
+    }
     let reply = match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => inbox.status_page().await,
         (&Method::GET, "/metrics") => {

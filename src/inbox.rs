@@ -43,6 +43,9 @@ pub struct Inbox<S = Spool> {
     metrics: Option<Arc<Metrics>>,
     /// The metrics token, which also hides the status page's figures.
     metrics_token: Option<MetricsToken>,
+    /// Where the console is, when it has a token: the status page then names it
+    /// and shows no figure.
+    console_at: Option<String>,
     /// The store's status, asked at most once a second for the page and `/metrics`.
     status: StatusCache,
     body_budget: Arc<BodyBudget>,
@@ -59,6 +62,7 @@ impl<S: EventStore> Inbox<S> {
             body_deadline: DEFAULT_BODY_DEADLINE,
             metrics: None,
             metrics_token: None,
+            console_at: None,
             status: StatusCache::default(),
             body_budget: BodyBudget::new(DEFAULT_BODY_BUDGET_BYTES),
         }
@@ -196,22 +200,44 @@ impl<S: EventStore> Inbox<S> {
     /// many wait for a retry (and when the next is due) and how many are in the
     /// dead letter. The store is asked at most once a second ([`StatusCache`]).
     ///
-    /// With a metrics token ([`Inbox::with_metrics_token`]) the page is public no
-    /// more than that the receiver is up and its version: the figures (which can
-    /// name the store's hosts in an error) are at `/metrics`, behind the token, and
-    /// the page asks the store nothing.
+    /// With a metrics token ([`Inbox::with_metrics_token`]) or a console
+    /// ([`Inbox::with_console_at`]) the page is public no more than that the
+    /// receiver is up, its version and where the figures are: they (and the store's
+    /// errors, which can name its hosts) are behind a token, and the page asks
+    /// the store nothing.
     pub async fn status_page(&self) -> Reply {
-        if self.metrics_token.is_some() {
+        if self.metrics_token.is_some() || self.console_at.is_some() {
+            let figures = match (&self.metrics_token, &self.console_at) {
+                (Some(_), Some(at)) => format!(
+                    "Its figures are in the operator's console at <a href=\"{0}\">{0}</a> and at \
+                     <code>/metrics</code>, each behind its token.",
+                    html_text(at)
+                ),
+                (None, Some(at)) => format!(
+                    "Its figures are in the operator's console at <a href=\"{0}\">{0}</a>, behind its token.",
+                    html_text(at)
+                ),
+                _ => "Its figures are at <code>/metrics</code>, with the metrics token \
+                      (<code>Authorization: Bearer</code>)."
+                    .to_owned(),
+            };
             return Reply::html(format!(
                 "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
                  <title>Comapi webhook receiver</title></head>\n<body><h1>Comapi webhook receiver is up</h1>\n\
-                 <p>comapi-webhook {}. Its figures are at <code>/metrics</code>, with the metrics \
-                 token (<code>Authorization: Bearer</code>).</p>\n\
+                 <p>comapi-webhook {}. {figures}</p>\n\
                  <p>POST Comapi webhooks here, signed with <code>X-Comapi-Signature</code>.</p></body></html>\n",
                 env!("CARGO_PKG_VERSION")
             ));
         }
         Reply::html(self.status_html().await)
+    }
+
+    /// Names the operator's console at `path` on the status page, which then
+    /// shows no figure: they are behind the console's token.
+    #[must_use]
+    pub fn with_console_at(mut self, path: &str) -> Self {
+        self.console_at = Some(path.to_owned());
+        self
     }
 
     async fn status_html(&self) -> String {

@@ -24,6 +24,8 @@
 
 #[cfg(feature = "receiver")]
 mod body_budget;
+#[cfg(feature = "receiver")]
+pub mod console;
 pub mod dangerous;
 mod error;
 pub mod event;

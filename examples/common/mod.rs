@@ -15,9 +15,10 @@ pub(crate) async fn process(event: Event<'static>) -> Result<(), HandlerError> {
     if let Ok(Some(slow)) = *DEMO_SLOW {
         tokio::time::sleep(slow).await;
     }
-    if DEMO_FAIL.as_deref() == Some(event.name()) {
+    let failing = DEMO_FAIL.as_deref().unwrap_or("").split(',');
+    if failing.map(str::trim).any(|name| name == event.name()) {
         return Err(format!(
-            "DEMO_FAIL={}: this demo fails every such event",
+            "DEMO_FAIL names {}: this demo fails every such event",
             event.name()
         )
         .into());
@@ -26,8 +27,9 @@ pub(crate) async fn process(event: Event<'static>) -> Result<(), HandlerError> {
     Ok(())
 }
 
-/// `DEMO_FAIL=<event name>` (for example `message.sent`): a demo switch that makes
-/// [`process`] fail every event of that name, to watch the retries and the dead
+/// `DEMO_FAIL=<event names>` (for example `message.sent`, or
+/// `message.sent,message.read`): a demo switch that makes [`process`] fail every
+/// event of those names, to watch the retries and the dead
 /// letter without editing code. Unset by default.
 pub(crate) static DEMO_FAIL: std::sync::LazyLock<Option<String>> =
     std::sync::LazyLock::new(|| std::env::var("DEMO_FAIL").ok().filter(|n| !n.is_empty()));
@@ -74,7 +76,8 @@ pub(crate) fn exit(error: &dyn std::fmt::Display, code: i32) -> ! {
 
 /// The demo switch's line of `--help`.
 const DEMO_HELP: &str =
-    "  DEMO_FAIL                 fail every event of this name (message.sent, say), to
+    "  DEMO_FAIL                 fail every event of these names (message.sent, say;
+                            comma-separated for more), to
                             watch the retries and the dead letter (default: unset)
   DEMO_SLOW                 take this long on every event (30s, say), to watch a
                             shutdown or a lease (default: unset)";

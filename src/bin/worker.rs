@@ -4,7 +4,8 @@
 //! memory. Run as many as you need, on any machine. SIGTERM (or Ctrl-C) finishes the
 //! event in hand, acknowledges it and exits 0, within `COMAPI_SHUTDOWN_GRACE` (25 s)
 //! whatever the worker was doing. With `METRICS_PORT`, `GET /metrics` on 127.0.0.1
-//! (or `BIND`) serves its metrics.
+//! (or `BIND`) serves its metrics, and `/console` the operator's console (with
+//! `COMAPI_CONSOLE_TOKEN`).
 //!
 //! ```sh
 //! COMAPI_REDIS_URL=redis://127.0.0.1:6379/ METRICS_PORT=9090 \
@@ -25,10 +26,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comapi_webhook::Worker;
+use comapi_webhook::console::{Console, ConsoleAccess};
 use comapi_webhook::gate::DecisionStore;
 use comapi_webhook::metrics::{Metrics, MetricsToken, StatusCache};
 use comapi_webhook::receiver::{AmqpSettings, ReceiverConfig, RedisSettings, shutdown_signal};
-use comapi_webhook::store::EventStore;
+use comapi_webhook::store::{EventStore, Store};
 use comapi_webhook::worker::{Sources, WorkerConfig};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -49,6 +51,9 @@ const WORKER_HELP: &str = "\
   COMAPI_SHUTDOWN_GRACE     how long a shutdown may take (default 25s)
   METRICS_PORT, BIND        serve GET /metrics there (default: no metrics; BIND 127.0.0.1)
   COMAPI_METRICS_TOKEN      when set, GET /metrics needs Authorization: Bearer <token>
+  COMAPI_CONSOLE_TOKEN      with METRICS_PORT: the operator's console at /console
+                            signs in with it (16+ characters; default: no console)
+  COMAPI_CONSOLE_READ_TOKEN a console token that can look but not act
   RUST_LOG                  the log filter (default info)";
 
 /// What every broker's worker needs besides its consumers and gate.
@@ -57,6 +62,7 @@ struct Settings {
     worker: WorkerConfig,
     metrics_at: Option<SocketAddr>,
     metrics_token: Option<MetricsToken>,
+    console: ConsoleAccess,
 }
 
 #[tokio::main]
@@ -161,11 +167,13 @@ fn settings() -> Result<Settings, String> {
         .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty())
         .map(MetricsToken::new);
+    let console = ConsoleAccess::from_lookup(&|name| std::env::var(name).ok())?;
     Ok(Settings {
         grace,
         worker,
         metrics_at: port.map(|port| SocketAddr::new(ip, port)),
         metrics_token,
+        console,
     })
 }
 
@@ -174,9 +182,11 @@ async fn run<T, S, E>(consumers: T, gate: S, store: E, settings: Settings) -> Ex
 where
     T: Sources + std::fmt::Debug,
     S: DecisionStore + 'static,
-    E: EventStore,
+    E: EventStore + Into<Store>,
 {
     let metrics = Arc::new(Metrics::for_worker());
+    let console =
+        Console::new(store.clone(), settings.console.clone()).with_metrics(Arc::clone(&metrics));
     if let Some(addr) = settings.metrics_at {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => listener,
@@ -198,8 +208,24 @@ where
                  backlog, the dead letter): set COMAPI_METRICS_TOKEN to ask for a bearer token"
             );
         }
+        if console.is_enabled() {
+            println!(
+                "console on http://{}/console",
+                listener.local_addr().unwrap_or(addr)
+            );
+        }
         let token = settings.metrics_token.clone();
-        tokio::spawn(serve_metrics(listener, store, Arc::clone(&metrics), token));
+        tokio::spawn(serve_metrics(
+            listener,
+            store,
+            Arc::clone(&metrics),
+            token,
+            console,
+        ));
+    } else if !settings.console.is_empty() {
+        tracing::warn!(
+            "COMAPI_CONSOLE_TOKEN is set but METRICS_PORT is not: the console is served only with METRICS_PORT"
+        );
     }
     let worker = match Worker::spawn(
         consumers,
@@ -216,30 +242,37 @@ where
     ExitCode::SUCCESS
 }
 
-/// Answers every request on `listener` with the metrics, gauges read from `store`
-/// at most once a second; with `token`, only requests that bring it.
+/// Answers the console's paths with `console`, and every other request on
+/// `listener` with the metrics, gauges read from `store` at most once a second;
+/// with `token`, only requests that bring it.
 async fn serve_metrics<E: EventStore>(
     listener: tokio::net::TcpListener,
     store: E,
     metrics: Arc<Metrics>,
     token: Option<MetricsToken>,
+    console: Console,
 ) {
     let cache = StatusCache::default();
     while let Ok((connection, _)) = listener.accept().await {
-        let (store, metrics, cache, token) = (
+        let (store, metrics, cache, token, console) = (
             store.clone(),
             Arc::clone(&metrics),
             cache.clone(),
             token.clone(),
+            console.clone(),
         );
         let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-            let (store, metrics, cache, token) = (
+            let (store, metrics, cache, token, console) = (
                 store.clone(),
                 Arc::clone(&metrics),
                 cache.clone(),
                 token.clone(),
+                console.clone(),
             );
             async move {
+                if console.serves(request.uri().path()) {
+                    return Ok(console.handle_body(request).await);
+                }
                 let authorization = request.headers().get(http::header::AUTHORIZATION);
                 let reply = match &token {
                     Some(token) if !token.admits(authorization.map(|a| a.as_bytes())) => {

@@ -18,11 +18,14 @@ use crate::store::StoreStatus;
 use store_gauges::StoreGauges;
 
 mod access;
+mod minutes;
 mod store_gauges;
 
 use crate::worker::{EventHandler, HandlerError};
 use crate::{Decision, Error, Event};
 pub use access::{MetricsToken, STATUS_CACHE_TTL, StatusCache};
+pub use minutes::{MINUTES, Minute};
+use minutes::{Minutes, Tally};
 
 /// The content type of [`Metrics::encode`]'s text, for the `/metrics` answer.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -82,6 +85,7 @@ pub struct Metrics {
     body_bytes: Gauge,
     body_budget: Gauge,
     store: Arc<StoreGauges>,
+    minutes: Minutes,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,6 +187,7 @@ impl Metrics {
             body_bytes: Gauge::default(),
             body_budget: Gauge::default(),
             store: Arc::default(),
+            minutes: Minutes::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -290,6 +295,19 @@ impl Metrics {
 
     fn outcome(&self, outcome: Outcome) {
         self.handler.get_or_create(&OutcomeLabel { outcome }).inc();
+        match outcome {
+            Outcome::success => self.minutes.count(Tally::Processed),
+            Outcome::failure => self.minutes.count(Tally::Failed),
+            Outcome::dead_letter => self.minutes.count(Tally::DeadLettered),
+            Outcome::retry => {}
+        }
+    }
+
+    /// This process's handler outcomes per minute over the last hour, oldest
+    /// first ([`MINUTES`] entries): what the console's chart draws.
+    #[must_use]
+    pub fn last_hour(&self) -> Vec<Minute> {
+        self.minutes.last_hour(std::time::SystemTime::now())
     }
 
     /// `handler`, counted: decisions, outcomes and attempt times go to these

@@ -47,6 +47,8 @@ pub const DEFAULT_PORT: u16 = 8080;
 /// | `COMAPI_RETRY_FIRST_DELAY` | the wait after the first failed attempt, doubling after each next one, default `1s` |
 /// | `COMAPI_RETRY_MAX_DELAY` | the longest wait between attempts, default `60s` |
 /// | `COMAPI_METRICS_TOKEN` | when set, `GET /metrics` needs `Authorization: Bearer <token>`; otherwise it answers anyone |
+/// | `COMAPI_CONSOLE_TOKEN` | when set (16 characters or more), the operator's console at `/console` takes it to sign in; otherwise the console answers 404 ([`console`](crate::console)) |
+/// | `COMAPI_CONSOLE_READ_TOKEN` | a second token for the console that can look but not act |
 ///
 /// [`ReceiverConfig::HELP`] lists them as the binaries' `--help` prints them.
 #[derive(Debug, Clone)]
@@ -85,6 +87,8 @@ pub struct ReceiverConfig {
     pub worker_config: WorkerConfig,
     /// The bearer token `GET /metrics` asks for, if any.
     pub metrics_token: Option<String>,
+    /// The console's tokens (none: the console answers 404).
+    pub console: crate::console::ConsoleAccess,
 }
 
 /// A setting that is missing or wrong, or a store that cannot be opened: says which
@@ -170,6 +174,9 @@ impl ReceiverConfig {
   COMAPI_RETRY_FIRST_DELAY  the wait after the first failure, then doubling (default 1s)
   COMAPI_RETRY_MAX_DELAY    the longest wait between attempts (default 60s)
   COMAPI_METRICS_TOKEN      GET /metrics needs Authorization: Bearer <token> (default: open)
+  COMAPI_CONSOLE_TOKEN      the operator's console at /console signs in with it
+                            (16+ characters; default: no console, 404)
+  COMAPI_CONSOLE_READ_TOKEN a console token that can look but not act
   RUST_LOG                  the log filter (default info,lapin=off)";
 
     /// Reads the settings from the environment (see the table above).
@@ -309,6 +316,8 @@ impl ReceiverConfig {
             )?,
             worker_config: worker_config(&var)?,
             metrics_token: var("COMAPI_METRICS_TOKEN").map(|t| t.trim().to_owned()),
+            console: crate::console::ConsoleAccess::from_lookup(&var)
+                .map_err(ConfigError::setting)?,
         })
     }
 }

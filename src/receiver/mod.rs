@@ -30,6 +30,7 @@ pub use redis::{DEFAULT_KEY_PREFIX, RedisSettings};
 #[derive(Debug)]
 pub struct Receiver {
     inbox: Inbox<Store>,
+    console: crate::console::Console,
     worker: Option<Worker>,
     shutdown_grace: std::time::Duration,
 }
@@ -114,11 +115,18 @@ impl ReceiverConfig {
                 return Err(ConfigError::new("COMAPI_REDIS_URL needs the redis feature"));
             }
         };
+        let mut console = crate::console::Console::new(store.clone(), self.console);
+        if self.worker {
+            console = console.with_metrics(Arc::clone(&metrics));
+        }
         let mut inbox = Inbox::new(self.verifier, store)
             .with_max_body_bytes(self.max_body_bytes)
             .with_body_budget(crate::BodyBudget::new(self.body_budget_bytes))
             .with_body_deadline(self.body_deadline)
             .with_metrics(metrics);
+        if console.is_enabled() {
+            inbox = inbox.with_console_at(console.base());
+        }
         match &self.metrics_token {
             Some(token) => inbox = inbox.with_metrics_token(token),
             None if !self.addr.ip().is_loopback() => tracing::warn!(
@@ -130,6 +138,7 @@ impl ReceiverConfig {
         }
         Ok(Receiver {
             inbox,
+            console,
             worker,
             shutdown_grace: self.shutdown_grace,
         })
@@ -204,6 +213,13 @@ impl Receiver {
     #[must_use]
     pub fn inbox(&self) -> &Inbox<Store> {
         &self.inbox
+    }
+
+    /// The operator's console, to route its paths to ([`Console::serves`](crate::console::Console::serves));
+    /// it answers 404 unless `COMAPI_CONSOLE_TOKEN` is set.
+    #[must_use]
+    pub fn console(&self) -> &crate::console::Console {
+        &self.console
     }
 
     /// How long a whole shutdown may take (`COMAPI_SHUTDOWN_GRACE`, default 25 s):

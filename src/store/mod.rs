@@ -263,6 +263,14 @@ pub trait EventSource: Send + Sync {
         None
     }
 
+    /// Whether processing is paused (the console's pause, kept in the store, so
+    /// every worker on it obeys and a restart stays paused): the worker then takes
+    /// no new batch and finishes what it has in hand. Asked before each read; a
+    /// source that asks its store keeps the answer for a second. Default: never.
+    fn paused(&mut self) -> impl Future<Output = bool> + Send {
+        async { false }
+    }
+
     /// Whether the worker should stop after the event in hand, leaving the rest of
     /// the batch unfinished (they come again to the next worker). Default: never;
     /// a spool's worker drains the spool.

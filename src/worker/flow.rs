@@ -134,6 +134,9 @@ struct Flow<D> {
 }
 
 /// See [`run_worker`](super::run_worker).
+/// How often a paused worker with nothing in hand looks at the pause again.
+const PAUSE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub(super) async fn run_with<Src, S, H>(
     mut source: Src,
     store: &S,
@@ -180,6 +183,7 @@ where
         loop {
             let stopping = source.stopping() || abandon.is_set();
             lanes.stopping.store(stopping, Ordering::Release);
+            let paused = !stopping && !exhausted && source.paused().await;
             if flow.settle(&lanes, &mut source, &mut pump).await? {
                 // A retry was scheduled: a finished source may hand it out yet (a
                 // closed spool serves its retries before it ends).
@@ -189,7 +193,7 @@ where
             if idle && (exhausted || stopping) {
                 break;
             }
-            if !exhausted && !stopping && flow.window.len() < config.window.max(1) {
+            if !exhausted && !stopping && !paused && flow.window.len() < config.window.max(1) {
                 match drive(&mut pump, source.next_batch()).await? {
                     None => exhausted = true,
                     Some(batch) => {
@@ -197,6 +201,11 @@ where
                         flow.admit(batch, &lanes, &mut source, &mut pump).await?;
                     }
                 }
+                continue;
+            }
+            if idle && paused {
+                // Nothing in hand: look at the pause again in a while.
+                drive(&mut pump, tokio::time::sleep(PAUSE_POLL)).await;
                 continue;
             }
             if idle {

@@ -84,6 +84,9 @@ pub struct StreamConsumer {
     /// (empty for a retry moved again), the due time (ms), the hash value. Sent
     /// before the next acknowledgement.
     pub(super) moving: Vec<(String, String, u64, Vec<u8>)>,
+    /// The pause mark as last read, and when.
+    pub(super) paused: bool,
+    pub(super) pause_read: Option<Instant>,
 }
 
 /// The entries a consumer holds, each with how many times it was delivered.
@@ -167,6 +170,8 @@ impl StreamConsumer {
             last_retries: None,
             next_retry_ms: None,
             moving: Vec::new(),
+            paused: false,
+            pause_read: None,
         };
         let created: Result<(), _> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -519,6 +524,10 @@ impl EventSource for StreamConsumer {
 
     fn stopping(&self) -> bool {
         self.stop.is_stopped()
+    }
+
+    async fn paused(&mut self) -> bool {
+        self.paused_now().await
     }
 }
 

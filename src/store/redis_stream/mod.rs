@@ -44,6 +44,7 @@ use super::broker::Outage;
 use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
+mod console;
 mod consumer;
 mod dead_letter;
 mod retry;

@@ -51,11 +51,33 @@ pub(super) fn dead_letter_line(
 /// [`Error::Storage`] when the dead letter cannot be read, a line of it is not one
 /// this crate wrote (nothing is appended then), or the append or the removal fails.
 pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
+    let count = take_dead_letters(spool, None, true).await?;
+    Ok(usize::try_from(count).unwrap_or(usize::MAX))
+}
+
+/// A dead letter's id: the first 8 bytes of its line's SHA-1, in hex. It names the
+/// line whatever the file's other lines do.
+pub(crate) fn dead_letter_id(line: &[u8]) -> String {
+    use sha1::Digest;
+    hex::encode(&sha1::Sha1::digest(line)[..8])
+}
+
+/// Takes the dead letters whose ids are in `ids` (all of them, for `None`) out of
+/// the dead letter, under its lock: with `requeue`, appends their records to the
+/// spool first, as new deliveries; then rewrites the dead letter with the others
+/// (synced and renamed into place), or removes it when none is left. A crash
+/// between the append and the rewrite brings them back twice, never loses one.
+/// Returns how many it took.
+pub(crate) async fn take_dead_letters(
+    spool: &Spool,
+    ids: Option<std::collections::HashSet<String>>,
+    requeue: bool,
+) -> Result<u64, Error> {
     let path = spool.dir().join(DEAD_LETTER_FILE);
     let read_path = path.clone();
     let dir = spool.dir().to_owned();
-    // Held until the dead letter read here is removed (dropped on every return).
-    let (_lock, text) = blocking(move || {
+    // Held until the dead letter read here is rewritten (dropped on every return).
+    let (lock, text) = blocking(move || {
         let lock =
             lock_dead_letter(&dir).map_err(|e| Error::storage("cannot lock the dead letter", e))?;
         match fs::read_to_string(&read_path) {
@@ -66,13 +88,22 @@ pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
     })
     .await?;
     let Some(text) = text else { return Ok(0) };
-    let mut lines = Vec::new();
+    let mut records = Vec::new();
+    let mut kept = Vec::new();
     let mut count = 0;
     for (number, line) in text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
+        if ids
+            .as_ref()
+            .is_some_and(|ids| !ids.contains(&dead_letter_id(line.as_bytes())))
+        {
+            kept.extend_from_slice(line.as_bytes());
+            kept.push(b'\n');
+            continue;
+        }
         #[derive(serde::Deserialize)]
         struct Entry<'a> {
             #[serde(borrow)]
@@ -84,24 +115,38 @@ pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
                 io::Error::new(io::ErrorKind::InvalidData, e),
             )
         })?;
-        lines.extend_from_slice(entry.record.get().as_bytes());
-        lines.push(b'\n');
+        records.extend_from_slice(entry.record.get().as_bytes());
+        records.push(b'\n');
         count += 1;
     }
-    spool.append(lines, count).await?;
+    if count == 0 {
+        return Ok(0);
+    }
+    if requeue {
+        spool.append(records, count).await?;
+    }
     let dir = spool.dir().to_owned();
     blocking(move || {
-        fs::remove_file(&path)
+        let _lock = lock;
+        let replaced = if kept.is_empty() {
+            fs::remove_file(&path)
+        } else {
+            let temp = dir.join(format!("{DEAD_LETTER_FILE}.new"));
+            fs::write(&temp, &kept)
+                .and_then(|()| fs::File::open(&temp)?.sync_all())
+                .and_then(|()| fs::rename(&temp, &path))
+        };
+        replaced
             .and_then(|()| sync_dir(&dir))
-            .map_err(|e| Error::storage("cannot remove the requeued dead letter", e))
+            .map_err(|e| Error::storage("cannot rewrite the dead letter", e))
     })
     .await?;
     spool.dead_letters_requeued(count);
-    Ok(usize::try_from(count).unwrap_or(usize::MAX))
+    Ok(count)
 }
 
 /// Runs blocking file work on tokio's blocking threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {

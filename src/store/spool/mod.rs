@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::Error;
 use crate::store::{EventStore, Records, StoreStatus};
 
+mod console;
 mod dead_letter;
 mod files;
 mod reader;
@@ -43,6 +44,9 @@ mod retry;
 mod source;
 mod writer;
 
+pub(crate) use console::DeadCursor;
+pub use console::{AUDIT_FILE, PAUSE_FILE};
+pub(crate) use dead_letter::take_dead_letters;
 pub use dead_letter::{DEAD_LETTER_FILE, requeue_dead_letters};
 use files::{ReadingFlag, create_folder, lock_folder};
 use reader::Cursor;
@@ -203,6 +207,8 @@ struct Shared {
     /// end, the reader finishes without waiting for the retries, which stay in the
     /// schedule for the next start.
     leave_retries: Arc<AtomicBool>,
+    /// Whether processing is paused (the [`PAUSE_FILE`] mark).
+    paused: Arc<AtomicBool>,
 }
 
 enum Request {
@@ -257,6 +263,7 @@ impl Spool {
             dead_letters: Arc::new(AtomicU64::new(dead_letters)),
             retries,
             leave_retries: Arc::new(AtomicBool::new(false)),
+            paused: Arc::new(AtomicBool::new(config.dir.join(PAUSE_FILE).exists())),
         };
         Ok((
             Spool {
@@ -414,7 +421,8 @@ impl Spool {
             // What an earlier reader had in hand and did not finish is due again.
             retry::lock(&self.shared.retries).hand_back();
             let leave = Arc::clone(&self.shared.leave_retries);
-            SpoolReader::new(cursor, Arc::clone(&self.shared.retries), leave)
+            let paused = Arc::clone(&self.shared.paused);
+            SpoolReader::new(cursor, Arc::clone(&self.shared.retries), leave, paused)
         })
     }
 

@@ -157,6 +157,11 @@ impl Cursor {
     /// Waits, without any I/O, until something is committed past the reader's
     /// position, and returns the committed end; `None` once the spool is closed and
     /// everything was read.
+    /// Whether the spool's writer is gone (the spool closed).
+    pub(crate) fn writer_gone(&self) -> bool {
+        self.committed.has_changed().is_err()
+    }
+
     pub(crate) async fn wait_for_data(&mut self) -> Option<Position> {
         loop {
             let committed = *self.committed.borrow_and_update();

@@ -106,6 +106,18 @@ fn millis(time: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+fn summary(number: u64, live: &Live) -> crate::console::Summary {
+    let due = UNIX_EPOCH + Duration::from_millis(live.due_ms);
+    crate::console::Summary::of_record(
+        number.to_string(),
+        u128::from(number),
+        &live.record,
+        &live.error,
+        live.attempts,
+        humantime::format_rfc3339_seconds(due).to_string(),
+    )
+}
+
 fn schedule_line(number: u64, live: &Live) -> Vec<u8> {
     let due = UNIX_EPOCH + Duration::from_millis(live.due_ms);
     let record = serde_json::from_slice::<&RawValue>(&live.record)
@@ -217,6 +229,36 @@ impl RetryLog {
         self.unwritten
             .extend_from_slice(&schedule_line(number, &live));
         self.waiting.insert((live.due_ms, number), live);
+    }
+
+    /// Every retry waiting, with its record and whole error, as the console
+    /// lists them (ordered by number: later moves have larger numbers).
+    pub(crate) fn listed(&self) -> Vec<(crate::console::Summary, Vec<u8>, String)> {
+        let mut all: Vec<_> = self
+            .waiting
+            .iter()
+            .map(|(&(_, number), live)| {
+                (
+                    summary(number, live),
+                    live.record.to_vec(),
+                    live.error.clone(),
+                )
+            })
+            .collect();
+        all.sort_by_key(|(s, _, _)| s.order);
+        all
+    }
+
+    /// Makes retry `number` due at `now` if it waits; whether it did. Kept in
+    /// memory only: after a crash it is due when it was.
+    pub(crate) fn make_due(&mut self, number: u64, now: SystemTime) -> bool {
+        let Some(&key) = self.waiting.keys().find(|&&(_, n)| n == number) else {
+            return false;
+        };
+        if let Some(live) = self.waiting.remove(&key) {
+            self.waiting.insert((millis(now), number), live);
+        }
+        true
     }
 
     /// Hands out up to `max` retries due at `now`.

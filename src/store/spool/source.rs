@@ -51,6 +51,8 @@ pub struct SpoolReader {
     retries: Arc<Mutex<RetryLog>>,
     /// Whether to finish at the end of a closed spool without serving the retries.
     leave_retries: Arc<std::sync::atomic::AtomicBool>,
+    /// The spool's pause mark.
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SpoolReader {
@@ -58,6 +60,7 @@ impl SpoolReader {
         cursor: Cursor,
         retries: Arc<Mutex<RetryLog>>,
         leave_retries: Arc<std::sync::atomic::AtomicBool>,
+        paused: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         SpoolReader {
             dir: cursor.dir().to_owned(),
@@ -67,6 +70,7 @@ impl SpoolReader {
             last_read: None,
             retries,
             leave_retries,
+            paused,
         }
     }
 
@@ -178,6 +182,13 @@ impl EventSource for SpoolReader {
     type Delivery = SpooledEvent;
 
     async fn next_batch(&mut self) -> Result<Option<Vec<SpooledEvent>>, Error> {
+        if self.paused.load(std::sync::atomic::Ordering::Acquire)
+            && self.cursor.as_ref().is_some_and(Cursor::writer_gone)
+        {
+            // Paused and closed: what is left stays for the next start.
+            self.acknowledge_pending().await?;
+            return Ok(None);
+        }
         loop {
             let (due, next_retry) = self.due_retries();
             if !due.is_empty() {
@@ -282,6 +293,12 @@ impl EventSource for SpoolReader {
 
     async fn flush(&mut self) -> Result<(), Error> {
         self.acknowledge_pending().await
+    }
+
+    async fn paused(&mut self) -> bool {
+        // Closed while paused: `next_batch` finishes at once.
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
+            && !self.cursor.as_ref().is_some_and(Cursor::writer_gone)
     }
 }
 

@@ -1,0 +1,264 @@
+//! The console's work on each store: its lists (kept as an [`Index`] between
+//! pages and read anew only where the store changed), one entry, the actions,
+//! the pause and the audit log.
+
+use std::time::SystemTime;
+
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::model::{AuditEntry, Index, Summary};
+use crate::Error;
+use crate::store::Store;
+
+/// The most retries a list shows (the first by due time).
+pub const RETRIES_LISTED: usize = 10_000;
+
+/// One dead letter or retry as its page shows it: the summary, the record as
+/// stored, and the full error.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) summary: Summary,
+    pub(crate) record: Vec<u8>,
+    pub(crate) error: String,
+}
+
+/// Where the console's copy of the dead letter stands.
+#[derive(Debug, Default)]
+pub(crate) struct DeadCache {
+    pub(crate) index: Index,
+    spool: crate::store::spool::DeadCursor,
+    #[cfg(feature = "redis")]
+    redis_last: Option<String>,
+}
+
+/// A store the console works on, with its copy of the dead letter.
+#[derive(Debug)]
+pub(crate) struct Ops {
+    pub(crate) store: Store,
+    dead: Mutex<DeadCache>,
+}
+
+#[cfg(feature = "rabbitmq")]
+fn not_on_rabbitmq() -> Error {
+    Error::store_unavailable(
+        "the console cannot list or change a RabbitMQ queue's dead letter and retries yet",
+        "browsing a quorum queue would take its deliveries and raise their delivery count; \
+         use the requeue binary, and RabbitMQ's management UI for counts only",
+    )
+}
+
+impl Ops {
+    pub(crate) fn new(store: Store) -> Self {
+        Ops {
+            store,
+            dead: Mutex::default(),
+        }
+    }
+
+    /// Whether this store has lists and actions (the spool and Redis).
+    pub(crate) fn browsable(&self) -> bool {
+        match &self.store {
+            Store::Spool(_) => true,
+            #[cfg(feature = "redis")]
+            Store::Redis(_) => true,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => false,
+        }
+    }
+
+    /// The dead letter as it is now.
+    pub(crate) async fn dead_letters(&self) -> Result<MutexGuard<'_, DeadCache>, Error> {
+        let mut cache = self.dead.lock().await;
+        match &self.store {
+            Store::Spool(spool) => {
+                let (summaries, cursor, anew) = spool.read_dead_letters(cache.spool).await?;
+                if anew {
+                    cache.index.entries.clear();
+                }
+                cache.index.entries.extend(summaries);
+                cache.spool = cursor;
+            }
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => {
+                let (summaries, last, length) =
+                    stream.read_dead_letters(cache.redis_last.clone()).await?;
+                cache.index.entries.extend(summaries);
+                cache.redis_last = last;
+                if cache.index.entries.len() as u64 != length {
+                    // Taken out by someone else (a requeue, another console): anew.
+                    let (summaries, last, _) = stream.read_dead_letters(None).await?;
+                    cache.index.entries = summaries;
+                    cache.redis_last = last;
+                }
+            }
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => return Err(not_on_rabbitmq()),
+        }
+        Ok(cache)
+    }
+
+    /// The dead letter `id`.
+    pub(crate) async fn dead_letter(&self, id: &str) -> Result<Option<Entry>, Error> {
+        match &self.store {
+            Store::Spool(spool) => {
+                let cache = self.dead_letters().await?;
+                let Some(summary) = cache.index.find(id).cloned() else {
+                    return Ok(None);
+                };
+                drop(cache);
+                let offset = u64::try_from(summary.order).unwrap_or(u64::MAX);
+                let Some(line) = spool.dead_letter_line(offset, id.to_owned()).await? else {
+                    return Ok(None);
+                };
+                #[derive(serde::Deserialize)]
+                struct Line<'a> {
+                    #[serde(default, borrow)]
+                    error: std::borrow::Cow<'a, str>,
+                    #[serde(borrow)]
+                    record: Option<&'a serde_json::value::RawValue>,
+                }
+                let parsed = serde_json::from_slice::<Line<'_>>(&line).ok();
+                Ok(Some(Entry {
+                    summary,
+                    record: parsed
+                        .as_ref()
+                        .and_then(|l| l.record)
+                        .map_or(line.clone(), |r| r.get().as_bytes().to_vec()),
+                    error: parsed.map_or_else(String::new, |l| l.error.into_owned()),
+                }))
+            }
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => {
+                Ok(stream
+                    .dead_letter(id)
+                    .await?
+                    .map(|(summary, record, error)| Entry {
+                        summary,
+                        record,
+                        error,
+                    }))
+            }
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+        }
+    }
+
+    /// Takes `ids` out of the dead letter, requeuing them first with `requeue`.
+    pub(crate) async fn take_dead(&self, ids: Vec<String>, requeue: bool) -> Result<u64, Error> {
+        let mut cache = self.dead.lock().await;
+        let taken = match &self.store {
+            Store::Spool(spool) => {
+                crate::store::spool::take_dead_letters(
+                    spool,
+                    Some(ids.iter().cloned().collect()),
+                    requeue,
+                )
+                .await?
+            }
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream.take_dead_letters(&ids, requeue).await?,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => return Err(not_on_rabbitmq()),
+        };
+        let gone: std::collections::HashSet<&String> = ids.iter().collect();
+        cache.index.entries.retain(|s| !gone.contains(&s.id));
+        Ok(taken)
+    }
+
+    /// The retry schedule, first due first, as an index.
+    pub(crate) async fn retries(&self) -> Result<(Index, Vec<Entry>), Error> {
+        let entries: Vec<Entry> = match &self.store {
+            Store::Spool(spool) => spool
+                .retry_summaries()
+                .into_iter()
+                .take(RETRIES_LISTED)
+                .map(|(summary, record, error)| Entry {
+                    summary,
+                    record,
+                    error,
+                })
+                .collect(),
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream
+                .retries(RETRIES_LISTED)
+                .await?
+                .into_iter()
+                .map(|(summary, record, error)| Entry {
+                    summary,
+                    record,
+                    error,
+                })
+                .collect(),
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => return Err(not_on_rabbitmq()),
+        };
+        // Lists go newest first: the order counts down from the first due.
+        let count = entries.len() as u128;
+        let mut index = Index::default();
+        index.entries = entries
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, e)| {
+                let mut summary = e.summary.clone();
+                summary.order = count - i as u128;
+                summary
+            })
+            .collect();
+        Ok((index, entries))
+    }
+
+    /// Makes the retry `id` due now; whether it waited.
+    pub(crate) async fn retry_now(&self, id: &str) -> Result<bool, Error> {
+        match &self.store {
+            Store::Spool(spool) => Ok(id
+                .parse()
+                .is_ok_and(|n| spool.retry_now(n, SystemTime::now()))),
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream.retry_now(id).await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+        }
+    }
+
+    /// Whether processing is paused.
+    pub(crate) async fn paused(&self) -> Result<bool, Error> {
+        match &self.store {
+            Store::Spool(spool) => Ok(spool.paused()),
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream.paused().await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => Ok(false),
+        }
+    }
+
+    pub(crate) async fn set_paused(&self, paused: bool) -> Result<(), Error> {
+        match &self.store {
+            Store::Spool(spool) => spool.set_paused(paused).await,
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream.set_paused(paused).await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+        }
+    }
+
+    pub(crate) async fn audit(&self, entry: &AuditEntry) -> Result<(), Error> {
+        match &self.store {
+            Store::Spool(spool) => spool.append_audit(entry).await,
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream.append_audit(entry).await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+        }
+    }
+
+    pub(crate) async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, Error> {
+        match &self.store {
+            Store::Spool(spool) => spool.audit_log(limit).await,
+            #[cfg(feature = "redis")]
+            Store::Redis(stream) => stream.audit_log(limit).await,
+            #[cfg(feature = "rabbitmq")]
+            Store::Rabbit(_) => Ok(Vec::new()),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! What the console reads and changes in a spool folder: the dead letter's
+//! summaries and lines, the pause mark (`paused`) and the audit log (`audit.jsonl`).
+
+use std::fs;
+use std::io::{self, BufRead, Read, Seek};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::Spool;
+use super::dead_letter::{DEAD_LETTER_FILE, blocking, dead_letter_id};
+use super::files::{append_synced, sync_dir};
+use crate::Error;
+use crate::console::{AuditEntry, Summary};
+
+/// The file whose presence in the spool folder pauses processing.
+pub const PAUSE_FILE: &str = "paused";
+
+/// The file in the spool folder that holds the console's audit log, a JSON object
+/// a line.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// How far the console has read the dead letter: the file (its inode) and the
+/// bytes read of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DeadCursor {
+    inode: u64,
+    read: u64,
+}
+
+/// One line of the dead letter, as [`dead_letter_line`](super::dead_letter) writes it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLine<'a> {
+    #[serde(default, borrow)]
+    dead_at: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default, borrow)]
+    error: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    record: Option<&'a RawValue>,
+}
+
+/// The dead letter's lines as summaries, ordered by their place in the file.
+fn summarize(line: &[u8], offset: u64) -> Summary {
+    let id = dead_letter_id(line);
+    match serde_json::from_slice::<DeadLine<'_>>(line) {
+        Ok(dead) => Summary::of_record(
+            id,
+            u128::from(offset),
+            dead.record.map_or(&b""[..], |r| r.get().as_bytes()),
+            &dead.error,
+            dead.attempts,
+            dead.dead_at.into_owned(),
+        ),
+        Err(e) => Summary::of_record(
+            id,
+            u128::from(offset),
+            b"",
+            &format!("not a dead letter this crate wrote: {e}"),
+            0,
+            String::new(),
+        ),
+    }
+}
+
+impl Spool {
+    /// Whether processing is paused ([`Spool::set_paused`]).
+    #[must_use]
+    pub fn paused(&self) -> bool {
+        self.shared.paused.load(Ordering::Acquire)
+    }
+
+    /// Pauses or resumes processing: a worker reading this spool takes no new
+    /// event while it is paused and finishes those in hand. Kept as the file
+    /// [`PAUSE_FILE`] in the folder, so a restart stays paused.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the mark cannot be written or removed.
+    pub async fn set_paused(&self, paused: bool) -> Result<(), Error> {
+        let dir = self.dir().to_owned();
+        blocking(move || {
+            let path = dir.join(PAUSE_FILE);
+            let changed = if paused {
+                fs::write(&path, b"paused by the console\n")
+                    .and_then(|()| fs::File::open(&path)?.sync_all())
+            } else {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                }
+            };
+            changed
+                .and_then(|()| sync_dir(&dir))
+                .map_err(|e| Error::storage("cannot write the pause mark", e))
+        })
+        .await?;
+        self.shared.paused.store(paused, Ordering::Release);
+        Ok(())
+    }
+
+    /// The retries waiting, with their records and errors, as the console lists
+    /// them.
+    pub(crate) fn retry_summaries(&self) -> Vec<(Summary, Vec<u8>, String)> {
+        super::retry::lock(&self.shared.retries).listed()
+    }
+
+    /// Makes the retry `number` due at `now`; whether it waited.
+    pub(crate) fn retry_now(&self, number: u64, now: std::time::SystemTime) -> bool {
+        super::retry::lock(&self.shared.retries).make_due(number, now)
+    }
+
+    /// Appends `entry` to the audit log, synced.
+    pub(crate) async fn append_audit(&self, entry: &AuditEntry) -> Result<(), Error> {
+        let mut line = serde_json::to_vec(entry)
+            .map_err(|e| Error::storage("cannot encode an audit entry", io::Error::other(e)))?;
+        line.push(b'\n');
+        let dir = self.dir().to_owned();
+        blocking(move || append_synced(&dir, AUDIT_FILE, &line)).await
+    }
+
+    /// The last `limit` entries of the audit log, newest first.
+    pub(crate) async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, Error> {
+        let path = self.dir().join(AUDIT_FILE);
+        blocking(move || {
+            let text = match fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(Error::storage("cannot read the audit log", e)),
+            };
+            Ok(text
+                .lines()
+                .rev()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .take(limit)
+                .collect())
+        })
+        .await
+    }
+
+    /// The dead letter's lines past `cursor` as summaries, and the new cursor;
+    /// every line (and `true`) when the file was rewritten since. Only whole lines
+    /// are read: one the worker is writing waits for the next call.
+    pub(crate) async fn read_dead_letters(
+        &self,
+        cursor: DeadCursor,
+    ) -> Result<(Vec<Summary>, DeadCursor, bool), Error> {
+        let path = self.dir().join(DEAD_LETTER_FILE);
+        blocking(move || {
+            let mut file = match fs::File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok((Vec::new(), DeadCursor::default(), cursor.read > 0));
+                }
+                Err(e) => return Err(Error::storage("cannot read the dead letter", e)),
+            };
+            let read_error = |e| Error::storage("cannot read the dead letter", e);
+            let meta = file.metadata().map_err(read_error)?;
+            let anew = meta.ino() != cursor.inode || meta.len() < cursor.read;
+            let start = if anew { 0 } else { cursor.read };
+            file.seek(io::SeekFrom::Start(start)).map_err(read_error)?;
+            let mut data = Vec::new();
+            file.take(meta.len() - start)
+                .read_to_end(&mut data)
+                .map_err(read_error)?;
+            let whole = data
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |end| end + 1);
+            let mut summaries = Vec::new();
+            let mut offset = start;
+            for line in data[..whole].split_inclusive(|&b| b == b'\n') {
+                let text = line.strip_suffix(b"\n").unwrap_or(line);
+                if !text.iter().all(u8::is_ascii_whitespace) {
+                    summaries.push(summarize(text, offset));
+                }
+                offset += line.len() as u64;
+            }
+            let cursor = DeadCursor {
+                inode: meta.ino(),
+                read: start + whole as u64,
+            };
+            Ok((summaries, cursor, anew))
+        })
+        .await
+    }
+
+    /// The dead letter's line at byte `offset`, if it is still the line `id` names.
+    pub(crate) async fn dead_letter_line(
+        &self,
+        offset: u64,
+        id: String,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let path = self.dir().join(DEAD_LETTER_FILE);
+        blocking(move || {
+            let file = match fs::File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::storage("cannot read the dead letter", e)),
+            };
+            let mut reader = io::BufReader::new(file);
+            let mut line = Vec::new();
+            reader
+                .seek(io::SeekFrom::Start(offset))
+                .and_then(|_| reader.read_until(b'\n', &mut line))
+                .map_err(|e| Error::storage("cannot read the dead letter", e))?;
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            Ok((dead_letter_id(&line) == id).then_some(line))
+        })
+        .await
+    }
+}
