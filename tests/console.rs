@@ -222,6 +222,25 @@ async fn drive(kind: Kind) {
             .await
             .contains("DEMO_FAIL names message.sent")
     );
+    // Each attempt, with its time and error.
+    let attempts = b
+        .client
+        .find_all(Locator::Css("#attempt-list tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(attempts.len(), 2);
+    for (n, row) in attempts.into_iter().enumerate() {
+        let text = row.text().await.unwrap();
+        let day = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        assert!(
+            text.starts_with(&format!("{} {}", n + 1, &day[..10])),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("DEMO_FAIL names message.sent: this demo fails every such event"),
+            "{text}"
+        );
+    }
     b.screenshot(&shot("event")).await;
 
     // The cause is fixed (no more DEMO_FAIL) and the receiver restarted: the

@@ -49,8 +49,9 @@ mod pages;
 pub use access::{
     AccessError, ConsoleAccess, MIN_TOKEN_CHARS, Role, SESSION_COOKIE, SESSION_LIFETIME,
 };
-pub(crate) use model::millis;
 pub use model::{AuditEntry, Filter, PAGE_SIZE, Page, Summary};
+pub(crate) use model::{cut, millis};
+pub(crate) use ops::Entry;
 pub use ops::RETRIES_LISTED;
 
 use crate::metrics::Metrics;

@@ -20,6 +20,8 @@ pub(crate) struct Entry {
     pub(crate) summary: Summary,
     pub(crate) record: Vec<u8>,
     pub(crate) error: String,
+    /// Its failed attempts, oldest first, as far as they were kept.
+    pub(crate) history: Vec<crate::store::history::Attempt>,
 }
 
 /// Where the console's copy of the dead letter stands.
@@ -116,6 +118,8 @@ impl Ops {
                     error: std::borrow::Cow<'a, str>,
                     #[serde(borrow)]
                     record: Option<&'a serde_json::value::RawValue>,
+                    #[serde(borrow)]
+                    history: Option<&'a serde_json::value::RawValue>,
                 }
                 let parsed = serde_json::from_slice::<Line<'_>>(&line).ok();
                 Ok(Some(Entry {
@@ -124,20 +128,15 @@ impl Ops {
                         .as_ref()
                         .and_then(|l| l.record)
                         .map_or(line.clone(), |r| r.get().as_bytes().to_vec()),
+                    history: parsed
+                        .as_ref()
+                        .and_then(|l| l.history)
+                        .map_or_else(Vec::new, |h| crate::store::history::parse(h.get())),
                     error: parsed.map_or_else(String::new, |l| l.error.into_owned()),
                 }))
             }
             #[cfg(feature = "redis")]
-            Store::Redis(stream) => {
-                Ok(stream
-                    .dead_letter(id)
-                    .await?
-                    .map(|(summary, record, error)| Entry {
-                        summary,
-                        record,
-                        error,
-                    }))
-            }
+            Store::Redis(stream) => stream.dead_letter(id).await,
             #[cfg(feature = "rabbitmq")]
             Store::Rabbit(_) => Err(not_on_rabbitmq()),
         }
@@ -168,43 +167,30 @@ impl Ops {
     /// The retry schedule, first due first, as an index.
     pub(crate) async fn retries(&self) -> Result<(Index, Vec<Entry>), Error> {
         let entries: Vec<Entry> = match &self.store {
-            Store::Spool(spool) => spool
-                .retry_summaries()
-                .into_iter()
-                .take(RETRIES_LISTED)
-                .map(|(summary, record, error)| Entry {
-                    summary,
-                    record,
-                    error,
-                })
-                .collect(),
+            Store::Spool(spool) => {
+                let mut entries = spool.retry_summaries();
+                entries.truncate(RETRIES_LISTED);
+                entries
+            }
             #[cfg(feature = "redis")]
-            Store::Redis(stream) => stream
-                .retries(RETRIES_LISTED)
-                .await?
-                .into_iter()
-                .map(|(summary, record, error)| Entry {
-                    summary,
-                    record,
-                    error,
-                })
-                .collect(),
+            Store::Redis(stream) => stream.retries(RETRIES_LISTED).await?,
             #[cfg(feature = "rabbitmq")]
             Store::Rabbit(_) => return Err(not_on_rabbitmq()),
         };
         // Lists go newest first: the order counts down from the first due.
         let count = entries.len() as u128;
-        let mut index = Index::default();
-        index.entries = entries
-            .iter()
-            .enumerate()
-            .rev()
-            .map(|(i, e)| {
-                let mut summary = e.summary.clone();
-                summary.order = count - i as u128;
-                summary
-            })
-            .collect();
+        let index = Index {
+            entries: entries
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, e)| {
+                    let mut summary = e.summary.clone();
+                    summary.order = count - i as u128;
+                    summary
+                })
+                .collect(),
+        };
         Ok((index, entries))
     }
 

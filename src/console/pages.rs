@@ -562,6 +562,7 @@ async fn event_page(
         s.attempts,
         escape(&entry.error),
     );
+    body.push_str(&attempts_table(&entry));
     if signed.operator() {
         body.push_str("<div class=\"actions\">");
         if retry {
@@ -603,6 +604,37 @@ async fn event_page(
         "Dead letter"
     };
     Ok(html(StatusCode::OK, frame(cx, signed, title, &body)))
+}
+
+/// Each kept attempt with its time and error; older ones beyond those kept are
+/// counted.
+fn attempts_table(entry: &Entry) -> String {
+    if entry.history.is_empty() {
+        return String::new();
+    }
+    let kept = entry.history.len() as u32;
+    let mut out = String::from(
+        "<table id=\"attempt-list\"><thead><tr><th scope=\"col\">Attempt</th><th scope=\"col\">Failed at</th><th scope=\"col\">Error</th></tr></thead><tbody>",
+    );
+    let first = entry.summary.attempts.saturating_sub(kept).max(1);
+    for (n, attempt) in entry.history.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            first + n as u32,
+            escape(&attempt.at),
+            escape(&attempt.error)
+        );
+    }
+    out.push_str("</tbody></table>");
+    if entry.summary.attempts > kept {
+        let _ = write!(
+            out,
+            "<p>The {} earlier attempt(s) are counted, not kept.</p>",
+            entry.summary.attempts.saturating_sub(kept)
+        );
+    }
+    out
 }
 
 async fn take(

@@ -20,6 +20,7 @@ use crate::{Error, Event};
 
 #[cfg(any(feature = "redis", feature = "rabbitmq"))]
 mod broker;
+pub mod history;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]

@@ -86,9 +86,8 @@ fn summarize(entry: &StreamId) -> Summary {
     )
 }
 
-/// A dead letter or a retry as its page shows it: the summary, the record as
-/// stored and the full error.
-pub(crate) type Entry = (Summary, Vec<u8>, String);
+use crate::console::Entry;
+use crate::store::history;
 
 /// The value of a retry's record in the schedule's hash.
 #[derive(serde::Deserialize)]
@@ -100,6 +99,8 @@ struct RetryValue<'a> {
     error: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     record: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    history: Option<&'a serde_json::value::RawValue>,
 }
 
 fn retry_entry(member: String, order: u128, due_ms: u64, value: &[u8]) -> Entry {
@@ -120,7 +121,15 @@ fn retry_entry(member: String, order: u128, due_ms: u64, value: &[u8]) -> Entry 
         parsed.as_ref().map_or(0, |v| v.attempts),
         due.to_string(),
     );
-    (summary, record, error)
+    Entry {
+        summary,
+        record,
+        error,
+        history: parsed
+            .as_ref()
+            .and_then(|v| v.history)
+            .map_or_else(Vec::new, |h| history::parse(h.get())),
+    }
 }
 
 impl RedisStream {
@@ -246,12 +255,11 @@ impl RedisStream {
             .query_async(&mut self.connection.clone())
             .await
             .map_err(|e| unavailable("cannot read the dead letter", e))?;
-        Ok(reply.ids.first().map(|entry| {
-            (
-                summarize(entry),
-                field(entry, RECORD_FIELD),
-                text(entry, "error"),
-            )
+        Ok(reply.ids.first().map(|entry| Entry {
+            summary: summarize(entry),
+            record: field(entry, RECORD_FIELD),
+            error: text(entry, "error"),
+            history: history::parse(&text(entry, "history")),
         }))
     }
 

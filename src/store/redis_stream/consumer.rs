@@ -111,6 +111,8 @@ pub struct StreamDelivery {
     pub(super) times_delivered: u32,
     /// From the retry schedule: the attempts made before.
     pub(super) retry: Option<u32>,
+    /// Its attempts so far, from the retry schedule ([`history`](crate::store::history)).
+    pub(super) history: String,
 }
 
 impl Delivery for StreamDelivery {
@@ -383,6 +385,7 @@ fn delivery(entry: StreamId, times_delivered: u32) -> StreamDelivery {
         record,
         times_delivered,
         retry: None,
+        history: String::new(),
     }
 }
 

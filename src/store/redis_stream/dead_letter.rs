@@ -139,6 +139,12 @@ impl StreamConsumer {
             .arg(&delivery.id)
             .arg("deadAt")
             .arg(dead_at)
+            .arg("history")
+            .arg(crate::store::history::with_attempt(
+                &delivery.history,
+                std::time::SystemTime::now(),
+                error,
+            ))
             .invoke_async(&mut self.connection)
             .await
             .map_err(|e| unavailable("cannot write the dead-letter stream", e))?;

@@ -87,29 +87,38 @@ pub(super) fn millis(time: SystemTime) -> u64 {
 }
 
 /// The hash value for `record` moved in with `retry`.
-pub(super) fn value(record: &[u8], retry: &RetryDue<'_>) -> Vec<u8> {
+pub(super) fn value(record: &[u8], retry: &RetryDue<'_>, history: &str) -> Vec<u8> {
     let record = serde_json::from_slice::<&RawValue>(record)
         .map(|raw| raw.get().to_owned())
         .unwrap_or_else(|_| json_string(&String::from_utf8_lossy(record)));
     format!(
-        "{{\"attempts\":{},\"error\":{},\"dueAt\":\"{}\",\"record\":{record}}}",
+        "{{\"attempts\":{},\"error\":{},\"dueAt\":\"{}\",\"history\":{},\"record\":{record}}}",
         retry.attempts,
         json_string(retry.error),
         humantime::format_rfc3339_millis(retry.due),
+        if history.is_empty() { "[]" } else { history },
     )
     .into_bytes()
 }
 
-/// What a hash value holds: the attempts made and the record.
-pub(super) fn parse(value: &[u8]) -> Option<(u32, Vec<u8>)> {
+/// What a hash value holds: the attempts made, the record and the history.
+pub(super) fn parse(value: &[u8]) -> Option<(u32, Vec<u8>, String)> {
     #[derive(Deserialize)]
     struct Value<'a> {
         attempts: u32,
         #[serde(borrow)]
         record: &'a RawValue,
+        #[serde(borrow)]
+        history: Option<&'a RawValue>,
     }
     let parsed: Value<'_> = serde_json::from_slice(value).ok()?;
-    Some((parsed.attempts, parsed.record.get().as_bytes().to_vec()))
+    Some((
+        parsed.attempts,
+        parsed.record.get().as_bytes().to_vec(),
+        parsed
+            .history
+            .map_or_else(String::new, |h| h.get().to_owned()),
+    ))
 }
 
 /// A duration in ms.
@@ -197,12 +206,14 @@ impl StreamConsumer {
         for pair in reply.chunks_exact(2) {
             let id = String::from_utf8_lossy(&pair[0]).into_owned();
             // A value this crate did not write still comes out, to be set aside.
-            let (attempts, record) = parse(&pair[1]).unwrap_or((0, pair[1].clone()));
+            let (attempts, record, history) =
+                parse(&pair[1]).unwrap_or((0, pair[1].clone(), String::new()));
             due.push(StreamDelivery {
                 id,
                 record,
                 times_delivered: 1,
                 retry: Some(attempts),
+                history,
             });
         }
         Ok(due)
@@ -227,7 +238,9 @@ impl StreamConsumer {
         // Sent with the others before the next acknowledgement; until then the
         // entry (or the retry's lease) keeps it from other workers.
         let due = millis(retry.due);
-        let value = value(&delivery.record, retry);
+        let history =
+            crate::store::history::with_attempt(&delivery.history, SystemTime::now(), retry.error);
+        let value = value(&delivery.record, retry, &history);
         self.moving.push((delivery.id.clone(), entry, due, value));
         self.next_retry_ms = Some(self.next_retry_ms.map_or(due, |next| next.min(due)));
     }
@@ -285,8 +298,12 @@ mod tests {
     fn a_value_keeps_the_record_and_the_attempts() {
         let record = br#"{"receivedAt":"2026-01-01T00:00:00.000Z","secretIndex":0,"event":{"eventId":"e","name":"x"}}"#;
         let retry = RetryDue::new(3, "down \"hard\"", UNIX_EPOCH);
-        let value = value(record, &retry);
-        assert_eq!(parse(&value), Some((3, record.to_vec())));
+        let history = r#"[{"at":"2026-01-01T00:00:01.000Z","error":"down"}]"#;
+        let value = value(record, &retry, history);
+        assert_eq!(
+            parse(&value),
+            Some((3, record.to_vec(), history.to_owned()))
+        );
         assert_eq!(parse(b"not json"), None);
     }
 }

@@ -104,7 +104,7 @@ impl Spool {
 
     /// The retries waiting, with their records and errors, as the console lists
     /// them.
-    pub(crate) fn retry_summaries(&self) -> Vec<(Summary, Vec<u8>, String)> {
+    pub(crate) fn retry_summaries(&self) -> Vec<crate::console::Entry> {
         super::retry::lock(&self.shared.retries).listed()
     }
 

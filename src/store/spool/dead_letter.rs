@@ -22,6 +22,7 @@ pub(super) fn dead_letter_line(
     error: &str,
     attempts: u32,
     delivery: &str,
+    history: &str,
 ) -> Vec<u8> {
     let dead_at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
     // The stored line was read as an event, so it is JSON; kept as it is.
@@ -29,9 +30,10 @@ pub(super) fn dead_letter_line(
         .map(|raw| raw.get().to_owned())
         .unwrap_or_else(|_| json_string(&String::from_utf8_lossy(record)));
     format!(
-        "{{\"deadAt\":\"{dead_at}\",\"attempts\":{attempts},\"error\":{},\"delivery\":{},\"record\":{record}}}\n",
+        "{{\"deadAt\":\"{dead_at}\",\"attempts\":{attempts},\"error\":{},\"delivery\":{},\"history\":{},\"record\":{record}}}\n",
         json_string(error),
         json_string(delivery),
+        if history.is_empty() { "[]" } else { history },
     )
     .into_bytes()
 }
@@ -165,7 +167,7 @@ mod tests {
     fn a_dead_letter_line_keeps_the_record_as_it_was() {
         let record =
             br#"{"receivedAt":"2026-01-01T00:00:00.000Z","secretIndex":0,"event":{"eventId":"e"}}"#;
-        let line = dead_letter_line(record, "database \"down\"", 3, "spool:1:0");
+        let line = dead_letter_line(record, "database \"down\"", 3, "spool:1:0", "[]");
         let text = String::from_utf8(line).unwrap_or_default();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         assert_eq!(value["error"], "database \"down\"");

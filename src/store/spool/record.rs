@@ -80,6 +80,11 @@ struct Parts<'a> {
 }
 
 impl SpooledEvent {
+    /// Its attempts so far, from the retry schedule (`""` for none).
+    pub(crate) fn history(&self) -> &str {
+        self.retry.as_ref().map_or("", |tag| tag.history.as_str())
+    }
+
     pub(crate) fn bytes(&self) -> &[u8] {
         self.chunk.get(self.line.clone()).unwrap_or_default()
     }

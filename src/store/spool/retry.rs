@@ -54,6 +54,8 @@ pub(crate) struct RetryTag {
     pub(crate) attempts: u32,
     /// The delivery id it had on the line, kept for the gate.
     pub(crate) delivery: String,
+    /// Its attempts so far ([`history`](crate::store::history)).
+    pub(crate) history: String,
 }
 
 /// One live retry.
@@ -64,6 +66,8 @@ struct Live {
     error: String,
     delivery: String,
     record: Arc<Vec<u8>>,
+    /// Its attempts so far, as JSON ([`history`](crate::store::history)).
+    history: String,
 }
 
 /// The schedule as the spool and its reader share it.
@@ -99,6 +103,8 @@ struct Line<'a> {
     delivery: String,
     #[serde(borrow)]
     record: Option<&'a RawValue>,
+    #[serde(borrow)]
+    history: Option<&'a RawValue>,
 }
 
 fn millis(time: SystemTime) -> u64 {
@@ -124,12 +130,17 @@ fn schedule_line(number: u64, live: &Live) -> Vec<u8> {
         .map(|raw| raw.get().to_owned())
         .unwrap_or_else(|_| json_string(&String::from_utf8_lossy(&live.record)));
     format!(
-        "{{\"retry\":{number},\"dueAt\":\"{}\",\"dueMs\":{},\"attempts\":{},\"error\":{},\"delivery\":{},\"record\":{record}}}\n",
+        "{{\"retry\":{number},\"dueAt\":\"{}\",\"dueMs\":{},\"attempts\":{},\"error\":{},\"delivery\":{},\"history\":{},\"record\":{record}}}\n",
         humantime::format_rfc3339_millis(due),
         live.due_ms,
         live.attempts,
         json_string(&live.error),
         json_string(&live.delivery),
+        if live.history.is_empty() {
+            "[]"
+        } else {
+            &live.history
+        },
     )
     .into_bytes()
 }
@@ -177,6 +188,9 @@ impl RetryLog {
                         error: parsed.error,
                         delivery: parsed.delivery,
                         record: Arc::new(record.get().as_bytes().to_vec()),
+                        history: parsed
+                            .history
+                            .map_or_else(String::new, |h| h.get().to_owned()),
                     };
                     live.insert(retry, entry);
                 }
@@ -216,7 +230,13 @@ impl RetryLog {
     }
 
     /// Moves `record` (stored on the line as `delivery`) into the schedule.
-    pub(crate) fn schedule(&mut self, record: &[u8], delivery: &str, retry: &RetryDue<'_>) {
+    pub(crate) fn schedule(
+        &mut self,
+        record: &[u8],
+        delivery: &str,
+        retry: &RetryDue<'_>,
+        history: String,
+    ) {
         let number = self.next_number;
         self.next_number += 1;
         let live = Live {
@@ -225,6 +245,7 @@ impl RetryLog {
             error: retry.error.to_owned(),
             delivery: delivery.to_owned(),
             record: Arc::new(record.to_vec()),
+            history,
         };
         self.unwritten
             .extend_from_slice(&schedule_line(number, &live));
@@ -233,19 +254,18 @@ impl RetryLog {
 
     /// Every retry waiting, with its record and whole error, as the console
     /// lists them (ordered by number: later moves have larger numbers).
-    pub(crate) fn listed(&self) -> Vec<(crate::console::Summary, Vec<u8>, String)> {
+    pub(crate) fn listed(&self) -> Vec<crate::console::Entry> {
         let mut all: Vec<_> = self
             .waiting
             .iter()
-            .map(|(&(_, number), live)| {
-                (
-                    summary(number, live),
-                    live.record.to_vec(),
-                    live.error.clone(),
-                )
+            .map(|(&(_, number), live)| crate::console::Entry {
+                summary: summary(number, live),
+                record: live.record.to_vec(),
+                error: live.error.clone(),
+                history: crate::store::history::parse(&live.history),
             })
             .collect();
-        all.sort_by_key(|(s, _, _)| s.order);
+        all.sort_by_key(|e| e.summary.order);
         all
     }
 
@@ -282,6 +302,7 @@ impl RetryLog {
                     number,
                     attempts: live.attempts,
                     delivery: live.delivery.clone(),
+                    history: live.history.clone(),
                 })),
             });
             self.taken.insert(number, live);

@@ -263,7 +263,12 @@ impl EventSource for SpoolReader {
         error: &str,
         attempts: u32,
     ) -> Result<(), Error> {
-        let line = dead_letter_line(delivery.record(), error, attempts, &delivery.id());
+        let history = crate::store::history::with_attempt(
+            delivery.history(),
+            std::time::SystemTime::now(),
+            error,
+        );
+        let line = dead_letter_line(delivery.record(), error, attempts, &delivery.id(), &history);
         self.off_thread(move |c| {
             let _lock = lock_dead_letter(c.dir())
                 .map_err(|e| Error::storage("cannot lock the dead letter", e))?;
@@ -280,7 +285,12 @@ impl EventSource for SpoolReader {
         retry: &RetryDue<'_>,
     ) -> Result<(), Error> {
         // Written with the next acknowledgement, before the offset passes it.
-        retry::lock(&self.retries).schedule(delivery.record(), &delivery.id(), retry);
+        let history = crate::store::history::with_attempt(
+            delivery.history(),
+            std::time::SystemTime::now(),
+            retry.error,
+        );
+        retry::lock(&self.retries).schedule(delivery.record(), &delivery.id(), retry, history);
         Ok(())
     }
 
