@@ -87,6 +87,16 @@ pub(crate) async fn answer(cx: &Context<'_>, asked: &Asked<'_>) -> Response<Stri
             );
         }
     }
+    if !cx.ops.browsable() && !matches!(asked.path, "" | "/" | "/audit") {
+        return message(
+            cx,
+            &signed,
+            StatusCode::NOT_IMPLEMENTED,
+            "Not on RabbitMQ yet",
+            "On RabbitMQ the console shows the counts only: reading a quorum queue's dead letter would take its deliveries and raise their delivery count. Use the requeue binary meanwhile.",
+            true,
+        );
+    }
     let result = match (method, asked.path) {
         (&Method::GET, "" | "/") => overview(cx, &signed).await,
         (&Method::GET, "/dead") => dead_list(cx, &signed, asked).await,
