@@ -387,3 +387,131 @@ async fn the_console_on_redis() {
     })
     .await;
 }
+
+/// A GET with `cookie`, outside the browser: its status and body.
+async fn get_page(url: &str, cookie: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(url)
+        .header("cookie", cookie)
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Signs in to the console at `base` over plain HTTP: the cookie and a CSRF token.
+async fn http_sign_in(base: &str) -> (String, String) {
+    use http_body_util::BodyExt;
+    let request = http::Request::post(format!("{base}/console/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            format!("token={OPERATOR}"),
+        )))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), 303);
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let _ = response.into_body().collect().await;
+    let (_, page) = get_page(&format!("{base}/console"), &cookie).await;
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    (cookie, csrf)
+}
+
+/// Two `worker` processes on one Redis stream, each serving the console: a pause
+/// asked on one holds both, a resume asked on the other frees both, and the
+/// receiver's public page shows no figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_on_redis_obeys_the_pause() {
+    let Some(url) = support::redis_url("every_worker_on_redis_obeys_the_pause") else {
+        return;
+    };
+    let prefix = support::unique_prefix("console-workers");
+    let start = |name: &str| {
+        let mut command = Command::new(support::example_binary(name));
+        command
+            .env("COMAPI_REDIS_URL", &url)
+            .env("COMAPI_REDIS_PREFIX", &prefix)
+            .env("COMAPI_CONSOLE_TOKEN", OPERATOR)
+            .env("COMAPI_WORKER", "false")
+            .env("METRICS_PORT", "0");
+        Receiver::start_command(name, command, process::SECRET)
+    };
+    let receiver = start("hyper_receiver");
+    let (first, second) = (start("worker"), start("worker"));
+
+    let public = process::status_page(&receiver).await;
+    assert!(
+        public.contains("/console") && !public.contains("Events stored"),
+        "{public}"
+    );
+    assert!(
+        process::get(&format!("{}/metrics", first.url))
+            .await
+            .contains("comapi_webhook_handler")
+    );
+
+    let (cookie, csrf) = http_sign_in(&first.url).await;
+    let (status, body) = post_form(
+        &format!("{}/console/pause", first.url),
+        &cookie,
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // each worker reads the mark once a second
+    let held = ["w-1", "w-2", "w-3", "w-4"];
+    send(&receiver, &held, "message.delivered").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let processed: HashSet<String> = first
+        .processed()
+        .union(&second.processed())
+        .cloned()
+        .collect();
+    assert!(
+        processed.is_empty(),
+        "processed while paused: {processed:?}"
+    );
+
+    let (cookie, csrf) = http_sign_in(&second.url).await;
+    let (_, overview) = get_page(&format!("{}/console", second.url), &cookie).await;
+    assert!(
+        overview.contains("Paused"),
+        "the second worker's console shows the pause"
+    );
+    post_form(
+        &format!("{}/console/resume", second.url),
+        &cookie,
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    until("both workers free", Duration::from_secs(15), async || {
+        let processed: HashSet<String> = first
+            .processed()
+            .union(&second.processed())
+            .cloned()
+            .collect();
+        held.iter().all(|id| processed.contains(*id))
+    })
+    .await;
+    let (_, audit) = get_page(&format!("{}/console/audit", first.url), &cookie).await;
+    assert!(
+        audit.contains("<td>operator</td><td>resume</td>")
+            && audit.contains("<td>operator</td><td>pause</td>"),
+        "{audit}"
+    );
+}
