@@ -421,15 +421,7 @@ async fn http_sign_in(base: &str) -> (String, String) {
         .to_owned();
     let _ = response.into_body().collect().await;
     let (_, page) = get_page(&format!("{base}/console"), &cookie).await;
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
-    (cookie, csrf)
+    (cookie, support::csrf_of(&page))
 }
 
 /// Two `worker` processes on one Redis stream, each serving the console: a pause

@@ -50,15 +50,7 @@ async fn sign_in(console: &Console, token: &str) -> (String, String) {
         .unwrap()
         .to_owned();
     let page = get(console, "/console", &cookie).await.into_body();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
-    (cookie, csrf)
+    (cookie, support::csrf_of(&page))
 }
 
 /// A dead letter as the worker writes it, for event `id`.

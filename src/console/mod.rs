@@ -51,8 +51,8 @@ pub use access::{
 };
 pub use model::{AuditEntry, Filter, PAGE_SIZE, Page, Summary};
 pub(crate) use model::{cut, millis};
-pub(crate) use ops::Entry;
 pub use ops::RETRIES_LISTED;
+pub(crate) use ops::{Entry, Failure};
 
 use crate::metrics::Metrics;
 use crate::store::Store;

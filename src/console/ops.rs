@@ -24,6 +24,43 @@ pub(crate) struct Entry {
     pub(crate) history: Vec<crate::store::history::Attempt>,
 }
 
+/// What the stores keep with a failed event and a page shows: a spool dead
+/// letter's line, a Redis retry's value (a Redis dead entry's fields hold the same).
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Failure<'a> {
+    #[serde(default)]
+    pub(crate) attempts: u32,
+    #[serde(default, borrow)]
+    pub(crate) error: std::borrow::Cow<'a, str>,
+    /// When it was dead-lettered (a dead letter's).
+    #[serde(default, borrow)]
+    pub(crate) dead_at: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    record: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    history: Option<&'a serde_json::value::RawValue>,
+}
+
+impl Failure<'_> {
+    /// The record as stored (empty when there is none).
+    pub(crate) fn record(&self) -> &[u8] {
+        self.record.map_or(&b""[..], |r| r.get().as_bytes())
+    }
+
+    /// Its page's entry, under `summary`.
+    pub(crate) fn entry(&self, summary: Summary) -> Entry {
+        Entry {
+            summary,
+            record: self.record().to_vec(),
+            error: self.error.to_string(),
+            history: self
+                .history
+                .map_or_else(Vec::new, |h| crate::store::history::parse(h.get())),
+        }
+    }
+}
+
 /// Where the console's copy of the dead letter stands.
 #[derive(Debug, Default)]
 pub(crate) struct DeadCache {
@@ -112,27 +149,15 @@ impl Ops {
                 let Some(line) = spool.dead_letter_line(offset, id.to_owned()).await? else {
                     return Ok(None);
                 };
-                #[derive(serde::Deserialize)]
-                struct Line<'a> {
-                    #[serde(default, borrow)]
-                    error: std::borrow::Cow<'a, str>,
-                    #[serde(borrow)]
-                    record: Option<&'a serde_json::value::RawValue>,
-                    #[serde(borrow)]
-                    history: Option<&'a serde_json::value::RawValue>,
-                }
-                let parsed = serde_json::from_slice::<Line<'_>>(&line).ok();
-                Ok(Some(Entry {
-                    summary,
-                    record: parsed
-                        .as_ref()
-                        .and_then(|l| l.record)
-                        .map_or(line.clone(), |r| r.get().as_bytes().to_vec()),
-                    history: parsed
-                        .as_ref()
-                        .and_then(|l| l.history)
-                        .map_or_else(Vec::new, |h| crate::store::history::parse(h.get())),
-                    error: parsed.map_or_else(String::new, |l| l.error.into_owned()),
+                Ok(Some(match serde_json::from_slice::<Failure<'_>>(&line) {
+                    Ok(failure) => failure.entry(summary),
+                    // Not a line this crate wrote: shown as it is.
+                    Err(_) => Entry {
+                        summary,
+                        record: line,
+                        error: String::new(),
+                        history: Vec::new(),
+                    },
                 }))
             }
             #[cfg(feature = "redis")]

@@ -36,20 +36,15 @@ impl Browser {
     pub async fn start(test: &str) -> Option<Browser> {
         if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists()
         {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v == "true"),
-                "{test}: CI=true but {CHROMIUM} or {CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)"
-            );
-            eprintln!(
-                "\n!!! SKIPPED {test}: no {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)\n"
+            super::support::missing(
+                test,
+                &format!(
+                    "{CHROMIUM} or {CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)"
+                ),
             );
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::support::free_port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())

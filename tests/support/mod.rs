@@ -32,6 +32,33 @@ pub fn redis_url(test: &str) -> Option<String> {
     }
 }
 
+/// Says loudly that `test` is skipped for `why`; under `CI=true`, fails it instead.
+pub fn missing(test: &str, why: &str) {
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "{test}: CI=true but {why}"
+    );
+    eprintln!("\n!!! SKIPPED {test}: {why}\n");
+}
+
+/// A loopback port free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The CSRF token in a console page's first form.
+pub fn csrf_of(page: &str) -> String {
+    page.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no CSRF token in {page}"))
+        .to_owned()
+}
+
 /// A unique key prefix, so tests sharing one Redis never see each other's keys.
 pub fn unique_prefix(test: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

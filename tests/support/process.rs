@@ -257,20 +257,13 @@ impl OwnRedis {
             .output()
             .is_ok();
         if !found {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v == "true"),
-                "{test}: CI=true but there is no redis-server"
-            );
-            eprintln!(
-                "\n!!! SKIPPED {test}: no redis-server on PATH (apt-get install redis-server)\n"
+            super::support::missing(
+                test,
+                "there is no redis-server on PATH (apt-get install redis-server)",
             );
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::support::free_port();
         let mut redis = OwnRedis {
             child: None,
             port,

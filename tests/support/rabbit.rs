@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::support::{TempDir, temp_dir};
+use super::support::{TempDir, free_port, missing, temp_dir};
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
@@ -37,22 +37,6 @@ pub fn amqp_management_url(test: &str) -> Option<String> {
          management API)",
     );
     None
-}
-
-fn missing(test: &str, why: &str) {
-    assert!(
-        !std::env::var("CI").is_ok_and(|v| v == "true"),
-        "{test}: CI=true but {why}"
-    );
-    eprintln!("\n!!! SKIPPED {test}: {why}\n");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A node of the test's own.

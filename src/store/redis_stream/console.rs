@@ -86,50 +86,21 @@ fn summarize(entry: &StreamId) -> Summary {
     )
 }
 
-use crate::console::Entry;
+use crate::console::{Entry, Failure};
 use crate::store::history;
 
-/// The value of a retry's record in the schedule's hash.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RetryValue<'a> {
-    #[serde(default)]
-    attempts: u32,
-    #[serde(default, borrow)]
-    error: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    record: Option<&'a serde_json::value::RawValue>,
-    #[serde(borrow)]
-    history: Option<&'a serde_json::value::RawValue>,
-}
-
 fn retry_entry(member: String, order: u128, due_ms: u64, value: &[u8]) -> Entry {
-    let parsed = serde_json::from_slice::<RetryValue<'_>>(value).ok();
-    let record = parsed
-        .as_ref()
-        .and_then(|v| v.record)
-        .map_or_else(Vec::new, |r| r.get().as_bytes().to_vec());
-    let error = parsed
-        .as_ref()
-        .map_or_else(String::new, |v| v.error.to_string());
     let due = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(due_ms));
+    let failure = serde_json::from_slice::<Failure<'_>>(value).unwrap_or_default();
     let summary = Summary::of_record(
         member,
         order,
-        &record,
-        &error,
-        parsed.as_ref().map_or(0, |v| v.attempts),
+        failure.record(),
+        &failure.error,
+        failure.attempts,
         due.to_string(),
     );
-    Entry {
-        summary,
-        record,
-        error,
-        history: parsed
-            .as_ref()
-            .and_then(|v| v.history)
-            .map_or_else(Vec::new, |h| history::parse(h.get())),
-    }
+    failure.entry(summary)
 }
 
 impl RedisStream {

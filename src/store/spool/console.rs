@@ -6,14 +6,11 @@ use std::io::{self, BufRead, Read, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
 use super::Spool;
 use super::dead_letter::{DEAD_LETTER_FILE, blocking, dead_letter_id};
 use super::files::{append_synced, sync_dir};
 use crate::Error;
-use crate::console::{AuditEntry, Summary};
+use crate::console::{AuditEntry, Failure, Summary};
 
 /// The file whose presence in the spool folder pauses processing.
 pub const PAUSE_FILE: &str = "paused";
@@ -30,31 +27,17 @@ pub(crate) struct DeadCursor {
     read: u64,
 }
 
-/// One line of the dead letter, as [`dead_letter_line`](super::dead_letter) writes it.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct DeadLine<'a> {
-    #[serde(default, borrow)]
-    dead_at: std::borrow::Cow<'a, str>,
-    #[serde(default)]
-    attempts: u32,
-    #[serde(default, borrow)]
-    error: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    record: Option<&'a RawValue>,
-}
-
 /// The dead letter's lines as summaries, ordered by their place in the file.
 fn summarize(line: &[u8], offset: u64) -> Summary {
     let id = dead_letter_id(line);
-    match serde_json::from_slice::<DeadLine<'_>>(line) {
+    match serde_json::from_slice::<Failure<'_>>(line) {
         Ok(dead) => Summary::of_record(
             id,
             u128::from(offset),
-            dead.record.map_or(&b""[..], |r| r.get().as_bytes()),
+            dead.record(),
             &dead.error,
             dead.attempts,
-            dead.dead_at.into_owned(),
+            dead.dead_at.to_string(),
         ),
         Err(e) => Summary::of_record(
             id,

@@ -443,8 +443,18 @@ mod tests {
         let dir = temp("restart");
         let mut log = RetryLog::open(&dir).unwrap();
         let due = UNIX_EPOCH + Duration::from_secs(1);
-        log.schedule(RECORD, "spool:1:10", &RetryDue::new(2, "down", due));
-        log.schedule(RECORD, "spool:1:20", &RetryDue::new(1, "down", due));
+        log.schedule(
+            RECORD,
+            "spool:1:10",
+            &RetryDue::new(2, "down", due),
+            String::new(),
+        );
+        log.schedule(
+            RECORD,
+            "spool:1:20",
+            &RetryDue::new(1, "down", due),
+            String::new(),
+        );
         log.take_writes().write().unwrap();
         let taken = log.take_due(SystemTime::now(), 1);
         assert_eq!(taken.len(), 1);
