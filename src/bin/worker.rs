@@ -213,6 +213,8 @@ where
                 "console on http://{}/console",
                 listener.local_addr().unwrap_or(addr)
             );
+            let warming = console.clone();
+            tokio::spawn(async move { warming.warm_up().await });
         }
         let token = settings.metrics_token.clone();
         tokio::spawn(serve_metrics(

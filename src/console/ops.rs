@@ -33,9 +33,6 @@ pub(crate) struct Failure<'a> {
     pub(crate) attempts: u32,
     #[serde(default, borrow)]
     pub(crate) error: std::borrow::Cow<'a, str>,
-    /// When it was dead-lettered (a dead letter's).
-    #[serde(default, borrow)]
-    pub(crate) dead_at: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     record: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]

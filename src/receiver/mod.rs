@@ -126,6 +126,12 @@ impl ReceiverConfig {
             .with_metrics(metrics);
         if console.is_enabled() {
             inbox = inbox.with_console_at(console.base());
+            let warming = console.clone();
+            tokio::spawn(async move {
+                if let Err(error) = warming.warm_up().await {
+                    tracing::warn!(error = %error.report(), "the console could not read the dead letter yet");
+                }
+            });
         }
         match &self.metrics_token {
             Some(token) => inbox = inbox.with_metrics_token(token),

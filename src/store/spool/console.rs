@@ -10,7 +10,7 @@ use super::Spool;
 use super::dead_letter::{DEAD_LETTER_FILE, blocking, dead_letter_id};
 use super::files::{append_synced, sync_dir};
 use crate::Error;
-use crate::console::{AuditEntry, Failure, Summary};
+use crate::console::{AuditEntry, RecordHead, Summary};
 
 /// The file whose presence in the spool folder pauses processing.
 pub const PAUSE_FILE: &str = "paused";
@@ -30,14 +30,27 @@ pub(crate) struct DeadCursor {
 /// The dead letter's lines as summaries, ordered by their place in the file.
 fn summarize(line: &[u8], offset: u64) -> Summary {
     let id = dead_letter_id(line);
-    match serde_json::from_slice::<Failure<'_>>(line) {
-        Ok(dead) => Summary::of_record(
+    /// A dead letter's line as far as a summary needs, in one pass.
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeadHead<'a> {
+        #[serde(default)]
+        attempts: u32,
+        #[serde(default, borrow)]
+        error: std::borrow::Cow<'a, str>,
+        #[serde(default, borrow)]
+        dead_at: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        record: Option<RecordHead<'a>>,
+    }
+    match serde_json::from_slice::<DeadHead<'_>>(line) {
+        Ok(dead) => Summary::of_head(
             id,
             u128::from(offset),
-            dead.record(),
+            dead.record.as_ref(),
             &dead.error,
             dead.attempts,
-            dead.dead_at.to_string(),
+            dead.dead_at.into_owned(),
         ),
         Err(e) => Summary::of_record(
             id,

@@ -57,11 +57,14 @@ pub async fn requeue_dead_letters(spool: &Spool) -> Result<usize, Error> {
     Ok(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
-/// A dead letter's id: the first 8 bytes of its line's SHA-1, in hex. It names the
-/// line whatever the file's other lines do.
+/// A dead letter's id: a 64-bit hash of its line, in hex. It names the line
+/// whatever the file's other lines do, for as long as the console pages over it
+/// (a fixed-key SipHash: the same in every process of one build).
 pub(crate) fn dead_letter_id(line: &[u8]) -> String {
-    use sha1::Digest;
-    hex::encode(&sha1::Sha1::digest(line)[..8])
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(line);
+    format!("{:016x}", hasher.finish())
 }
 
 /// Takes the dead letters whose ids are in `ids` (all of them, for `None`) out of
