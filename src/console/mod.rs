@@ -137,7 +137,7 @@ impl Console {
     /// page an operator opens is as fast as the next (the index is kept and read
     /// anew only where the store changed). The reference receivers and the
     /// `worker` call it when they start; without it the first page pays for the
-    /// read (700 ms for 100,000 dead letters on the spool, 2.6 s on Redis, as
+    /// read (390 ms for 100,000 dead letters on the spool, 2.1 s on Redis, as
     /// `cargo bench --bench console` measures).
     ///
     /// # Errors
