@@ -1,8 +1,10 @@
 //! The operator's console in a real headless Chromium, served by the real
 //! hyper_receiver on the spool and on Redis: sign-in, counts that match the store,
-//! filters, an event's page, requeue, discard with its confirmation, the audit
-//! log, pause and resume (across a restart), a read-only token and CSRF.
-//! Screenshots of each page go to target/tmp/console-screenshots.
+//! filters, an event's page with its attempts, requeue, discard with its
+//! confirmation, the audit log, pause and resume (across a restart), a read-only
+//! token and CSRF; on RabbitMQ, the counts. Two `worker` processes on Redis obey a
+//! pause asked on either one's console. Screenshots of each page go to
+//! target/tmp/console-screenshots.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,6 +12,8 @@
 mod browser;
 #[path = "support/process.rs"]
 mod process;
+#[path = "support/rabbit.rs"]
+mod rabbit;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -506,4 +510,54 @@ async fn every_worker_on_redis_obeys_the_pause() {
             && audit.contains("<td>operator</td><td>pause</td>"),
         "{audit}"
     );
+}
+
+/// On RabbitMQ, in the browser: the counts match the queues, and the lists say
+/// they are not there yet rather than take deliveries from the dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_on_rabbitmq_shows_the_counts() {
+    use comapi_webhook::store::EventStore;
+    use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
+    let Some(url) = rabbit::amqp_url("the_console_on_rabbitmq_shows_the_counts") else {
+        return;
+    };
+    let Some(b) = Browser::start("console-rabbitmq").await else {
+        return;
+    };
+    let queue = support::unique_prefix("console").replace(':', ".");
+    let mut command = Command::new(support::example_binary("hyper_receiver"));
+    command
+        .env("COMAPI_AMQP_URL", &url)
+        .env("COMAPI_AMQP_QUEUE", &queue)
+        .env("COMAPI_WORKER", "true")
+        .env("COMAPI_CONSOLE_TOKEN", OPERATOR)
+        .env("COMAPI_RETRY_ATTEMPTS", "1")
+        .env("DEMO_FAIL", "message.sent");
+    let receiver = Receiver::start_command("hyper_receiver", command, process::SECRET);
+    send(&receiver, &["q-1", "q-2"], "message.sent").await;
+    let store = RabbitStore::connect(&url, RabbitConfig::default().with_queue(&queue))
+        .await
+        .unwrap();
+    until("two dead letters", Duration::from_secs(30), async || {
+        store.status().await.dead_letters == Some(2)
+    })
+    .await;
+
+    sign_in(&b, &receiver.url, OPERATOR).await;
+    assert_eq!(b.text("#count-dead").await, "2");
+    assert!(
+        b.page_text()
+            .await
+            .contains("On RabbitMQ the console shows the counts")
+    );
+    b.screenshot("rabbitmq-overview").await;
+    b.client
+        .goto(&format!("{}/console/dead", receiver.url))
+        .await
+        .unwrap();
+    assert!(b.page_text().await.contains("Not on RabbitMQ yet"));
+    b.screenshot("rabbitmq-dead").await;
+    // Browsing took nothing: both are still in the dead letter.
+    assert_eq!(store.status().await.dead_letters, Some(2));
+    b.close().await;
 }

@@ -51,8 +51,10 @@ pub use access::{
 };
 pub use model::{AuditEntry, Filter, PAGE_SIZE, Page, Summary};
 pub(crate) use model::{RecordHead, cut, millis};
+pub(crate) use ops::Entry;
+#[cfg(feature = "redis")]
+pub(crate) use ops::Failure;
 pub use ops::RETRIES_LISTED;
-pub(crate) use ops::{Entry, Failure};
 
 use crate::metrics::Metrics;
 use crate::store::Store;

@@ -30,6 +30,7 @@ pub(crate) struct Entry {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Failure<'a> {
     #[serde(default)]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // read for Redis's retries
     pub(crate) attempts: u32,
     #[serde(default, borrow)]
     pub(crate) error: std::borrow::Cow<'a, str>,

@@ -217,6 +217,9 @@ async fn overview(cx: &Context<'_>, signed: &Signed<'_>) -> Result<Response<Stri
     let paused = cx.ops.paused().await;
     let mut body = String::new();
     match &paused {
+        _ if !cx.ops.browsable() => body.push_str(
+            "<p class=\"note\">On RabbitMQ the console shows the counts; pause, the lists and the actions are not there yet.</p>",
+        ),
         Ok(true) => body.push_str("<p class=\"note bad\"><span class=\"paused\">Paused</span> No worker takes a new event until processing is resumed.</p>"),
         Ok(false) => body.push_str("<p class=\"note\">Processing is running.</p>"),
         Err(e) => { let _ = write!(body, "<p class=\"note bad\">Whether processing is paused is unknown: {}</p>", escape(&e.report().to_string())); }

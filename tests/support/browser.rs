@@ -9,6 +9,7 @@
     clippy::panic
 )]
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,7 +46,9 @@ impl Browser {
             return None;
         }
         let port = super::support::free_port();
+        // Its own process group, which Chromium's processes join: killed together.
         let driver = Command::new(CHROMEDRIVER)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -182,6 +185,10 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The driver and every Chromium process it started, even after a panic.
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
