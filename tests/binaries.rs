@@ -342,7 +342,7 @@ fn the_dead_letter_demo_takes_seconds_and_the_requeue_brings_it_back() {
     );
     let dead = std::fs::read_to_string(dir.join("dead-letter.jsonl")).unwrap();
     assert_eq!(dead.lines().count(), 1, "{dead}");
-    assert!(dead.contains("DEMO_FAIL=message.sent"), "{dead}");
+    assert!(dead.contains("DEMO_FAIL names message.sent"), "{dead}");
     receiver.signal("-TERM");
     assert!(receiver.wait(Duration::from_secs(30)).success());
 

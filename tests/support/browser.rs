@@ -46,17 +46,21 @@ impl Browser {
             return None;
         }
         let port = super::support::free_port();
+        let profile = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("chromium-{test}-{}-{port}", std::process::id()));
         // Its own process group, which Chromium's processes join: killed together.
+        // Their temp files go under the profile, removed with it.
+        let temp = profile.join("tmp");
+        std::fs::create_dir_all(&temp).unwrap();
         let driver = Command::new(CHROMEDRIVER)
             .process_group(0)
+            .env("TMPDIR", &temp)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let profile = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("chromium-{test}-{}-{port}", std::process::id()));
         let mut options = serde_json::Map::new();
         options.insert("binary".into(), CHROMIUM.into());
         options.insert(
