@@ -48,6 +48,10 @@ async fn main() {
         App::new()
             .app_data(inbox.clone())
             .app_data(console.clone())
+            // The console's forms; the receive step streams its body under its own limit.
+            .app_data(web::PayloadConfig::new(
+                comapi_webhook::console::MAX_FORM_BYTES,
+            ))
             .route(
                 "/",
                 web::get().to(async |inbox: Shared| inbox.status_page().await),

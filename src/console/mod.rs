@@ -42,6 +42,7 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 
 mod access;
 mod html;
+mod lists;
 mod model;
 mod ops;
 mod pages;
@@ -62,7 +63,9 @@ use access::Session;
 use ops::Ops;
 
 /// The largest form body the console takes; the caller reads at most this much.
-pub const MAX_FORM_BYTES: usize = 256 * 1024;
+/// Its largest form, a page of 50 ticked rows, is about 1.5 KiB; the limit is
+/// what a client without a token can make a connection hold.
+pub const MAX_FORM_BYTES: usize = 16 * 1024;
 
 /// Where the console is served unless [`Console::with_base`] says otherwise.
 pub const DEFAULT_BASE: &str = "/console";
@@ -245,7 +248,8 @@ impl Console {
     }
 
     /// [`Console::handle`] for actix-web: the body as actix-web's `Bytes`
-    /// extractor read it (its default limit, 256 KiB, is [`MAX_FORM_BYTES`]).
+    /// extractor read it: give that extractor `web::PayloadConfig::new(MAX_FORM_BYTES)`
+    /// (its default is 256 KiB), as actix_receiver does.
     #[cfg(feature = "actix")]
     pub async fn handle_actix(
         &self,
