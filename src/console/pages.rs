@@ -6,8 +6,9 @@ use std::time::SystemTime;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 
 use super::access::{ConsoleAccess, Role, SESSION_COOKIE, SESSION_LIFETIME, Session};
-use super::html::{button_form, chart, csrf_field, escape, page, url_encode};
-use super::model::{AuditEntry, Filter, Index, Summary};
+use super::html::{button_form, chart, escape, page, url_encode};
+use super::lists::{self, filter_of};
+use super::model::AuditEntry;
 use super::ops::{Entry, Ops};
 use super::{Asked, html};
 use crate::Error;
@@ -24,13 +25,13 @@ pub(crate) struct Context<'a> {
 }
 
 /// A signed-in page: the session's label and CSRF token.
-struct Signed<'a> {
-    session: &'a Session,
-    csrf: String,
+pub(super) struct Signed<'a> {
+    pub(super) session: &'a Session,
+    pub(super) csrf: String,
 }
 
 impl Signed<'_> {
-    fn operator(&self) -> bool {
+    pub(super) fn operator(&self) -> bool {
         self.session.role == Role::Operator
     }
 }
@@ -99,8 +100,8 @@ pub(crate) async fn answer(cx: &Context<'_>, asked: &Asked<'_>) -> Response<Stri
     }
     let result = match (method, asked.path) {
         (&Method::GET, "" | "/") => overview(cx, &signed).await,
-        (&Method::GET, "/dead") => dead_list(cx, &signed, asked).await,
-        (&Method::GET, "/retries") => retry_list(cx, &signed, asked).await,
+        (&Method::GET, "/dead") => lists::dead_list(cx, &signed, asked).await,
+        (&Method::GET, "/retries") => lists::retry_list(cx, &signed, asked).await,
         (&Method::GET, "/audit") => audit(cx, &signed).await,
         (&Method::GET, path) if path.starts_with("/dead/") => {
             event_page(cx, &signed, &path[6..], false).await
@@ -182,7 +183,7 @@ fn redirect(to: &str, set_cookie: &str) -> Response<String> {
     response
 }
 
-fn frame(cx: &Context<'_>, signed: &Signed<'_>, title: &str, body: &str) -> String {
+pub(super) fn frame(cx: &Context<'_>, signed: &Signed<'_>, title: &str, body: &str) -> String {
     page(
         cx.base,
         title,
@@ -307,214 +308,6 @@ async fn overview(cx: &Context<'_>, signed: &Signed<'_>) -> Result<Response<Stri
         ),
     }
     Ok(html(StatusCode::OK, frame(cx, signed, "Overview", &body)))
-}
-
-/// The filter a list's form (or an action's hidden fields) gives.
-fn filter_of(asked: &Asked<'_>) -> Filter {
-    let text = |name| {
-        asked
-            .get(name)
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-    };
-    Filter {
-        name: text("name"),
-        error: text("error"),
-        from_ms: text("from").and_then(|t| parse_time(&t)),
-        to_ms: text("to").and_then(|t| parse_time(&t)),
-    }
-}
-
-/// A `datetime-local` value (UTC), or RFC 3339, as ms since the Unix epoch.
-fn parse_time(text: &str) -> Option<u64> {
-    let full = match text.len() {
-        16 => format!("{text}:00Z"),
-        19 => format!("{text}Z"),
-        _ => text.to_owned(),
-    };
-    humantime::parse_rfc3339_weak(&full).ok().map(super::millis)
-}
-
-/// The filter's fields, as they were typed, for links and hidden fields.
-fn filter_fields<'a>(asked: &'a Asked<'_>) -> Vec<(&'static str, &'a str)> {
-    ["name", "error", "from", "to"]
-        .into_iter()
-        .filter_map(|n| {
-            asked
-                .get(n)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| (n, v))
-        })
-        .collect()
-}
-
-fn filter_form(cx: &Context<'_>, asked: &Asked<'_>, list: &str, names: &Index) -> String {
-    let value = |n| escape(asked.get(n).unwrap_or(""));
-    let chosen = asked.get("name").unwrap_or("");
-    let mut options = String::from("<option value=\"\">any</option>");
-    for (name, n) in names.by_name() {
-        let selected = if name == chosen { " selected" } else { "" };
-        let _ = write!(
-            options,
-            "<option value=\"{}\"{selected}>{} ({n})</option>",
-            escape(&name),
-            escape(&name)
-        );
-    }
-    format!(
-        "<form class=\"filter\" method=\"get\" action=\"{b}/{list}\">\
-         <label for=\"f-name\">Event name<select id=\"f-name\" name=\"name\">{options}</select></label>\
-         <label for=\"f-error\">Error contains<input type=\"text\" id=\"f-error\" name=\"error\" value=\"{}\"></label>\
-         <label for=\"f-from\">Received from (UTC)<input type=\"datetime-local\" id=\"f-from\" name=\"from\" value=\"{}\"></label>\
-         <label for=\"f-to\">Received before (UTC)<input type=\"datetime-local\" id=\"f-to\" name=\"to\" value=\"{}\"></label>\
-         <button type=\"submit\">Filter</button> <a href=\"{b}/{list}\">Clear</a></form>",
-        value("error"),
-        value("from"),
-        value("to"),
-        b = cx.base,
-    )
-}
-
-fn rows(cx: &Context<'_>, items: &[Summary], list: &str, select: bool, at: &str) -> String {
-    let mut out = format!(
-        "<table><thead><tr>{}<th scope=\"col\">Event name</th><th scope=\"col\" class=\"wide\">Event id</th><th scope=\"col\">Attempts</th><th scope=\"col\">Last error</th><th scope=\"col\" class=\"wide\">{at}</th><th scope=\"col\" class=\"wide\">Received</th></tr></thead><tbody>",
-        if select {
-            "<th scope=\"col\">Select</th>"
-        } else {
-            ""
-        }
-    );
-    for s in items {
-        let id = escape(&s.id);
-        let check = if select {
-            format!(
-                "<td><input type=\"checkbox\" name=\"id\" value=\"{id}\" aria-label=\"select {}\"></td>",
-                escape(&s.event_id)
-            )
-        } else {
-            String::new()
-        };
-        let _ = write!(
-            out,
-            "<tr>{check}<td><a href=\"{}/{list}/{}\">{}</a></td><td class=\"wide\">{}</td><td>{}</td><td>{}</td><td class=\"wide\">{}</td><td class=\"wide\">{}</td></tr>",
-            cx.base,
-            url_encode(&s.id),
-            escape(&s.name),
-            escape(&s.event_id),
-            s.attempts,
-            escape(&s.error),
-            escape(&s.at),
-            escape(&s.received())
-        );
-    }
-    out.push_str("</tbody></table>");
-    out
-}
-
-fn older_link(cx: &Context<'_>, asked: &Asked<'_>, list: &str, next: Option<u128>) -> String {
-    let Some(next) = next else {
-        return String::new();
-    };
-    let mut query = String::new();
-    for (name, value) in filter_fields(asked) {
-        let _ = write!(query, "{name}={}&", url_encode(value));
-    }
-    format!(
-        "<p><a href=\"{}/{list}?{query}before={next}\" rel=\"next\">Older →</a></p>",
-        cx.base
-    )
-}
-
-async fn dead_list(
-    cx: &Context<'_>,
-    signed: &Signed<'_>,
-    asked: &Asked<'_>,
-) -> Result<Response<String>, Error> {
-    let filter = filter_of(asked);
-    let before = asked.get("before").and_then(|b| b.parse().ok());
-    let cache = cx.ops.dead_letters().await?;
-    let page_of = cache.index.page(&filter, before);
-    let mut body = filter_form(cx, asked, "dead", &cache.index);
-    drop(cache);
-    let _ = write!(
-        body,
-        "<p id=\"matching\">{} dead letter(s) match.</p>",
-        page_of.matching
-    );
-    let operator = signed.operator() && !page_of.items.is_empty();
-    if operator {
-        let _ = write!(
-            body,
-            "<form method=\"post\" action=\"{}/requeue\">{}",
-            cx.base,
-            csrf_field(&signed.csrf)
-        );
-    }
-    body.push_str(&rows(cx, &page_of.items, "dead", operator, "Dead at"));
-    if operator {
-        let _ = write!(
-            body,
-            "<div class=\"actions\"><button type=\"submit\" class=\"primary\">Requeue selected</button>\
-             <button type=\"submit\" class=\"danger\" formaction=\"{}/discard\">Discard selected…</button></div></form>",
-            cx.base
-        );
-    }
-    body.push_str(&older_link(cx, asked, "dead", page_of.next));
-    if operator {
-        let mut fields = filter_fields(asked);
-        fields.push(("scope", "filter"));
-        let n = page_of.matching;
-        body.push_str("<div class=\"actions\">");
-        body.push_str(&button_form(
-            &format!("{}/requeue", cx.base),
-            &signed.csrf,
-            &fields,
-            &format!("Requeue all {n} matching"),
-            "",
-        ));
-        body.push_str(&button_form(
-            &format!("{}/discard", cx.base),
-            &signed.csrf,
-            &fields,
-            &format!("Discard all {n} matching…"),
-            "danger",
-        ));
-        body.push_str("</div>");
-    }
-    Ok(html(
-        StatusCode::OK,
-        frame(cx, signed, "Dead letters", &body),
-    ))
-}
-
-async fn retry_list(
-    cx: &Context<'_>,
-    signed: &Signed<'_>,
-    asked: &Asked<'_>,
-) -> Result<Response<String>, Error> {
-    let filter = filter_of(asked);
-    let before = asked.get("before").and_then(|b| b.parse().ok());
-    let (index, _) = cx.ops.retries().await?;
-    let page_of = index.page(&filter, before);
-    let mut body = filter_form(cx, asked, "retries", &index);
-    let _ = write!(
-        body,
-        "<p id=\"matching\">{} retry(ies) match, first due first.</p>",
-        page_of.matching
-    );
-    body.push_str(&rows(
-        cx,
-        &page_of.items,
-        "retries",
-        false,
-        "Next attempt due",
-    ));
-    body.push_str(&older_link(cx, asked, "retries", page_of.next));
-    Ok(html(
-        StatusCode::OK,
-        frame(cx, signed, "Waiting for a retry", &body),
-    ))
 }
 
 async fn event_page(
