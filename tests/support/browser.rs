@@ -24,6 +24,7 @@ pub struct Browser {
     pub client: Client,
     driver: Child,
     profile: PathBuf,
+    temp: PathBuf,
 }
 
 /// Where the screenshots go: `target/tmp/console-screenshots`.
@@ -49,8 +50,9 @@ impl Browser {
         let profile = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("chromium-{test}-{}-{port}", std::process::id()));
         // Its own process group, which Chromium's processes join: killed together.
-        // Their temp files go under the profile, removed with it.
-        let temp = profile.join("tmp");
+        // Their temp files go in a folder of their own, removed with the profile; a
+        // short path, since Chromium puts a Unix socket in it (at most 107 bytes).
+        let temp = std::env::temp_dir().join(format!("chromium-{port}"));
         std::fs::create_dir_all(&temp).unwrap();
         let driver = Command::new(CHROMEDRIVER)
             .process_group(0)
@@ -104,6 +106,7 @@ impl Browser {
             client,
             driver,
             profile,
+            temp,
         })
     }
 
@@ -196,5 +199,6 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
+        let _ = std::fs::remove_dir_all(&self.temp);
     }
 }
