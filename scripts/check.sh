@@ -5,8 +5,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's name and how long it took, printed at the end.
 started=$(date +%s)
+step_name=
+step_started=$started
+timings=()
+end_step() {
+  [ -z "$step_name" ] || timings+=("$(printf '%5d s  %s' "$(( $(date +%s) - step_started ))" "$step_name")")
+}
+step() {
+  end_step
+  step_name=$*
+  step_started=$(date +%s)
+  printf '\n==> %s\n' "$*"
+}
+
+# A clean build gains nothing from incremental compilation's caches, and they
+# take gigabytes.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 
 # What to stop on exit, in order; never failing (under `set -e` a failing trap
 # would fail the run).
@@ -126,4 +142,7 @@ if [ -n "$left" ]; then
 fi
 rmdir "$test_tmp"
 
+end_step
+printf '\n==> time per step\n'
+printf '%s\n' "${timings[@]}"
 step "all checks passed in $(( $(date +%s) - started )) s"

@@ -130,8 +130,24 @@ async fn until(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> boo
 }
 
 /// A form POST to the console with `cookie`, outside the browser: its status and body.
-async fn post_form(url: &str, cookie: &str, form: &str) -> (u16, String) {
+/// `request`'s status and body, within 30 s.
+async fn exchange(
+    request: http::Request<http_body_util::Full<hyper::body::Bytes>>,
+) -> (u16, String) {
     use http_body_util::BodyExt;
+    let what = format!("{} {}", request.method(), request.uri());
+    let asked = async {
+        let response = client().request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(30), asked)
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 30 s"))
+}
+
+async fn post_form(url: &str, cookie: &str, form: &str) -> (u16, String) {
     let request = http::Request::post(url)
         .header("content-type", "application/x-www-form-urlencoded")
         .header("cookie", cookie)
@@ -139,10 +155,7 @@ async fn post_form(url: &str, cookie: &str, form: &str) -> (u16, String) {
             form.to_owned(),
         )))
         .unwrap();
-    let response = client().request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    exchange(request).await
 }
 
 async fn sign_in(b: &Browser, base: &str, token: &str) {
@@ -394,15 +407,11 @@ async fn the_console_on_redis() {
 
 /// A GET with `cookie`, outside the browser: its status and body.
 async fn get_page(url: &str, cookie: &str) -> (u16, String) {
-    use http_body_util::BodyExt;
     let request = http::Request::get(url)
         .header("cookie", cookie)
         .body(http_body_util::Full::new(hyper::body::Bytes::new()))
         .unwrap();
-    let response = client().request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    exchange(request).await
 }
 
 /// Signs in to the console at `base` over plain HTTP: the cookie and a CSRF token.

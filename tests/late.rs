@@ -229,8 +229,10 @@ fn a_worker_backing_off_stops_within_its_grace_and_the_event_comes_again() {
         *flag.lock().unwrap() = true;
         async { Err::<(), _>(std::io::Error::other("down")) }
     };
-    // A minute's backoff after the first failure.
-    let retry = RetryPolicy::new(Duration::from_secs(60), Duration::from_secs(60), 5);
+    // A backoff after the first failure longer than the grace period, so the stop
+    // comes while the worker waits; the retry it scheduled is due 4 s later, when
+    // the next worker takes it.
+    let retry = RetryPolicy::new(Duration::from_secs(4), Duration::from_secs(4), 5);
     let grace = Duration::from_secs(2);
     let (in_time, took) = stop_within(&dir, handler, retry, &started, grace);
     assert!(

@@ -12,19 +12,49 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use fantoccini::wd::TimeoutConfiguration;
 use fantoccini::{Client, ClientBuilder, Locator};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// A browser session; its chromedriver (and so its Chromium) is killed on drop.
+/// How long a session may last: past it, its chromedriver and Chromium are
+/// killed, and every later WebDriver call fails the test instead of hanging it.
+const SESSION_LIMIT: Duration = Duration::from_secs(240);
+
+/// One browser at a time in a test binary: a Chromium each for tests running in
+/// parallel would only make each slower on a small machine, and any limit on time
+/// unfair to the one that waited.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A browser session; its chromedriver (and so its Chromium) is killed on drop,
+/// or when it passes [`SESSION_LIMIT`].
 pub struct Browser {
     pub client: Client,
     driver: Child,
     profile: PathBuf,
     temp: PathBuf,
+    /// Ends the watchdog when dropped.
+    _watchdog: mpsc::Sender<()>,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// Kills the process group `group` unless `stop` hears from its sender (or loses
+/// it) within `limit`.
+fn watchdog(group: u32, limit: Duration) -> mpsc::Sender<()> {
+    let (sender, stop) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if stop.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout) {
+            eprintln!(
+                "the browser session passed {limit:?}: its chromedriver and Chromium are killed"
+            );
+            super::support::kill_group(group);
+        }
+    });
+    sender
 }
 
 /// Where the screenshots go: `target/tmp/console-screenshots`.
@@ -46,6 +76,7 @@ impl Browser {
             );
             return None;
         }
+        let turn = ONE_AT_A_TIME.lock().await;
         let port = super::support::free_port();
         let profile = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("chromium-{test}-{}-{port}", std::process::id()));
@@ -63,6 +94,7 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let watchdog = watchdog(driver.id(), SESSION_LIMIT);
         let mut options = serde_json::Map::new();
         options.insert("binary".into(), CHROMIUM.into());
         options.insert(
@@ -102,11 +134,22 @@ impl Browser {
                 }
             }
         };
+        // WebDriver's own limits, under the session's.
+        client
+            .update_timeouts(TimeoutConfiguration::new(
+                Some(Duration::from_secs(30)),
+                Some(Duration::from_secs(30)),
+                Some(Duration::ZERO),
+            ))
+            .await
+            .unwrap();
         Some(Browser {
             client,
             driver,
             profile,
             temp,
+            _watchdog: watchdog,
+            _turn: turn,
         })
     }
 
@@ -193,9 +236,7 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // The driver and every Chromium process it started, even after a panic.
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.driver.id())])
-            .status();
+        super::support::kill_group(self.driver.id());
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);

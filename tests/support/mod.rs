@@ -41,6 +41,15 @@ pub fn missing(test: &str, why: &str) {
     eprintln!("\n!!! SKIPPED {test}: {why}\n");
 }
 
+/// SIGKILL to every process of the group `group`. Through the shell's own `kill`
+/// with `--`: procps' `kill -KILL -<pgid>` can read the group as another option
+/// and signal every process the user may signal, the test runner's shell among them.
+pub fn kill_group(group: u32) {
+    let _ = std::process::Command::new("bash")
+        .args(["-c", &format!("kill -s KILL -- -{group}")])
+        .status();
+}
+
 /// A loopback port free now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -191,18 +191,24 @@ pub async fn post(
     if let Some(signature) = signature {
         request = request.header(SIGNATURE_HEADER, signature);
     }
-    let response = client
-        .request(request.body(Full::new(Bytes::from(body))).unwrap())
+    let asked = async {
+        let response = client
+            .request(request.body(Full::new(Bytes::from(body))).unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    // Comapi gives up after 10 s; a test waits three times that, then fails.
+    tokio::time::timeout(Duration::from_secs(30), asked)
         .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        .unwrap_or_else(|_| Err(format!("POST {url}: no answer within 30 s")))
 }
 
 pub async fn post_signed(

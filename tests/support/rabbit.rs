@@ -231,11 +231,7 @@ impl OwnRabbit {
     /// SIGKILL to the node and everything it started.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // The shell's own `kill`, with `--`: procps' `kill -KILL -<pgid>` can read
-            // the group as another option and signal every process.
-            let _ = Command::new("bash")
-                .args(["-c", &format!("kill -s KILL -- -{}", child.id())])
-                .status();
+            super::support::kill_group(child.id());
             let _ = child.kill();
             let _ = child.wait();
         }
