@@ -2,8 +2,9 @@
 //! under `cargo test --benches`): the first page, a page filtered by name and
 //! error, and a page deep in the list, each rendered whole by `Console::handle`.
 //! Before the timings it prints the first render after start (the console reads
-//! the dead letter once, then only what was added). On the spool, and on Redis
-//! with `COMAPI_TEST_REDIS_URL` (and the feature `redis`).
+//! the dead letter once, then only what was added). On the spool, on Redis with
+//! `COMAPI_TEST_REDIS_URL` (and the feature `redis`), and on RabbitMQ with
+//! `COMAPI_TEST_AMQP_URL` (and the feature `rabbitmq`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -195,5 +196,92 @@ fn redis(c: &mut Criterion) {
 #[cfg(not(feature = "redis"))]
 fn redis(_: &mut Criterion) {}
 
-criterion_group!(benches, spool, redis);
+/// On RabbitMQ the dead letter is a stream, read by offset: the same pages.
+#[cfg(feature = "rabbitmq")]
+fn rabbitmq(c: &mut Criterion) {
+    use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let Some(url) = std::env::var("COMAPI_TEST_AMQP_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        println!("console_rabbitmq: SKIPPED, no COMAPI_TEST_AMQP_URL");
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config =
+        RabbitConfig::default().with_queue(format!("bench.console.{}", std::process::id()));
+    let store = runtime
+        .block_on(RabbitStore::connect(&url, config.clone()))
+        .unwrap();
+    let connection = runtime.block_on(async {
+        let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let text = |t: &str| AMQPValue::LongString(t.into());
+        for chunk in (0..events()).collect::<Vec<_>>().chunks(1000) {
+            let mut confirms = Vec::new();
+            for &n in chunk {
+                let (record, _, error) = dead(n);
+                let mut headers = FieldTable::default();
+                headers.insert("x-comapi-error".into(), text(error));
+                headers.insert("x-comapi-attempts".into(), AMQPValue::LongInt(8));
+                headers.insert("x-comapi-dead-at".into(), text("2026-12-05T00:00:00.000Z"));
+                let properties = lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers);
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        config.dead_queue().as_str().into(),
+                        BasicPublishOptions::default(),
+                        record.as_bytes(),
+                        properties,
+                    )
+                    .await
+                    .unwrap();
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                confirm.await.unwrap();
+            }
+        }
+        connection
+    });
+    pages(c, &runtime, &Console::new(store, access()), "rabbitmq");
+    runtime.block_on(async {
+        let channel = connection.create_channel().await.unwrap();
+        let mut queues = vec![
+            config.queue.clone(),
+            config.dead_queue(),
+            config.console_stream(),
+        ];
+        queues.extend(
+            comapi_webhook::store::rabbitmq::RETRY_TIERS_MS
+                .iter()
+                .map(|tier| format!("{}.retry.{tier}", config.queue)),
+        );
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+fn rabbitmq(_: &mut Criterion) {}
+
+criterion_group!(benches, spool, redis, rabbitmq);
 criterion_main!(benches);

@@ -111,16 +111,11 @@ fn failures_go_to_the_dead_letter_queue_and_requeue_brings_them_back() {
         done.unwrap();
         assert_eq!(store.status().await.backlog, Some(0));
         // The dead letter holds the record with the last error and the attempts.
-        let (error, attempts) = peek_dead(&url, &config).await;
+        let (error, attempts, history) = peek_dead(&url, &config).await;
         assert_eq!(error, "down");
         assert_eq!(attempts, 2);
-        // The peek's nack reaches the quorum queue through Raft: wait until the dead
-        // letter is ready again, or the requeue finds nothing ready to move.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while store.status().await.dead_letters != Some(1) {
-            assert!(Instant::now() < deadline, "{:?}", store.status().await);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eq!(history, 2, "each attempt with its time and error");
+        assert_eq!(store.status().await.dead_letters, Some(1));
 
         assert_eq!(store.requeue_dead_letters().await.unwrap(), 1);
         assert_eq!(store.status().await.dead_letters, Some(0));
@@ -140,44 +135,60 @@ fn failures_go_to_the_dead_letter_queue_and_requeue_brings_them_back() {
     });
 }
 
-/// The first dead letter's `x-comapi-error` and `x-comapi-attempts`, left in place.
-async fn peek_dead(url: &str, config: &RabbitConfig) -> (String, i64) {
-    use lapin::options::{BasicGetOptions, BasicNackOptions};
-    use lapin::types::AMQPValue;
+/// The first dead letter's `x-comapi-error`, `x-comapi-attempts` and attempts in
+/// `x-comapi-history`, read from the dead letter's stream (which a read leaves as
+/// it was).
+async fn peek_dead(url: &str, config: &RabbitConfig) -> (String, i64, usize) {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    use lapin::types::{AMQPValue, FieldTable};
     let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let message = channel
-        .basic_get(
-            config.dead_queue().as_str().into(),
-            BasicGetOptions { no_ack: false },
-        )
-        .await
-        .unwrap()
-        .expect("a dead letter")
-        .delivery;
-    let headers = message.properties.headers().clone().unwrap_or_default();
-    let error = match headers.inner().get("x-comapi-error") {
-        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
-        other => panic!("x-comapi-error: {other:?}"),
-    };
-    let attempts = match headers.inner().get("x-comapi-attempts") {
-        Some(AMQPValue::LongInt(n)) => i64::from(*n),
-        other => panic!("x-comapi-attempts: {other:?}"),
-    };
     channel
-        .basic_nack(
-            message.delivery_tag,
-            BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            },
+        .basic_qos(10, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut from_first = FieldTable::default();
+    from_first.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut messages = channel
+        .basic_consume(
+            config.dead_queue().as_str().into(),
+            "peek".into(),
+            BasicConsumeOptions::default(),
+            from_first,
         )
         .await
         .unwrap();
-    connection.close(200, "peeked".into()).await.unwrap();
-    (error, attempts)
+    let text = |value: Option<&AMQPValue>| match value {
+        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        other => panic!("not text: {other:?}"),
+    };
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("a dead letter within 10 s")
+            .unwrap()
+            .unwrap();
+        let headers = message.properties.headers().clone().unwrap_or_default();
+        let headers = headers.inner();
+        // The console's readers leave fences in the stream.
+        if headers.contains_key("x-comapi-fence") {
+            continue;
+        }
+        let error = text(headers.get("x-comapi-error"));
+        let attempts = match headers.get("x-comapi-attempts") {
+            Some(AMQPValue::LongInt(n)) => i64::from(*n),
+            other => panic!("x-comapi-attempts: {other:?}"),
+        };
+        let history = comapi_webhook::store::history::parse(&text(headers.get("x-comapi-history")));
+        connection.close(200, "peeked".into()).await.unwrap();
+        return (error, attempts, history.len());
+    }
 }
 
 #[test]

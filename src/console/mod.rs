@@ -31,9 +31,9 @@
 //! # }
 //! ```
 //!
-//! On RabbitMQ the console shows the counts and the audit log's absence; its
-//! lists and actions need a dead letter that can be read without taking
-//! deliveries, which a quorum queue is not (see the crate's changelog).
+//! On RabbitMQ the dead letter is a stream, read by offset without taking a
+//! delivery (see [`store::rabbitmq`](crate::store::rabbitmq)); the retry
+//! schedule's delay queues are counted, not listed.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -148,7 +148,7 @@ impl Console {
     /// # Errors
     /// When the store cannot be read; the next page tries again.
     pub async fn warm_up(&self) -> Result<(), crate::Error> {
-        if self.is_enabled() && self.ops.browsable() {
+        if self.is_enabled() {
             drop(self.ops.dead_letters().await?);
         }
         Ok(())

@@ -66,6 +66,11 @@ pub(crate) struct DeadCache {
     spool: crate::store::spool::DeadCursor,
     #[cfg(feature = "redis")]
     redis_last: Option<String>,
+    #[cfg(feature = "rabbitmq")]
+    rabbit: crate::store::rabbitmq::DeadCursor,
+    /// On RabbitMQ, the dead letters taken out (they stay in the stream).
+    #[cfg(feature = "rabbitmq")]
+    rabbit_taken: std::collections::HashSet<String>,
 }
 
 /// A store the console works on, with its copy of the dead letter.
@@ -78,9 +83,9 @@ pub(crate) struct Ops {
 #[cfg(feature = "rabbitmq")]
 fn not_on_rabbitmq() -> Error {
     Error::store_unavailable(
-        "the console cannot list or change a RabbitMQ queue's dead letter and retries yet",
-        "browsing a quorum queue would take its deliveries and raise their delivery count; \
-         use the requeue binary, and RabbitMQ's management UI for counts only",
+        "the console cannot list RabbitMQ's retry schedule",
+        "its delay queues cannot be read without taking their messages and raising their \
+         delivery count; the overview counts them",
     )
 }
 
@@ -92,8 +97,9 @@ impl Ops {
         }
     }
 
-    /// Whether this store has lists and actions (the spool and Redis).
-    pub(crate) fn browsable(&self) -> bool {
+    /// Whether this store lists its retry schedule (the spool and Redis: not
+    /// RabbitMQ's delay queues, which cannot be read without taking from them).
+    pub(crate) fn lists_retries(&self) -> bool {
         match &self.store {
             Store::Spool(_) => true,
             #[cfg(feature = "redis")]
@@ -129,7 +135,20 @@ impl Ops {
                 }
             }
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => return Err(not_on_rabbitmq()),
+            Store::Rabbit(store) => {
+                let (delta, cursor) = store.dead_delta(cache.rabbit).await?;
+                cache.rabbit = cursor;
+                let DeadCache {
+                    index,
+                    rabbit_taken,
+                    ..
+                } = &mut *cache;
+                rabbit_taken.extend(delta.taken.iter().map(u64::to_string));
+                index.entries.extend(delta.added);
+                if !delta.taken.is_empty() || !rabbit_taken.is_empty() {
+                    index.entries.retain(|s| !rabbit_taken.contains(&s.id));
+                }
+            }
         }
         Ok(cache)
     }
@@ -161,7 +180,14 @@ impl Ops {
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.dead_letter(id).await,
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+            Store::Rabbit(store) => {
+                let cache = self.dead_letters().await?;
+                let Some(summary) = cache.index.find(id).cloned() else {
+                    return Ok(None);
+                };
+                drop(cache);
+                store.dead_letter(summary).await
+            }
         }
     }
 
@@ -180,7 +206,17 @@ impl Ops {
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.take_dead_letters(&ids, requeue).await?,
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => return Err(not_on_rabbitmq()),
+            Store::Rabbit(store) => {
+                // Only what is still there: the stream keeps what was taken.
+                let offsets = ids
+                    .iter()
+                    .filter(|id| cache.index.find(id).is_some())
+                    .filter_map(|id| id.parse().ok())
+                    .collect();
+                let taken = store.take_dead_letters(offsets, requeue).await?;
+                cache.rabbit_taken.extend(ids.iter().cloned());
+                taken
+            }
         };
         let gone: std::collections::HashSet<&String> = ids.iter().collect();
         cache.index.entries.retain(|s| !gone.contains(&s.id));
@@ -237,7 +273,7 @@ impl Ops {
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.paused().await,
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => Ok(false),
+            Store::Rabbit(store) => store.paused().await,
         }
     }
 
@@ -247,7 +283,7 @@ impl Ops {
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.set_paused(paused).await,
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+            Store::Rabbit(store) => store.set_paused(paused).await,
         }
     }
 
@@ -257,7 +293,7 @@ impl Ops {
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.append_audit(entry).await,
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => Err(not_on_rabbitmq()),
+            Store::Rabbit(store) => store.append_audit(entry).await,
         }
     }
 
@@ -267,7 +303,7 @@ impl Ops {
             #[cfg(feature = "redis")]
             Store::Redis(stream) => stream.audit_log(limit).await,
             #[cfg(feature = "rabbitmq")]
-            Store::Rabbit(_) => Ok(Vec::new()),
+            Store::Rabbit(store) => Ok(store.dead_count_and_audit(limit).await?.1),
         }
     }
 }

@@ -88,13 +88,14 @@ pub(crate) async fn answer(cx: &Context<'_>, asked: &Asked<'_>) -> Response<Stri
             );
         }
     }
-    if !cx.ops.browsable() && !matches!(asked.path, "" | "/" | "/audit") {
+    if !cx.ops.lists_retries() && (asked.path.starts_with("/retries") || asked.path == "/retry-now")
+    {
         return message(
             cx,
             &signed,
             StatusCode::NOT_IMPLEMENTED,
-            "Not on RabbitMQ yet",
-            "On RabbitMQ the console shows the counts only: reading a quorum queue's dead letter would take its deliveries and raise their delivery count. Use the requeue binary meanwhile.",
+            "Not on RabbitMQ",
+            "RabbitMQ's retry schedule is a set of delay queues, which cannot be read without taking their messages and raising their delivery count: the overview counts them, and each comes back by itself when it is due.",
             true,
         );
     }
@@ -218,14 +219,11 @@ async fn overview(cx: &Context<'_>, signed: &Signed<'_>) -> Result<Response<Stri
     let paused = cx.ops.paused().await;
     let mut body = String::new();
     match &paused {
-        _ if !cx.ops.browsable() => body.push_str(
-            "<p class=\"note\">On RabbitMQ the console shows the counts; pause, the lists and the actions are not there yet.</p>",
-        ),
         Ok(true) => body.push_str("<p class=\"note bad\"><span class=\"paused\">Paused</span> No worker takes a new event until processing is resumed.</p>"),
         Ok(false) => body.push_str("<p class=\"note\">Processing is running.</p>"),
         Err(e) => { let _ = write!(body, "<p class=\"note bad\">Whether processing is paused is unknown: {}</p>", escape(&e.report().to_string())); }
     }
-    if signed.operator() && cx.ops.browsable() {
+    if signed.operator() {
         let (action, label) = if paused.as_ref().is_ok_and(|p| *p) {
             ("resume", "Resume processing")
         } else {
@@ -271,11 +269,19 @@ async fn overview(cx: &Context<'_>, signed: &Signed<'_>) -> Result<Response<Stri
         count(status.stored),
         b = cx.base,
     );
-    if cx.ops.browsable() {
+    {
         let dead = cx.ops.dead_letters().await?.index.by_name();
-        let (retries, _) = cx.ops.retries().await?;
-        let retries = retries.by_name();
-        let mut names: Vec<&String> = dead.keys().chain(retries.keys()).collect();
+        // RabbitMQ's delay queues are counted, not read: no names.
+        let retries = if cx.ops.lists_retries() {
+            Some(cx.ops.retries().await?.0.by_name())
+        } else {
+            None
+        };
+        let no_names = std::collections::BTreeMap::new();
+        let mut names: Vec<&String> = dead
+            .keys()
+            .chain(retries.as_ref().unwrap_or(&no_names).keys())
+            .collect();
         names.sort();
         names.dedup();
         body.push_str("<h2>By event name</h2>");
@@ -290,7 +296,10 @@ async fn overview(cx: &Context<'_>, signed: &Signed<'_>) -> Result<Response<Stri
                     cx.base,
                     url_encode(name),
                     escape(name),
-                    retries.get(name).unwrap_or(&0),
+                    retries.as_ref().map_or_else(
+                        || "not told".to_owned(),
+                        |r| r.get(name).unwrap_or(&0).to_string()
+                    ),
                     dead.get(name).unwrap_or(&0)
                 );
             }

@@ -61,7 +61,7 @@ impl Delivery for RabbitDelivery {
 }
 
 /// A header's value as text, if it is a string.
-fn header_text<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<Cow<'a, str>> {
+pub(super) fn header_text<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<Cow<'a, str>> {
     match headers?.inner().get(name)? {
         AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes())),
         AMQPValue::ShortString(text) => Some(Cow::Borrowed(text.as_str())),
@@ -70,7 +70,7 @@ fn header_text<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<Cow<'a
 }
 
 /// A header's value as a number, if it is one.
-fn header_number(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+pub(super) fn header_number(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
     match headers?.inner().get(name)? {
         AMQPValue::LongLongInt(n) => Some(*n),
         AMQPValue::LongInt(n) => Some(i64::from(*n)),
@@ -118,10 +118,10 @@ fn delivery(message: lapin::message::Delivery) -> RabbitDelivery {
 /// event in hand, acknowledges and closes its channel: the broker hands what it
 /// held and had not finished to another consumer.
 pub struct RabbitConsumer {
-    connection: Connection,
+    pub(super) connection: Connection,
     channel: Channel,
     messages: Consumer,
-    config: RabbitConfig,
+    pub(super) config: RabbitConfig,
     /// The last finished delivery tag: every earlier one is finished too, as the
     /// worker finishes deliveries in the order it got them.
     finished_up_to: Option<u64>,
@@ -133,6 +133,9 @@ pub struct RabbitConsumer {
     /// Moves into the retry schedule published and not yet confirmed, oldest
     /// first: nothing from a move's delivery on is acknowledged before its confirm.
     moving: VecDeque<Move>,
+    /// The pause, as last read, and when.
+    pub(super) paused: bool,
+    pub(super) pause_read: Option<std::time::Instant>,
 }
 
 /// A move into the retry schedule whose confirm is still to come.
@@ -190,6 +193,8 @@ impl RabbitConsumer {
                 stop: StopHandle::default(),
                 cancelled: false,
                 moving: VecDeque::new(),
+                paused: false,
+                pause_read: None,
             })
         })
         .await
@@ -507,6 +512,10 @@ impl EventSource for RabbitConsumer {
     fn stopping(&self) -> bool {
         self.stop.is_stopped()
     }
+
+    async fn paused(&mut self) -> bool {
+        self.paused_now().await
+    }
 }
 
 /// The queue's consumers for a supervised [`Worker`](crate::Worker): each run
@@ -532,7 +541,6 @@ impl ConsumerConfig for RabbitConfig {
 pub(super) struct Counts {
     pub(super) ready: u64,
     pub(super) consumers: u64,
-    pub(super) dead: u64,
     /// Messages waiting in the delay queues.
     pub(super) retries: u64,
 }
@@ -546,13 +554,6 @@ pub(super) async fn counts(channel: &Channel, config: &RabbitConfig) -> Result<C
         let queue = channel
             .queue_declare(config.queue.as_str().into(), passive, FieldTable::default())
             .await?;
-        let dead = channel
-            .queue_declare(
-                config.dead_queue().as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await?;
         let mut retries = 0;
         for tier in TIERS_MS {
             let name = retry::tier_queue(config, tier);
@@ -561,14 +562,12 @@ pub(super) async fn counts(channel: &Channel, config: &RabbitConfig) -> Result<C
                 .await?;
             retries += u64::from(tier.message_count());
         }
-        Ok((queue, dead, retries))
+        Ok((queue, retries))
     };
-    let (queue, dead, retries) =
-        within(config.deadline, "cannot read the queue's counts", asked).await?;
+    let (queue, retries) = within(config.deadline, "cannot read the queue's counts", asked).await?;
     Ok(Counts {
         ready: u64::from(queue.message_count()),
         consumers: u64::from(queue.consumer_count()),
-        dead: u64::from(dead.message_count()),
         retries,
     })
 }

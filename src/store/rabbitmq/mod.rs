@@ -15,11 +15,15 @@
 //!   acknowledgement, a poison message that crashes every worker, is
 //!   dead-lettered), `x-dead-letter-exchange`, `x-dead-letter-strategy=at-least-once`
 //!   and `x-overflow=reject-publish` (without which dead-lettering is at most once);
-//! - the dead-letter exchange (fanout) and queue (quorum), both named
-//!   `<queue>.dead`: the broker's dead letters (the delivery limit) and the
-//!   worker's (the last attempt failed) land there, the worker's with the headers
-//!   `x-comapi-error` (the last attempt's), `x-comapi-attempts` and
-//!   `x-comapi-dead-at` (RFC 3339, UTC);
+//! - the dead-letter exchange (fanout) and a stream, both named `<queue>.dead`:
+//!   the broker's dead letters (the delivery limit) and the worker's (the last
+//!   attempt failed) land there, the worker's with the headers `x-comapi-error`
+//!   (the last attempt's), `x-comapi-attempts`, `x-comapi-history` and
+//!   `x-comapi-dead-at` (RFC 3339, UTC). A stream, so that the console reads it by
+//!   offset without taking a delivery; what is requeued or discarded stays in it,
+//!   its offset written to the stream `<queue>.console`, the console's log (with
+//!   the audit entries), which every reader leaves out;
+//! - while the exchange `<queue>.paused` exists, the workers take no new event.
 //! - the retry schedule's delay queues (quorum), `<queue>.retry.<ms>`, one per
 //!   [`RETRY_TIERS_MS`], whose messages expire back into the queue (see `retry`
 //!   in the source, and *Retries* below).
@@ -50,8 +54,8 @@
 //!
 //! # The status
 //!
-//! [`EventStore::status`] reads the ready messages, the consumers and the dead
-//! letters over AMQP. How many messages consumers hold unacknowledged AMQP does not
+//! [`EventStore::status`] reads the ready messages and the consumers over AMQP,
+//! and counts the dead letters left in the stream. How many messages consumers hold unacknowledged AMQP does not
 //! tell: given [`RabbitConfig::management_url`], the status reads it (`pending`) and
 //! the backlog from the broker's management API.
 //!
@@ -84,11 +88,14 @@ use super::broker::Outage;
 use super::{EventStore, Records, StoreStatus};
 use crate::Error;
 
+mod console;
 mod consumer;
 mod dead_letter;
 mod management;
 mod retry;
+mod stream;
 
+pub(crate) use console::DeadCursor;
 pub use consumer::{RabbitConsumer, RabbitConsumers, RabbitDelivery};
 pub(crate) use management::check_url as check_management_url;
 pub use retry::TIERS_MS as RETRY_TIERS_MS;
@@ -200,6 +207,8 @@ pub struct RabbitStore {
     told_no_leader: Arc<std::sync::atomic::AtomicBool>,
     /// Why the queue takes no publish, while it does not.
     diagnosis: Arc<Mutex<Option<String>>>,
+    /// Its reading of the dead letter and the console's log.
+    view: Arc<Mutex<console::DeadView>>,
 }
 
 impl std::fmt::Debug for RabbitStore {
@@ -238,6 +247,7 @@ impl RabbitStore {
             link: Arc::default(),
             told_no_leader: Arc::default(),
             diagnosis: Arc::default(),
+            view: Arc::default(),
         };
         store.channel().await?;
         Ok(store)
@@ -378,19 +388,6 @@ impl RabbitStore {
     async fn forget_link(&self) {
         self.link.lock().await.take();
     }
-
-    /// Moves every message in the dead-letter queue back to the queue: each is
-    /// published (confirmed) before it is acknowledged, so a crash in between
-    /// duplicates it at most (the gate tells the copies apart) and never loses it.
-    /// Returns how many were moved. A dead letter that another client holds
-    /// unacknowledged at that moment is not ready, so it stays where it is.
-    ///
-    /// # Errors
-    /// [`Error::StoreUnavailable`] when the broker fails; what was moved stays moved.
-    pub async fn requeue_dead_letters(&self) -> Result<u64, Error> {
-        let channel = self.channel().await?;
-        dead_letter::requeue(&channel, &self.config).await
-    }
 }
 
 impl EventStore for RabbitStore {
@@ -448,7 +445,12 @@ impl EventStore for RabbitStore {
                 None => Ok(None),
             }
         };
-        let (counts, sample) = tokio::join!(counts, sample);
+        let dead = async {
+            tokio::time::timeout(deadline, self.dead_count_and_audit(0))
+                .await
+                .unwrap_or_else(|_| Err(late("cannot read the dead letter")))
+        };
+        let (counts, sample, dead) = tokio::join!(counts, sample, dead);
         let counts = match counts {
             Ok(counts) => counts,
             Err(error) => {
@@ -463,6 +465,10 @@ impl EventStore for RabbitStore {
             Ok(sample) => (sample, None),
             Err(error) => (None, Some(error.report().to_string())),
         };
+        let (dead, error) = match dead {
+            Ok((dead, _)) => (Some(dead), error),
+            Err(e) => (None, error.or_else(|| Some(e.report().to_string()))),
+        };
         // Storing failing while the queue answers: say why on the page too.
         let diagnosis = self.diagnosis.lock().await.clone();
         let error = error.or(diagnosis).or_else(|| self.outage.why());
@@ -471,7 +477,7 @@ impl EventStore for RabbitStore {
             stored: None,
             backlog: Some(sample.map_or(counts.ready, |s| s.messages)),
             pending: sample.map(|s| s.unacknowledged),
-            dead_letters: Some(counts.dead),
+            dead_letters: dead,
             retries: Some(counts.retries),
             // When the first is due the broker does not tell without taking it.
             next_retry_at: None,
@@ -507,9 +513,13 @@ async fn declare(channel: &Channel, config: &RabbitConfig) -> Result<(), lapin::
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(dead.as_str().into(), durable, quorum.clone())
-        .await?;
+    let mut stream = FieldTable::default();
+    stream.insert("x-queue-type".into(), text("stream"));
+    for name in [&dead, &config.console_stream()] {
+        channel
+            .queue_declare(name.as_str().into(), durable, stream.clone())
+            .await?;
+    }
     channel
         .queue_bind(
             dead.as_str().into(),

@@ -41,6 +41,9 @@ pub(super) const DUE_HEADER: &str = "x-comapi-due";
 /// The header with the last error.
 pub(super) const ERROR_HEADER: &str = "x-comapi-error";
 
+/// The header with the failed attempts, as `store::history` keeps them.
+pub(super) const HISTORY_HEADER: &str = "x-comapi-history";
+
 /// The broker's own headers of a delivery, not carried into a new message.
 const BROKER_HEADERS: [&str; 6] = [
     "x-delivery-count",
@@ -114,10 +117,20 @@ pub(super) fn moved(properties: &BasicProperties, retry: &RetryDue<'_>) -> Basic
     );
     headers.insert(ERROR_HEADER.into(), text(retry.error));
     headers.insert(
+        HISTORY_HEADER.into(),
+        text(&with_attempt(properties, retry.error)),
+    );
+    headers.insert(
         DUE_HEADER.into(),
         AMQPValue::LongLongInt(i64::try_from(millis(retry.due)).unwrap_or(i64::MAX)),
     );
     properties.clone().with_headers(headers)
+}
+
+/// The attempts in `properties`' history header, with a failure now with `error`.
+pub(super) fn with_attempt(properties: &BasicProperties, error: &str) -> String {
+    let history = super::consumer::header_text(properties.headers().as_ref(), HISTORY_HEADER);
+    crate::store::history::with_attempt(history.as_deref().unwrap_or(""), SystemTime::now(), error)
 }
 
 /// The delivery's headers without the broker's.
