@@ -1,9 +1,9 @@
 //! The operator's console in a real headless Chromium, served by the real
-//! hyper_receiver on the spool and on Redis: sign-in, counts that match the store,
-//! filters, an event's page with its attempts, requeue, discard with its
-//! confirmation, the audit log, pause and resume (across a restart), a read-only
-//! token and CSRF; on RabbitMQ, the counts. Two `worker` processes on Redis obey a
-//! pause asked on either one's console. Screenshots of each page go to
+//! hyper_receiver on the spool, on Redis and on RabbitMQ: sign-in, counts that
+//! match the store, filters, an event's page with its attempts, requeue, discard
+//! with its confirmation, the audit log, pause and resume (across a restart), a
+//! read-only token and CSRF. Two `worker` processes on Redis, and on RabbitMQ, obey
+//! a pause asked on either one's console. Screenshots of each page go to
 //! target/tmp/console-screenshots.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -482,11 +482,26 @@ async fn every_worker_on_redis_obeys_the_pause() {
         return;
     };
     let prefix = support::unique_prefix("console-workers");
+    every_worker_obeys_the_pause(&[("COMAPI_REDIS_URL", url), ("COMAPI_REDIS_PREFIX", prefix)])
+        .await;
+}
+
+/// The same with two `worker` processes on one RabbitMQ queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_on_rabbitmq_obeys_the_pause() {
+    let Some(url) = rabbit::amqp_url("every_worker_on_rabbitmq_obeys_the_pause") else {
+        return;
+    };
+    let queue = support::unique_prefix("console-workers").replace(':', ".");
+    every_worker_obeys_the_pause(&[("COMAPI_AMQP_URL", url), ("COMAPI_AMQP_QUEUE", queue)]).await;
+}
+
+/// A receiver and two `worker` processes on the store that `store` names.
+async fn every_worker_obeys_the_pause(store: &[(&str, String)]) {
     let start = |name: &str| {
         let mut command = Command::new(support::example_binary(name));
         command
-            .env("COMAPI_REDIS_URL", &url)
-            .env("COMAPI_REDIS_PREFIX", &prefix)
+            .envs(store.iter().map(|(k, v)| (k, v)))
             .env("COMAPI_CONSOLE_TOKEN", OPERATOR)
             .env("COMAPI_WORKER", "false")
             .env("METRICS_PORT", "0");
