@@ -409,3 +409,55 @@ fn the_status_counts_unacknowledged_deliveries_through_the_management_api() {
         }
     });
 }
+
+/// A broker with the quorum queue an earlier version made for the dead letter:
+/// both the store and a consumer say what to do, naming the queue.
+#[test]
+fn an_earlier_versions_dead_letter_queue_is_named_with_what_to_do() {
+    let Some(url) = amqp_url("an_earlier_versions_dead_letter_queue") else {
+        return;
+    };
+    runtime().block_on(async {
+        use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+        use lapin::types::{AMQPValue, FieldTable};
+        let config = config("old-dead");
+        let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut quorum = FieldTable::default();
+        quorum.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(config.dead_queue().as_str().into(), durable, quorum)
+            .await
+            .unwrap();
+        let store = RabbitStore::connect(&url, config.clone())
+            .await
+            .unwrap_err();
+        let consumer = RabbitConsumer::connect(&url, config.clone(), "old")
+            .await
+            .unwrap_err();
+        for error in [store, consumer] {
+            let report = error.report().to_string();
+            assert!(
+                report.contains(&format!("rabbitmqctl delete_queue {}", config.dead_queue()))
+                    && report.contains("earlier version"),
+                "{report}"
+            );
+        }
+        channel
+            .queue_delete(
+                config.dead_queue().as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+    });
+}

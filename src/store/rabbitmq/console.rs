@@ -48,6 +48,24 @@ impl RabbitConfig {
     }
 }
 
+/// `error`, or, when the broker refused the dead letter's stream because an
+/// earlier version made a quorum queue of that name, what to do about it.
+pub(super) fn old_dead_letter(error: Error, config: &RabbitConfig) -> Error {
+    let dead = config.dead_queue();
+    let report = error.report().to_string();
+    if !report.contains("inequivalent arg 'x-queue-type'") || !report.contains(&dead) {
+        return error;
+    }
+    Error::store_unavailable(
+        "cannot declare the dead letter's stream",
+        format!(
+            "{dead} is a quorum queue, made by an earlier version: this one keeps dead letters \
+             in a stream. Move them back with the earlier version's requeue, delete the queue \
+             (rabbitmqctl delete_queue {dead}), then start again"
+        ),
+    )
+}
+
 /// One message of the console's log: an audit entry, or dead letters taken out.
 #[derive(Serialize, Deserialize)]
 struct LogEntry {

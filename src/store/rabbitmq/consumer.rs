@@ -198,6 +198,7 @@ impl RabbitConsumer {
             })
         })
         .await
+        .map_err(|e| super::console::old_dead_letter(e, &config))
     }
 
     /// The same consumer, stopped by `stop`.

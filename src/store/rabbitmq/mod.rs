@@ -279,7 +279,8 @@ impl RabbitStore {
                 channel,
             })
         })
-        .await?;
+        .await
+        .map_err(|e| console::old_dead_letter(e, &self.config))?;
         let channel = made.channel.clone();
         if let Some(old) = link.replace(made) {
             drop(old.connection); // its I/O ends with its last handle
