@@ -2,9 +2,10 @@
 # Checks the READMEs against the code:
 # - the layout table of README.md names every public module `cargo doc` shows, and
 #   no other module, and every private file it names exists;
-# - every Rust snippet of README.md and examples/README.md builds exactly as shown,
-#   each as a binary of a new project that depends on this crate by path, the way
-#   a user who copies it would (with the dependencies its first comment names).
+# - every Rust snippet of README.md and examples/README.md compiles exactly as
+#   shown (`cargo check`: types and borrows, without codegen and link), each as a
+#   binary of a new project that depends on this crate by path, the way a user who
+#   copies it would (with the dependencies its first comment names).
 # Fails, naming the row or the snippet's file and line.
 #
 #   scripts/readme.sh
@@ -78,5 +79,5 @@ for doc in ["README.md", "examples/README.md"]:
 print(f"{count} snippets")
 PY
 cd "$project"
-CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}" cargo build --bins --quiet
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}" cargo check --bins --quiet
 echo "every snippet compiles as shown"

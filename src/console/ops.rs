@@ -144,10 +144,14 @@ impl Ops {
                     ..
                 } = &mut *cache;
                 rabbit_taken.extend(delta.taken.iter().map(u64::to_string));
-                index.entries.extend(delta.added);
-                if !delta.taken.is_empty() || !rabbit_taken.is_empty() {
+                if !delta.taken.is_empty() {
                     index.entries.retain(|s| !rabbit_taken.contains(&s.id));
                 }
+                // Taken out by another reader before this one read it.
+                let added = delta.added.into_iter();
+                index
+                    .entries
+                    .extend(added.filter(|s| !rabbit_taken.contains(&s.id)));
             }
         }
         Ok(cache)
