@@ -21,8 +21,11 @@ step() {
 }
 
 # A clean build gains nothing from incremental compilation's caches, and they
-# take gigabytes.
-if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+# take gigabytes; nor from line tables in every test binary (a failure's message
+# still names its file and line).
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0 CARGO_PROFILE_DEV_DEBUG=0
+fi
 
 # What to stop on exit, in order; never failing (under `set -e` a failing trap
 # would fail the run).
