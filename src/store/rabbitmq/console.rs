@@ -133,19 +133,13 @@ fn not_found(error: &lapin::Error) -> bool {
         if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
-/// Whether the exchange `name` exists: a passive declare on a channel of its own,
-/// which the broker closes when it does not.
+/// Whether the exchange `name` exists: a passive declare on `channel`, a channel
+/// of its own, which the broker closes when it does not.
 async fn exchange_exists(
-    connection: &lapin::Connection,
+    channel: Channel,
     config: &RabbitConfig,
     name: &str,
 ) -> Result<bool, Error> {
-    let channel = within(
-        config.deadline,
-        "cannot read the pause",
-        connection.create_channel(),
-    )
-    .await?;
     let passive = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
@@ -158,7 +152,8 @@ async fn exchange_exists(
     );
     match tokio::time::timeout(config.deadline, asked).await {
         Ok(Ok(())) => {
-            let _ = channel.close(200, "looked".into()).await;
+            let _ =
+                tokio::time::timeout(config.deadline, channel.close(200, "looked".into())).await;
             Ok(true)
         }
         Ok(Err(error)) if not_found(&error) => Ok(false),
@@ -171,17 +166,27 @@ async fn exchange_exists(
 }
 
 impl RabbitStore {
-    /// A channel of its own for a stream's read.
-    async fn reading_channel(&self) -> Result<Channel, Error> {
+    /// A new channel on the store's connection (the publishing channel is shared).
+    async fn side_channel(&self) -> Result<Channel, Error> {
         self.channel().await?;
         let link = self.link.lock().await;
         let Some(link) = link.as_ref() else {
             return Err(Error::store_unavailable(
-                "cannot read a RabbitMQ stream",
+                "cannot open a RabbitMQ channel",
                 "the connection broke",
             ));
         };
-        stream::reading_channel(&link.connection, &self.config).await
+        within(
+            self.config.deadline,
+            "cannot open a RabbitMQ channel",
+            link.connection.create_channel(),
+        )
+        .await
+    }
+
+    /// A channel of its own for a stream's read.
+    async fn reading_channel(&self) -> Result<Channel, Error> {
+        stream::read_ahead(self.side_channel().await?, &self.config).await
     }
 
     /// Whether processing is paused: every worker on this queue takes no new event.
@@ -189,22 +194,8 @@ impl RabbitStore {
     /// # Errors
     /// [`Error::StoreUnavailable`] when the broker cannot answer.
     pub async fn paused(&self) -> Result<bool, Error> {
-        self.channel().await?;
-        let link = self.link.lock().await;
-        match link.as_ref() {
-            Some(link) => {
-                exchange_exists(
-                    &link.connection,
-                    &self.config,
-                    &self.config.pause_exchange(),
-                )
-                .await
-            }
-            None => Err(Error::store_unavailable(
-                "cannot read the pause",
-                "the connection broke",
-            )),
-        }
+        let channel = self.side_channel().await?;
+        exchange_exists(channel, &self.config, &self.config.pause_exchange()).await
     }
 
     /// Pauses or resumes every worker on this queue: declares or deletes the
@@ -464,8 +455,17 @@ impl RabbitConsumer {
             return self.paused;
         }
         let name = self.config.pause_exchange();
+        let read = async {
+            let channel = within(
+                self.config.deadline,
+                "cannot read the pause",
+                self.connection.create_channel(),
+            )
+            .await?;
+            exchange_exists(channel, &self.config, &name).await
+        };
         // Unreadable: as it was; the next read tells the broker's trouble.
-        if let Ok(paused) = exchange_exists(&self.connection, &self.config, &name).await {
+        if let Ok(paused) = read.await {
             self.paused = paused;
         }
         self.pause_read = Some(Instant::now());

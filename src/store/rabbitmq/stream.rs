@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel};
 
 use super::consumer::{header_number, header_text, publish_confirmed};
 use super::{RabbitConfig, delivery_id, text, within};
@@ -66,23 +66,19 @@ pub(super) async fn fence(
     Ok(id)
 }
 
-/// A channel of its own on `connection` for a read, with the read-ahead set.
-pub(super) async fn reading_channel(
-    connection: &Connection,
-    config: &RabbitConfig,
-) -> Result<Channel, Error> {
+/// `channel`, a channel of its own for a read, with the read-ahead set.
+pub(super) async fn read_ahead(channel: Channel, config: &RabbitConfig) -> Result<Channel, Error> {
     within(config.deadline, "cannot read a RabbitMQ stream", async {
-        let channel = connection.create_channel().await?;
         channel
             .basic_qos(READ_AHEAD, BasicQosOptions::default())
-            .await?;
-        Ok(channel)
+            .await
     })
-    .await
+    .await?;
+    Ok(channel)
 }
 
 /// Reads `stream` from offset `from` until the fence `until` or until `each`
-/// returns `false`, on `channel` (from [`reading_channel`], closed at the end):
+/// returns `false`, on `channel` (from [`read_ahead`], closed at the end):
 /// calls `each` with every message that is not a fence, in order. Returns the
 /// offset after the last message read. Without a fence, the message `each` waits
 /// for must exist.
