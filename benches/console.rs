@@ -106,6 +106,24 @@ fn pages(c: &mut Criterion, runtime: &tokio::runtime::Runtime, console: &Console
     group.finish();
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The URL in `var`, or `None`, said, for the benchmark group `group`.
+#[allow(dead_code)] // without the redis and rabbitmq features
+fn server(var: &str, group: &str) -> Option<String> {
+    let url = std::env::var(var).ok().filter(|u| !u.is_empty());
+    if url.is_none() {
+        println!("{group}: SKIPPED, no {var}");
+    }
+    url
+}
+
 fn access() -> ConsoleAccess {
     ConsoleAccess::new()
         .with_token("bench", Role::Operator, TOKEN)
@@ -113,11 +131,7 @@ fn access() -> ConsoleAccess {
 }
 
 fn spool(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let dir = std::env::temp_dir().join(format!("comapi-console-bench-{}", std::process::id()));
     let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
     let mut lines = String::new();
@@ -137,18 +151,10 @@ fn spool(c: &mut Criterion) {
 #[cfg(feature = "redis")]
 fn redis(c: &mut Criterion) {
     use comapi_webhook::store::redis_stream::{RedisStream, RedisStreamConfig};
-    let Some(url) = std::env::var("COMAPI_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        println!("console_redis: SKIPPED, no COMAPI_TEST_REDIS_URL");
+    let Some(url) = server("COMAPI_TEST_REDIS_URL", "console_redis") else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let prefix = format!("bench:console:{}:", std::process::id());
     let dead_key = format!("{prefix}events:dead");
     runtime.block_on(async {
@@ -202,18 +208,10 @@ fn rabbitmq(c: &mut Criterion) {
     use comapi_webhook::store::rabbitmq::{RabbitConfig, RabbitStore};
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
     use lapin::types::{AMQPValue, FieldTable};
-    let Some(url) = std::env::var("COMAPI_TEST_AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        println!("console_rabbitmq: SKIPPED, no COMAPI_TEST_AMQP_URL");
+    let Some(url) = server("COMAPI_TEST_AMQP_URL", "console_rabbitmq") else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let config =
         RabbitConfig::default().with_queue(format!("bench.console.{}", std::process::id()));
     let store = runtime

@@ -184,6 +184,25 @@ impl RabbitStore {
         .await
     }
 
+    /// Reads the dead letter's stream from `from` (see [`stream::read`]).
+    async fn read_dead(
+        &self,
+        from: u64,
+        until: Option<&str>,
+        each: impl FnMut(StreamMessage) -> bool,
+    ) -> Result<u64, Error> {
+        let channel = self.reading_channel().await?;
+        stream::read(
+            channel,
+            &self.config,
+            &self.config.dead_queue(),
+            from,
+            until,
+            each,
+        )
+        .await
+    }
+
     /// A channel of its own for a stream's read.
     async fn reading_channel(&self) -> Result<Channel, Error> {
         stream::read_ahead(self.side_channel().await?, &self.config).await
@@ -268,18 +287,12 @@ impl RabbitStore {
         let dead_fence = stream::fence(&channel, &self.config, &dead).await?;
         let log_fence = stream::fence(&channel, &self.config, &log).await?;
         let mut delta = DeadDelta::default();
-        let next_dead = stream::read(
-            self.reading_channel().await?,
-            &self.config,
-            &dead,
-            cursor.dead,
-            Some(&dead_fence),
-            |message| {
+        let next_dead = self
+            .read_dead(cursor.dead, Some(&dead_fence), |message| {
                 delta.added.push(summarize(&message));
                 true
-            },
-        )
-        .await?;
+            })
+            .await?;
         let next_log = stream::read(
             self.reading_channel().await?,
             &self.config,
@@ -329,19 +342,12 @@ impl RabbitStore {
             return Ok(None);
         };
         let mut found = None;
-        stream::read(
-            self.reading_channel().await?,
-            &self.config,
-            &self.config.dead_queue(),
-            offset,
-            None,
-            |message| {
-                if message.offset == offset {
-                    found = Some(message);
-                }
-                false
-            },
-        )
+        self.read_dead(offset, None, |message| {
+            if message.offset == offset {
+                found = Some(message);
+            }
+            false
+        })
         .await?;
         Ok(found.map(|message| Entry {
             error: failure(&message),
@@ -385,20 +391,13 @@ impl RabbitStore {
         };
         let wanted: HashSet<u64> = chunk.iter().copied().collect();
         let mut found = Vec::with_capacity(chunk.len());
-        stream::read(
-            self.reading_channel().await?,
-            &self.config,
-            &self.config.dead_queue(),
-            first,
-            None,
-            |message| {
-                let offset = message.offset;
-                if wanted.contains(&offset) {
-                    found.push(message);
-                }
-                offset < last
-            },
-        )
+        self.read_dead(first, None, |message| {
+            let offset = message.offset;
+            if wanted.contains(&offset) {
+                found.push(message);
+            }
+            offset < last
+        })
         .await?;
         let channel = self.channel().await?;
         for message in found {

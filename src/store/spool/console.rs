@@ -19,12 +19,31 @@ pub const PAUSE_FILE: &str = "paused";
 /// a line.
 pub const AUDIT_FILE: &str = "audit.jsonl";
 
-/// How far the console has read the dead letter: the file (its inode) and the
-/// bytes read of it.
+/// How far the console has read the dead letter: the file (its inode), the bytes
+/// read of it, and where the last line read starts with a hash of it: a file
+/// rewritten under the same inode (the file system may give a freed inode again)
+/// is told by that line, which is no longer there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct DeadCursor {
     inode: u64,
     read: u64,
+    last: (u64, u64),
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(bytes);
+    hasher.finish()
+}
+
+/// Whether `file` still holds, where `cursor` says, the last line it read.
+fn still_there(file: &mut fs::File, cursor: DeadCursor) -> io::Result<bool> {
+    let (start, expected) = cursor.last;
+    let mut line = vec![0; usize::try_from(cursor.read - start).unwrap_or(0)];
+    file.seek(io::SeekFrom::Start(start))?;
+    file.read_exact(&mut line)?;
+    Ok(hash(&line) == expected)
 }
 
 /// The dead letter's lines as summaries, ordered by their place in the file.
@@ -155,7 +174,9 @@ impl Spool {
             };
             let read_error = |e| Error::storage("cannot read the dead letter", e);
             let meta = file.metadata().map_err(read_error)?;
-            let anew = meta.ino() != cursor.inode || meta.len() < cursor.read;
+            let anew = meta.ino() != cursor.inode
+                || meta.len() < cursor.read
+                || (cursor.read > 0 && !still_there(&mut file, cursor).map_err(read_error)?);
             let start = if anew { 0 } else { cursor.read };
             file.seek(io::SeekFrom::Start(start)).map_err(read_error)?;
             let mut data = Vec::new();
@@ -168,16 +189,19 @@ impl Spool {
                 .map_or(0, |end| end + 1);
             let mut summaries = Vec::new();
             let mut offset = start;
+            let mut last = if anew { (0, 0) } else { cursor.last };
             for line in data[..whole].split_inclusive(|&b| b == b'\n') {
                 let text = line.strip_suffix(b"\n").unwrap_or(line);
                 if !text.iter().all(u8::is_ascii_whitespace) {
                     summaries.push(summarize(text, offset));
                 }
+                last = (offset, hash(line));
                 offset += line.len() as u64;
             }
             let cursor = DeadCursor {
                 inode: meta.ino(),
                 read: start + whole as u64,
+                last,
             };
             Ok((summaries, cursor, anew))
         })
@@ -209,5 +233,60 @@ impl Spool {
             Ok((dead_letter_id(&line) == id).then_some(line))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::store::spool::SpoolConfig;
+
+    fn line(id: &str) -> String {
+        format!(
+            "{{\"attempts\":1,\"error\":\"down\",\"record\":{{\"receivedAt\":\"2026-01-01T00:00:00.000Z\",\"secretIndex\":0,\"event\":{{\"eventId\":\"{id}\",\"name\":\"message.sent\"}}}}}}\n"
+        )
+    }
+
+    #[test]
+    fn a_dead_letter_rewritten_in_place_is_read_anew() {
+        let dir = std::env::temp_dir().join(format!(
+            "comapi-dead-cursor-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (spool, _) = Spool::open(&SpoolConfig::new(&dir)).unwrap();
+            let path = dir.join(DEAD_LETTER_FILE);
+            fs::write(&path, line("a-1") + &line("a-2")).unwrap();
+            let (first, cursor, _) = spool
+                .read_dead_letters(DeadCursor::default())
+                .await
+                .unwrap();
+            assert_eq!(first.len(), 2);
+            // Appended: only the new line.
+            append_synced(&dir, DEAD_LETTER_FILE, line("a-3").as_bytes()).unwrap();
+            let (added, cursor, anew) = spool.read_dead_letters(cursor).await.unwrap();
+            assert_eq!((added.len(), anew), (1, false));
+            assert_eq!(added[0].event_id, "a-3");
+            // Rewritten in place, same inode, longer: every line again.
+            let inode = fs::metadata(&path).unwrap().ino();
+            fs::write(
+                &path,
+                line("b-1") + &line("b-2") + &line("b-3") + &line("b-4"),
+            )
+            .unwrap();
+            assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
+            let (all, _, anew) = spool.read_dead_letters(cursor).await.unwrap();
+            assert!(anew);
+            let ids: Vec<&str> = all.iter().map(|s| s.event_id.as_str()).collect();
+            assert_eq!(ids, ["b-1", "b-2", "b-3", "b-4"]);
+            spool.close().await;
+        });
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
