@@ -90,12 +90,6 @@ export TMPDIR=$test_tmp
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-# The manifest: no file in two targets (the reference receivers are examples/ files
-# built as binaries, so examples are declared, not discovered), no other warning.
-step "cargo check --features binaries: no warning from the manifest"
-manifest_warnings=$(cargo check --features binaries 2>&1 | grep '^warning' || true)
-if [ -n "$manifest_warnings" ]; then echo "$manifest_warnings"; exit 1; fi
-
 # Every feature set a user can pick: none (the defaults: verifier, events, in-memory
 # gate), each feature on its own, and all of them. Each is linted warning-free with
 # its tests compiled (`--all-targets`). The tests run with none, the defaults and all
@@ -105,23 +99,39 @@ if [ -n "$manifest_warnings" ]; then echo "$manifest_warnings"; exit 1; fi
 feature_sets=("--no-default-features" "" "--features receiver" "--features binaries"
   "--features redis" "--features rabbitmq" "--features actix" "--features axum" "--all-features")
 tested=("--no-default-features" "" "--features receiver --lib" "--all-features")
+# A test run: cargo-nextest where it is installed (each test in a process of its own,
+# both cores busy across test binaries, and a hung test killed: .config/nextest.toml)
+# and then the doc tests, which nextest does not run; plain `cargo test` elsewhere.
+run_tests() {
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast "$@"
+    if [[ " $* " != *" --test "* && " $* " != *" --lib "* ]]; then cargo test --doc "$@"; fi
+  else
+    cargo test "$@"
+  fi
+}
+
+# Every lint run also shows the manifest's own warnings, which -D warnings does not
+# turn into errors: none is allowed (the reference receivers are examples/ files built
+# as binaries, so examples are declared, not discovered, and no file is in two targets).
 for features in "${feature_sets[@]}"; do
   step "cargo clippy --all-targets ${features:-(default features)} -- -D warnings"
   # shellcheck disable=SC2086 # the feature flags are separate words
-  cargo clippy --all-targets $features -- -D warnings
+  lints=$(cargo clippy --all-targets $features -- -D warnings 2>&1) || { echo "$lints"; exit 1; }
+  if grep -q '^warning' <<<"$lints"; then echo "$lints"; exit 1; fi
   for run in "${tested[@]}"; do
     if [ "${run% --lib}" = "$features" ]; then
-      step "cargo test ${run:-(default features)}"
+      step "tests: ${run:-(default features)}"
       # shellcheck disable=SC2086
-      cargo test $run
+      run_tests $run
     fi
   done
 done
 
 # The delivery tests again with one handler at a time: every guarantee holds at any
 # concurrency (the binaries they start read the same variable).
-step "COMAPI_CONCURRENCY=1 cargo test --all-features (the delivery tests)"
-COMAPI_CONCURRENCY=1 cargo test --all-features --test worker --test stream --test spool \
+step "COMAPI_CONCURRENCY=1, the delivery tests (--all-features)"
+COMAPI_CONCURRENCY=1 run_tests --all-features --test worker --test stream --test spool \
   --test receivers --test scale_out --test keep_alive --test late --test shutdown --test clock \
   --test retries
 
