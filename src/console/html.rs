@@ -44,7 +44,8 @@ main{padding:1rem;max-width:70rem}
 h1{font-size:1.35rem;margin:.2rem 0 1rem}
 h2{font-size:1.1rem;margin:1.4rem 0 .5rem}
 table{border-collapse:collapse;width:100%;background:#fff}
-th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical-align:top;overflow-wrap:anywhere}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical-align:top;overflow-wrap:break-word}
+td.text{overflow-wrap:anywhere;min-width:8rem}
 .counts td:last-child,.counts th:last-child{text-align:right}
 form.filter{display:flex;flex-wrap:wrap;gap:.5rem 1rem;align-items:end;margin:.5rem 0 1rem}
 label{display:flex;flex-direction:column;font-size:.85rem}

@@ -99,7 +99,7 @@ fn rows(cx: &Context<'_>, items: &[Summary], list: &str, select: bool, at: &str)
         };
         let _ = write!(
             out,
-            "<tr>{check}<td><a href=\"{}/{list}/{}\">{}</a></td><td class=\"wide\">{}</td><td>{}</td><td>{}</td><td class=\"wide\">{}</td><td class=\"wide\">{}</td></tr>",
+            "<tr>{check}<td><a href=\"{}/{list}/{}\">{}</a></td><td class=\"wide\">{}</td><td>{}</td><td class=\"text\">{}</td><td class=\"wide\">{}</td><td class=\"wide\">{}</td></tr>",
             cx.base,
             url_encode(&s.id),
             escape(&s.name),
