@@ -90,7 +90,18 @@ fn wait_processed(workers: &[&Receiver], acked: &HashSet<String>, within: Durati
         if missing == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "never processed: {missing}");
+        if Instant::now() >= deadline {
+            for (n, log) in logs.iter().enumerate() {
+                let (processed, other): (Vec<&str>, Vec<&str>) =
+                    log.lines().partition(|l| l.contains("event processed"));
+                eprintln!(
+                    "worker {n} processed {}; its other lines:\n{}",
+                    processed.len(),
+                    other.join("\n")
+                );
+            }
+            panic!("never processed: {missing}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

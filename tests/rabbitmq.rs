@@ -2,7 +2,8 @@
 //! `scripts/check.sh` starts): a store-then-consume round trip, a copy called a
 //! duplicate, the topology's arguments, the worker's dead letter and its requeue, a
 //! poison message stopped by the delivery limit, a stalled broker answered 503
-//! at the deadline, and the unacknowledged count read from the management API.
+//! at the deadline, a consumer whose start ran out of time leaving no consumer on
+//! the broker, and the unacknowledged count read from the management API.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -230,6 +231,50 @@ fn a_stalled_broker_gets_503_at_the_deadline_and_the_store_recovers() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         eprintln!("200 again {:?} after the stall ended", started.elapsed());
+    });
+}
+
+#[test]
+fn a_consumer_whose_start_runs_out_of_time_leaves_no_consumer_behind() {
+    let Some(url) = amqp_url("a_consumer_whose_start_runs_out_of_time") else {
+        return;
+    };
+    runtime().block_on(async {
+        let target = url
+            .trim_start_matches("amqp://guest:guest@")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let proxied = support::consume_stalling_proxy(target).await;
+        let config = config("consume-stalled").with_deadline(Duration::from_secs(2));
+        // The topology first, so that only the consume can run out of time.
+        let store = RabbitStore::connect(&url, config.clone()).await.unwrap();
+        let error = RabbitConsumer::connect(
+            &format!("amqp://guest:guest@{proxied}/%2f"),
+            config.clone(),
+            "stalled",
+        )
+        .await
+        .expect_err("a consume without an answer fails at the deadline");
+        assert!(
+            format!("{error:?}").contains("no answer within 2s"),
+            "{error:?}"
+        );
+        // The broker took the consumer; the connection that holds it must go, or
+        // its prefetch of events would wait for a reader that never comes.
+        let started = Instant::now();
+        loop {
+            let consumers = store.status().await.consumers;
+            if consumers == Some(0) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a consumer stayed behind: {consumers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
 }
 

@@ -339,6 +339,54 @@ pub async fn cutting_proxy(target: String, cut: std::sync::Arc<tokio::sync::Noti
     addr.to_string()
 }
 
+/// A TCP proxy to `target` (`host:port`) that, on each connection, holds every
+/// byte from the broker once the client sent an AMQP `basic.consume`: the broker
+/// takes the consumer, the client never hears so. Returns its own `host:port`.
+pub async fn consume_stalling_proxy(target: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watching = std::sync::Arc::clone(&stalled);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut from, mut to) = (client_read, server_write);
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf).await {
+                    if has_basic_consume(&buf[..n]) {
+                        watching.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(pump(server_read, client_write, stalled));
+        }
+    });
+    addr.to_string()
+}
+
+/// Whether `bytes`, whole AMQP 0-9-1 frames, hold a `basic.consume` method (class
+/// 60, method 20).
+fn has_basic_consume(mut bytes: &[u8]) -> bool {
+    while bytes.len() >= 11 {
+        let size = u32::from_be_bytes([bytes[3], bytes[4], bytes[5], bytes[6]]) as usize;
+        if bytes[0] == 1 && bytes[7..11] == [0, 60, 0, 20] {
+            return true;
+        }
+        let Some(rest) = bytes.get(7 + size + 1..) else {
+            return false;
+        };
+        bytes = rest;
+    }
+    false
+}
+
 async fn pump(
     mut from: impl tokio::io::AsyncRead + Unpin,
     mut to: impl tokio::io::AsyncWrite + Unpin,

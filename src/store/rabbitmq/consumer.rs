@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer, PublisherConfirm};
 
 use super::retry::{self, ATTEMPTS_HEADER, DUE_HEADER, TIERS_MS};
-use super::{DELIVERY_HEADER, RabbitConfig, dead_letter, declare, open, unavailable, within};
+use super::{DELIVERY_HEADER, RabbitConfig, connected, dead_letter, declare, unavailable, within};
 use crate::store::broker::{ConsumerConfig, Consumers, StopHandle};
 use crate::store::spool::record_event;
 use crate::store::{Delivery, EventSource, RetryDue};
@@ -165,40 +165,42 @@ impl RabbitConsumer {
     /// # Errors
     /// [`Error::StoreUnavailable`] when the broker cannot be reached in time.
     pub async fn connect(url: &str, config: RabbitConfig, name: &str) -> Result<Self, Error> {
-        within(config.deadline, "cannot consume from RabbitMQ", async {
-            let connection = open(url, name).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            declare(&channel, &config).await?;
-            channel
-                .basic_qos(config.prefetch, BasicQosOptions::default())
-                .await?;
-            let messages = channel
-                .basic_consume(
-                    config.queue.as_str().into(),
-                    name.into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok(RabbitConsumer {
-                connection,
-                channel,
-                messages,
-                config: config.clone(),
-                finished_up_to: None,
-                acknowledged_up_to: None,
-                stop: StopHandle::default(),
-                cancelled: false,
-                moving: VecDeque::new(),
-                paused: false,
-                pause_read: None,
+        let context = "cannot consume from RabbitMQ";
+        let (connection, (channel, messages)) =
+            connected(url, name, &config, context, async |connection| {
+                let channel = connection.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                declare(&channel, &config).await?;
+                channel
+                    .basic_qos(config.prefetch, BasicQosOptions::default())
+                    .await?;
+                let messages = channel
+                    .basic_consume(
+                        config.queue.as_str().into(),
+                        name.into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok((channel, messages))
             })
+            .await
+            .map_err(|e| super::console::old_dead_letter(e, &config))?;
+        Ok(RabbitConsumer {
+            connection,
+            channel,
+            messages,
+            config,
+            finished_up_to: None,
+            acknowledged_up_to: None,
+            stop: StopHandle::default(),
+            cancelled: false,
+            moving: VecDeque::new(),
+            paused: false,
+            pause_read: None,
         })
-        .await
-        .map_err(|e| super::console::old_dead_letter(e, &config))
     }
 
     /// The same consumer, stopped by `stop`.

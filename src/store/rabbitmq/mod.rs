@@ -267,20 +267,28 @@ impl RabbitStore {
         {
             return Ok(channel.clone());
         }
-        let made = within(self.config.deadline, "cannot connect to RabbitMQ", async {
-            let connection = open(&self.url, "comapi-webhook receiver").await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            declare(&channel, &self.config).await?;
-            Ok(Link {
-                connection,
-                channel,
-            })
-        })
+        let context = "cannot connect to RabbitMQ";
+        let receiver = "comapi-webhook receiver";
+        let (connection, channel) = connected(
+            &self.url,
+            receiver,
+            &self.config,
+            context,
+            async |connection| {
+                let channel = connection.create_channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                declare(&channel, &self.config).await?;
+                Ok(channel)
+            },
+        )
         .await
         .map_err(|e| console::old_dead_letter(e, &self.config))?;
+        let made = Link {
+            connection,
+            channel,
+        };
         let channel = made.channel.clone();
         if let Some(old) = link.replace(made) {
             drop(old.connection); // its I/O ends with its last handle
@@ -488,10 +496,32 @@ impl EventStore for RabbitStore {
     }
 }
 
-/// A connection to `url`, named for the broker's management view.
-async fn open(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+/// A connection to `url`, named `name` for the broker's management view, set up
+/// by `set_up`; all within the deadline. A connection whose set-up failed or ran
+/// out of time is closed: dropped, one whose `basic.consume` the broker had taken
+/// would stay open with a consumer nobody reads, holding its prefetch for good.
+async fn connected<T>(
+    url: &str,
+    name: &str,
+    config: &RabbitConfig,
+    context: &str,
+    set_up: impl AsyncFnOnce(&Connection) -> Result<T, lapin::Error>,
+) -> Result<(Connection, T), Error> {
+    let until = tokio::time::Instant::now() + config.deadline;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    let deadline = config.deadline;
+    let connection = Connection::connect(url, properties);
+    let connection = within_until(until, deadline, context, connection).await?;
+    match within_until(until, deadline, context, set_up(&connection)).await {
+        Ok(made) => Ok((connection, made)),
+        Err(error) => {
+            tokio::spawn(async move {
+                let closing = connection.close(200, "set-up failed".into());
+                let _ = tokio::time::timeout(deadline, closing).await;
+            });
+            Err(error)
+        }
+    }
 }
 
 /// Declares the queue, the dead-letter exchange and queue, and the binding.
@@ -586,7 +616,23 @@ async fn within<T>(
     context: &str,
     work: impl Future<Output = Result<T, lapin::Error>>,
 ) -> Result<T, Error> {
-    match tokio::time::timeout(deadline, work).await {
+    within_until(
+        tokio::time::Instant::now() + deadline,
+        deadline,
+        context,
+        work,
+    )
+    .await
+}
+
+/// [`within`] the `deadline` that ends at `until`.
+async fn within_until<T>(
+    until: tokio::time::Instant,
+    deadline: Duration,
+    context: &str,
+    work: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout_at(until, work).await {
         Ok(done) => done.map_err(|e| unavailable(context, e)),
         Err(_) => Err(Error::store_unavailable(
             context,
