@@ -27,6 +27,12 @@ fn config(test: &str) -> RabbitConfig {
     RabbitConfig::default().with_queue(unique_prefix(test).replace(':', "."))
 }
 
+/// The broker's `host:port` in `url`.
+fn broker_address(url: &str) -> String {
+    let mut parts = url.trim_start_matches("amqp://guest:guest@").split('/');
+    parts.next().unwrap().to_owned()
+}
+
 /// Runs a worker on `consumer` until `expected` events were handled, then stops it.
 async fn process_until(
     consumer: RabbitConsumer,
@@ -198,12 +204,7 @@ fn a_stalled_broker_gets_503_at_the_deadline_and_the_store_recovers() {
         return;
     };
     runtime().block_on(async {
-        let target = url
-            .trim_start_matches("amqp://guest:guest@")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let target = broker_address(&url);
         let stalled = Arc::new(AtomicBool::new(false));
         let proxied = support::stalling_proxy(target, Arc::clone(&stalled)).await;
         // The topology first, at the default deadline: a stream's first declaration
@@ -244,12 +245,7 @@ fn a_consumer_whose_start_runs_out_of_time_leaves_no_consumer_behind() {
         return;
     };
     runtime().block_on(async {
-        let target = url
-            .trim_start_matches("amqp://guest:guest@")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let target = broker_address(&url);
         let proxied = support::consume_stalling_proxy(target).await;
         let config = config("consume-stalled");
         // The topology first, so that only the consume can run out of time.

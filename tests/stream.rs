@@ -329,8 +329,8 @@ fn a_copy_handed_out_twenty_times_unfinished_goes_to_the_dead_letter() {
     });
 }
 
-/// A TCP proxy to `target` that forwards both ways, and while `stalled` is set,
-/// holds what it reads instead of passing it on.
+/// Redis behind a proxy that holds every byte while stalled: the store answers at
+/// its deadline, then works again once the stall ends.
 #[test]
 fn a_store_without_an_answer_gives_up_at_its_deadline_and_recovers() {
     let Some(url) = redis_url("a_store_without_an_answer_gives_up_at_its_deadline") else {

@@ -183,7 +183,8 @@ where
         loop {
             let stopping = source.stopping() || abandon.is_set();
             lanes.stopping.store(stopping, Ordering::Release);
-            let paused = !stopping && !exhausted && source.paused().await;
+            // Handlers in flight go on while the pause is read (a broker may be slow).
+            let paused = !stopping && !exhausted && drive(&mut pump, source.paused()).await;
             if flow.settle(&lanes, &mut source, &mut pump).await? {
                 // A retry was scheduled: a finished source may hand it out yet (a
                 // closed spool serves its retries before it ends).

@@ -286,89 +286,94 @@ pub async fn post<S: comapi_webhook::store::EventStore>(
     inbox.receive(&headers, &body).await.status().as_u16()
 }
 
+/// One proxied connection's halves: the client's read and write, the server's.
+type Halves = (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// A TCP proxy to `target` (`host:port`) that hands each connection's halves to
+/// `serve`; returns its own `host:port`.
+async fn proxy(target: String, serve: impl Fn(Halves) + Send + 'static) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            serve((client_read, client_write, server_read, server_write));
+        }
+    });
+    addr.to_string()
+}
+
 /// A TCP proxy to `target` (`host:port`) that holds every byte while `stalled` is
 /// set; returns its own `host:port`.
 pub async fn stalling_proxy(
     target: String,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            tokio::spawn(pump(
+    proxy(
+        target,
+        move |(client_read, client_write, server_read, server_write)| {
+            let up = pump(
                 client_read,
                 server_write,
                 std::sync::Arc::clone(&stalled),
-            ));
-            tokio::spawn(pump(
+                |_| {},
+            );
+            tokio::spawn(up);
+            let down = pump(
                 server_read,
                 client_write,
                 std::sync::Arc::clone(&stalled),
-            ));
-        }
-    });
-    addr.to_string()
+                |_| {},
+            );
+            tokio::spawn(down);
+        },
+    )
+    .await
 }
 
 /// A TCP proxy to `target` (`host:port`) whose connections all end when `cut` is
 /// told (a network fault: the broker closed the channel, or a router dropped it);
 /// new connections go through again. Returns its own `host:port`.
 pub async fn cutting_proxy(target: String, cut: std::sync::Arc<tokio::sync::Notify>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let never = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            let (cut, never) = (std::sync::Arc::clone(&cut), std::sync::Arc::clone(&never));
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = pump(client_read, server_write, std::sync::Arc::clone(&never)) => {}
-                    () = pump(server_read, client_write, never) => {}
-                    () = cut.notified() => {} // both halves dropped: the connection ends
-                }
-            });
-        }
-    });
-    addr.to_string()
+    proxy(target, move |(client_read, client_write, server_read, server_write)| {
+        let (cut, never) = (std::sync::Arc::clone(&cut), std::sync::Arc::clone(&never));
+        tokio::spawn(async move {
+            tokio::select! {
+                () = pump(client_read, server_write, std::sync::Arc::clone(&never), |_| {}) => {}
+                () = pump(server_read, client_write, never, |_| {}) => {}
+                () = cut.notified() => {} // both halves dropped: the connection ends
+            }
+        });
+    })
+    .await
 }
 
 /// A TCP proxy to `target` (`host:port`) that, on each connection, holds every
 /// byte from the broker once the client sent an AMQP `basic.consume`: the broker
 /// takes the consumer, the client never hears so. Returns its own `host:port`.
 pub async fn consume_stalling_proxy(target: String) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
+    proxy(
+        target,
+        |(client_read, client_write, server_read, server_write)| {
             let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let watching = std::sync::Arc::clone(&stalled);
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let (mut from, mut to) = (client_read, server_write);
-                let mut buf = vec![0; 64 * 1024];
-                while let Ok(n @ 1..) = from.read(&mut buf).await {
-                    if has_basic_consume(&buf[..n]) {
-                        watching.store(true, std::sync::atomic::Ordering::Release);
-                    }
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
+            let (watching, never) = (std::sync::Arc::clone(&stalled), std::sync::Arc::default());
+            tokio::spawn(pump(client_read, server_write, never, move |bytes| {
+                if has_basic_consume(bytes) {
+                    watching.store(true, std::sync::atomic::Ordering::Release);
                 }
-            });
-            tokio::spawn(pump(server_read, client_write, stalled));
-        }
-    });
-    addr.to_string()
+            }));
+            tokio::spawn(pump(server_read, client_write, stalled, |_| {}));
+        },
+    )
+    .await
 }
 
 /// Whether `bytes`, whole AMQP 0-9-1 frames, hold a `basic.consume` method (class
@@ -387,14 +392,18 @@ fn has_basic_consume(mut bytes: &[u8]) -> bool {
     false
 }
 
+/// Copies `from` to `to`, holding the bytes while `stalled` is set; `watch` sees
+/// each chunk first.
 async fn pump(
     mut from: impl tokio::io::AsyncRead + Unpin,
     mut to: impl tokio::io::AsyncWrite + Unpin,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut watch: impl FnMut(&[u8]),
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0; 64 * 1024];
     while let Ok(n @ 1..) = from.read(&mut buf).await {
+        watch(&buf[..n]);
         while stalled.load(std::sync::atomic::Ordering::Acquire) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
