@@ -150,19 +150,23 @@ async fn exchange_exists(
         passive,
         FieldTable::default(),
     );
-    match tokio::time::timeout(config.deadline, asked).await {
-        Ok(Ok(())) => {
-            let _ =
-                tokio::time::timeout(config.deadline, channel.close(200, "looked".into())).await;
-            Ok(true)
-        }
-        Ok(Err(error)) if not_found(&error) => Ok(false),
+    let exists = match tokio::time::timeout(config.deadline, asked).await {
+        Ok(Ok(())) => Ok(true),
+        // The broker closed the channel.
+        Ok(Err(error)) if not_found(&error) => return Ok(false),
         Ok(Err(error)) => Err(super::unavailable("cannot read the pause", error)),
         Err(_) => Err(Error::store_unavailable(
             "cannot read the pause",
             format!("no answer within {:?}", config.deadline),
         )),
-    }
+    };
+    // Closed in the background: a broker that answers slowly holds no caller, and a
+    // channel whose answer never came is not left open on the connection.
+    let deadline = config.deadline;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(deadline, channel.close(200, "looked".into())).await;
+    });
+    exists
 }
 
 impl RabbitStore {
