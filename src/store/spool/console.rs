@@ -40,7 +40,7 @@ fn hash(bytes: &[u8]) -> u64 {
 /// Whether `file` still holds, where `cursor` says, the last line it read.
 fn still_there(file: &mut fs::File, cursor: DeadCursor) -> io::Result<bool> {
     let (start, expected) = cursor.last;
-    let mut line = vec![0; usize::try_from(cursor.read - start).unwrap_or(0)];
+    let mut line = vec![0; usize::try_from(cursor.read.saturating_sub(start)).unwrap_or(0)];
     file.seek(io::SeekFrom::Start(start))?;
     file.read_exact(&mut line)?;
     Ok(hash(&line) == expected)
